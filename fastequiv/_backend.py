@@ -1,0 +1,77 @@
+"""The one seam where a computation picks its implementation.
+
+Every public function that computes takes ``backend=``: ``"auto"``, ``"torch"``,
+``"triton"``, ``"cpu"``, ``"cuda"`` or ``"cupy"``. ``"torch"`` is the pure-torch
+reference, available everywhere, and the ground truth every other backend is tested
+against. An implementation registers itself per op; asking for a backend that has no
+implementation of an op (or that this install cannot run) raises
+:class:`BackendUnavailableError` naming what is missing, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda", "cupy")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op in this install."""
+
+
+# op name -> backend name -> (implementation, availability check returning None or why not)
+_REGISTRY: dict[str, dict[str, tuple[Callable, Callable[[torch.device], str | None]]]] = {}
+# op name -> backend order tried by "auto" for each device type
+_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+def register(op: str, backend: str, available: Callable[[torch.device], str | None] | None = None):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
+
+    ``available(device)`` returns ``None`` when the backend can run on ``device`` and
+    otherwise a sentence saying what is missing.
+    """
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = (fn, available or (lambda device: None))
+        return fn
+
+    return deco
+
+
+def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Which backends ``backend="auto"`` tries for ``op`` on ``device_type``, fastest first."""
+    _AUTO_ORDER.setdefault(op, {})[device_type] = order
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
+    device = torch.device(device)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impls = _REGISTRY.get(op, {})
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(op, {}).get(device.type, ()) + ("torch",):
+            if name in impls and impls[name][1](device) is None:
+                return name, impls[name][0]
+        raise BackendUnavailableError(f"no backend can run {op!r} on device {device}")
+    if backend not in impls:
+        have = sorted(impls)
+        raise BackendUnavailableError(
+            f"backend={backend!r} has no implementation of {op!r} in this version of fastequiv "
+            f"(implemented: {have})"
+        )
+    fn, available = impls[backend]
+    why = available(device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend={backend!r} cannot run {op!r} on device {device}: {why}")
+    return backend, fn
+
+
+def implemented(op: str) -> list[str]:
+    """Backends that have an implementation of ``op`` (whether or not they can run here)."""
+    return sorted(_REGISTRY.get(op, {}))
