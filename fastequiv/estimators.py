@@ -1,0 +1,192 @@
+"""The loss decomposition L_total = L_mean + L_equiv and its finite-sample estimators.
+
+With ``a_k = rho_out(g_k)^-1 f(rho_in(g_k) x)``, ``k = 1..K``, ``abar = mean_k a_k`` and,
+per sample (each term is a mean over the sample's valid elements, as
+``torch.nn.functional.mse_loss`` normalises):
+
+* ``total  = (1/K) sum_k ||a_k - y||^2``
+* ``bias   = ||abar - y||^2``
+* ``spread = (1/K) sum_k ||a_k - abar||^2``
+
+so that ``total = bias + spread`` for every draw. The estimators are
+
+=================  ====================================  ==============================
+                   i.i.d. Haar draws, ``K >= 2``          exhaustive finite-group twirl
+=================  ====================================  ==============================
+``L_total``        ``total`` (unbiased)                   ``total`` (exact)
+``L_equiv``        ``K / (K - 1) * spread`` (unbiased)    ``spread`` (exact)
+``L_mean``         ``bias - spread / (K - 1)`` (unbiased) ``bias`` (exact)
+=================  ====================================  ==============================
+
+and ``L_total = L_mean + L_equiv`` holds for every draw. The unbiased ``L_mean`` can be
+slightly negative on a single draw; its expectation is not. For any other convex loss
+``l`` the plug-in Jensen gap ``(1/K) sum_k l(a_k, y) - l(abar, y)`` is reported with
+``exact=False``: it is biased (low) for finite ``K``.
+
+Per-sample values are averaged over the batch (samples with no valid element are left
+out); ``pct = L_equiv / L_total`` is the ratio of the batch means, and each standard
+error is that of a batch mean of independent per-sample values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["Terms", "Decomposition", "decompose", "combine"]
+
+
+class Terms(NamedTuple):
+    """One value (or one tensor) for each of L_total, L_mean and L_equiv."""
+
+    total: torch.Tensor
+    mean: torch.Tensor
+    equiv: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """The decomposition of a batch's loss; every number is a tensor (no host sync).
+
+    Attributes:
+        total, mean, equiv: batch means of L_total, L_mean, L_equiv (0-dim tensors).
+        pct: ``equiv / total``, the share of the loss due to imperfect equivariance.
+        per_sample: :class:`Terms` of per-sample values, each of shape ``(B,)``.
+        stderr: :class:`Terms` of standard errors of the three batch means.
+        samples: K, the number of group elements per input.
+        exact: True for the MSE estimators (unbiased for i.i.d. draws) and for
+            exhaustive finite-group twirls; False for a plug-in Jensen gap.
+        exhaustive: True when every element of a finite group was used once.
+        heads: per-head decompositions of a multi-head output (empty for one head);
+            the top-level values are their ``loss_weights``-weighted sums.
+    """
+
+    total: torch.Tensor
+    mean: torch.Tensor
+    equiv: torch.Tensor
+    pct: torch.Tensor
+    per_sample: Terms
+    stderr: Terms
+    samples: int
+    exact: bool
+    exhaustive: bool
+    heads: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self, prefix: str = "") -> dict:
+        """Plain floats for a logger (TensorBoard, W&B, Lightning ``log_dict``).
+
+        This copies the values to the host, so it synchronises with the device.
+        """
+        out = {}
+        for name in ("total", "mean", "equiv", "pct"):
+            out[f"{prefix}{name}"] = float(getattr(self, name))
+        for name in ("total", "mean", "equiv"):
+            out[f"{prefix}{name}_stderr"] = float(getattr(self.stderr, name))
+        for head, d in self.heads.items():
+            out.update(d.to_dict(prefix=f"{prefix}{head}/"))
+        return out
+
+    def detach(self) -> "Decomposition":
+        det = lambda t: t.detach()  # noqa: E731
+        return dataclasses.replace(
+            self,
+            total=det(self.total),
+            mean=det(self.mean),
+            equiv=det(self.equiv),
+            pct=det(self.pct),
+            per_sample=Terms(*map(det, self.per_sample)),
+            stderr=Terms(*map(det, self.stderr)),
+            heads={k: v.detach() for k, v in self.heads.items()},
+        )
+
+    def __repr__(self) -> str:
+        def f(t):
+            return f"{float(t):.6g}" if t.numel() == 1 else "?"
+
+        heads = f", heads={list(self.heads)}" if self.heads else ""
+        return (
+            f"Decomposition(total={f(self.total)}, mean={f(self.mean)}, equiv={f(self.equiv)}, "
+            f"pct={f(self.pct)}, samples={self.samples}, exact={self.exact}, "
+            f"exhaustive={self.exhaustive}{heads})"
+        )
+
+
+def _batch_stats(per_sample: Terms, valid: torch.Tensor) -> tuple[Terms, Terms]:
+    """Means and standard errors over the valid samples, without a host sync."""
+    w = valid.to(per_sample.total.dtype)
+    n = w.sum()
+    means, errs = [], []
+    for v in per_sample:
+        v = torch.where(valid, v, torch.zeros_like(v))
+        m = v.sum() / n
+        var = (w * (v - m) ** 2).sum() / (n - 1)  # nan for a single sample: honest
+        means.append(m)
+        errs.append(torch.sqrt(var / n))
+    return Terms(*means), Terms(*errs)
+
+
+def _finish(per_sample: Terms, valid: torch.Tensor, samples: int, exact: bool, exhaustive: bool, heads=None) -> Decomposition:
+    means, errs = _batch_stats(per_sample, valid)
+    return Decomposition(
+        total=means.total,
+        mean=means.mean,
+        equiv=means.equiv,
+        pct=means.equiv / means.total,
+        per_sample=per_sample,
+        stderr=errs,
+        samples=samples,
+        exact=exact,
+        exhaustive=exhaustive,
+        heads=heads or {},
+    )
+
+
+def decompose(
+    total: torch.Tensor,
+    bias: torch.Tensor,
+    spread: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    samples: int,
+    exhaustive: bool,
+    exact: bool = True,
+) -> Decomposition:
+    """Estimators from the per-sample sums of :func:`fastequiv.ops.twirl_reduce`.
+
+    ``total``, ``bias``, ``spread``: per-sample ``(B,)`` (see module docs); ``count``:
+    valid elements per sample. ``exhaustive`` selects the exact finite-group values;
+    otherwise the unbiased i.i.d. estimators, which need ``samples >= 2``.
+    ``exact=False`` marks a plug-in Jensen gap (then ``bias`` is ``l(abar, y)`` and
+    ``spread`` is ``total - bias``).
+    """
+    K = samples
+    if exhaustive or not exact:
+        equiv, mean = spread, bias
+    else:
+        if K < 2:
+            raise ValueError(
+                f"samples={K} cannot estimate L_equiv: the unbiased estimator needs samples >= 2 "
+                "i.i.d. rotations (or an exhaustive finite-group twirl)"
+            )
+        equiv = spread * (K / (K - 1))
+        mean = bias - spread / (K - 1)
+    return _finish(Terms(total, mean, equiv), count > 0, K, exact, exhaustive)
+
+
+def combine(heads: dict, weights: dict, valid: torch.Tensor) -> Decomposition:
+    """Weighted sum of per-head decompositions: ``weights[name]`` per head; ``valid``
+    ``(B,)`` marks the samples that have a valid element in every head."""
+    first = next(iter(heads.values()))
+    per_sample = Terms(
+        *(sum(weights[h] * getattr(d.per_sample, t) for h, d in heads.items()) for t in Terms._fields)
+    )
+    return _finish(
+        per_sample,
+        valid,
+        first.samples,
+        all(d.exact for d in heads.values()),
+        first.exhaustive,
+        heads=heads,
+    )

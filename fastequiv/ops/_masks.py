@@ -1,0 +1,34 @@
+"""Where a per-element mask applies, shared by the ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def mask_for(mask: Optional[torch.Tensor], shape: torch.Size, name: str) -> Optional[torch.Tensor]:
+    """``mask`` reshaped to broadcast against a tensor of ``shape``, or None.
+
+    A mask ``(B, *inner)`` applies to a tensor whose shape starts with ``(B, *inner)``
+    (e.g. per-atom forces ``(B, N, 3)`` under an atom mask ``(B, N)``); a tensor with no
+    more dims than the mask is per-sample (e.g. energies ``(B, 1)``) and is not masked.
+    Any other shape is a mismatch.
+    """
+    if mask is None:
+        return None
+    if tuple(shape[: mask.dim()]) == tuple(mask.shape):
+        return mask.reshape(tuple(mask.shape) + (1,) * (len(shape) - mask.dim()))
+    if len(shape) <= mask.dim() and shape[0] == mask.shape[0]:
+        return None
+    raise ValueError(
+        f"mask has shape {tuple(mask.shape)}, which does not match the leading dims of {name} "
+        f"{tuple(shape)}: expected {name} of shape {tuple(mask.shape)} + (...)"
+    )
+
+
+def tile(mask: Optional[torch.Tensor], K: int) -> Optional[torch.Tensor]:
+    """A per-sample mask ``(B, ...)`` repeated for K stacked copies ``(K * B, ...)``."""
+    if mask is None:
+        return None
+    return mask.unsqueeze(0).expand((K,) + tuple(mask.shape)).reshape((K * mask.shape[0],) + tuple(mask.shape[1:]))

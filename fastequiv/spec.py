@@ -1,0 +1,145 @@
+"""Spec: how a model's inputs and outputs transform, and under which group.
+
+``inputs`` mirrors how the model is called: one rep for ``model(x)``, a tuple of reps
+for ``model(*args)``, a dict of reps for ``model(**kwargs)``. ``output`` mirrors what the
+model returns: one rep, a tuple (multi-head, e.g. energy and forces) or a dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from .groups import GROUPS
+from .reps import Rep, as_rep
+
+__all__ = ["Spec"]
+
+RepLike = Union[str, Rep, Any]
+
+
+def _parse(struct, name: str):
+    if isinstance(struct, dict):
+        if not struct:
+            raise ValueError(f"{name} is an empty dict")
+        return {k: as_rep(v, f"{name}[{k!r}]") for k, v in struct.items()}
+    if isinstance(struct, (tuple, list)):
+        if not struct:
+            raise ValueError(f"{name} is an empty tuple")
+        return tuple(as_rep(v, f"{name}[{i}]") for i, v in enumerate(struct))
+    return as_rep(struct, name)
+
+
+class Spec:
+    """What rotates how.
+
+    Args:
+        inputs: rep(s) of the model's inputs: a rep, a tuple of reps (positional
+            arguments) or a dict of reps (keyword arguments). A rep is ``"scalar"``,
+            ``"pseudoscalar"``, ``"vector"``, ``"pseudovector"``, ``"position"``, an
+            e3nn irreps string or an ``e3nn.o3.Irreps`` (see :mod:`fastequiv.reps`).
+        output: rep(s) of the model's output, likewise: a rep, a tuple or a dict.
+        group: ``"SO3"`` (default), ``"O3"``, ``"octahedral"`` or ``"icosahedral"``.
+        mask: name (dict inputs) or index (tuple inputs) of an input that is the
+            bool mask of valid elements, shape ``(B, *inner)``, e.g. ``(B, atoms)``. It is
+            passed to the model like any scalar input and also removes padded elements
+            from the losses and the centroids.
+
+    Example::
+
+        spec = fe.Spec(inputs={"pos": "position", "z": "scalar"},
+                       output={"energy": "scalar", "forces": "vector"})
+    """
+
+    def __init__(self, inputs: Any, output: Any, *, group: str = "SO3", mask: Optional[Union[str, int]] = None):
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        self.inputs = _parse(inputs, "spec.inputs")
+        self.output = _parse(output, "spec.output")
+        self.group = group
+        if mask is not None:
+            keys = self.inputs.keys() if isinstance(self.inputs, dict) else range(len(self.inputs)) if isinstance(self.inputs, tuple) else ()
+            if mask not in keys:
+                raise ValueError(f"spec mask={mask!r} names no entry of spec.inputs (entries: {list(keys)})")
+        self.mask = mask
+
+    def __repr__(self) -> str:
+        return f"Spec(inputs={self.inputs!r}, output={self.output!r}, group={self.group!r}, mask={self.mask!r})"
+
+    # -- structures ---------------------------------------------------------------------------
+
+    def input_leaves(self, inputs) -> list[tuple[str, Any, Optional[Rep]]]:
+        """``(name, value, rep)`` for every input; non-tensor dict values pass through with rep None."""
+        return _leaves(inputs, self.inputs, "inputs", allow_passthrough=True, single="inputs")
+
+    def output_leaves(self, outputs, name: str = "model output") -> list[tuple[str, torch.Tensor, Rep]]:
+        return _leaves(outputs, self.output, name, allow_passthrough=False, single="output")
+
+    def output_names(self) -> list[str]:
+        if isinstance(self.output, dict):
+            return list(self.output)
+        if isinstance(self.output, tuple):
+            return [str(i) for i in range(len(self.output))]
+        return ["output"]
+
+    def build_inputs(self, names: list, values: list) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` to call the model with, from input_leaves' names and new values."""
+        if isinstance(self.inputs, dict):
+            return (), dict(zip(names, values))
+        if isinstance(self.inputs, tuple):
+            return tuple(values), {}
+        return (values[0],), {}
+
+    def build_output(self, values: list):
+        """A model-shaped output from leaf values in output_leaves order."""
+        if isinstance(self.output, dict):
+            return dict(zip(self.output, values))
+        if isinstance(self.output, tuple):
+            return tuple(values)
+        return values[0]
+
+    def mask_of(self, inputs) -> Optional[torch.Tensor]:
+        if self.mask is None:
+            return None
+        mask = inputs[self.mask]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"inputs[{self.mask!r}] is the spec's mask and must be a bool tensor, got {_describe(mask)}")
+        return mask
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _leaves(value, struct, name: str, allow_passthrough: bool, single: str):
+    if isinstance(struct, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict with keys {list(struct)} to match the spec, got {_describe(value)}")
+        missing = [k for k in struct if k not in value]
+        if missing:
+            raise ValueError(f"{name} lacks the keys {missing} that the spec names (got keys {list(value)})")
+        out = []
+        for k, v in value.items():
+            if k in struct:
+                struct[k].check(v, f"{name}[{k!r}]")
+                out.append((k, v, struct[k]))
+            elif allow_passthrough and not isinstance(v, torch.Tensor):
+                out.append((k, v, None))
+            else:
+                raise ValueError(
+                    f"{name}[{k!r}] is {_describe(v)} but the spec gives it no rep: add it to the spec "
+                    "(\"scalar\" if rotations leave it unchanged)"
+                )
+        return out
+    if isinstance(struct, tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(struct):
+            raise ValueError(f"{name} must be a tuple of {len(struct)} tensors to match the spec, got {_describe(value)}"
+                             + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else ""))
+        for i, (v, r) in enumerate(zip(value, struct)):
+            r.check(v, f"{name}[{i}]")
+        return [(str(i), v, r) for i, (v, r) in enumerate(zip(value, struct))]
+    struct.check(value, name)
+    return [(single, value, struct)]

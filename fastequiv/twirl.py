@@ -1,0 +1,328 @@
+"""The public API: equivariance_error, twirl_loss and Twirled.
+
+All three stack K rotated copies of every input along dim 0 (copy ``k`` of sample ``b``
+is row ``k * B + b``), call the model once on the ``K * B`` rows (or in chunks of
+``chunk_size`` rows), and back-rotate the outputs. The model must map each row
+independently (no batch statistics across rows: put BatchNorm in eval mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import groups
+from .estimators import Decomposition, combine, decompose
+from .ops import rotate_copies, twirl_reduce
+from .ops._masks import mask_for
+from .ops.twirl_reduce import accumulate_dtype, back_rotate
+from .spec import Spec, _describe
+
+__all__ = ["equivariance_error", "twirl_loss", "Twirled"]
+
+LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def _plan(spec: Spec, samples: Optional[int], default: int) -> tuple[int, bool]:
+    """``(K, exhaustive)``: a finite group is twirled exhaustively when ``samples`` is
+    None or its order; otherwise K i.i.d. draws (K >= 2 to estimate L_equiv)."""
+    if not isinstance(spec, Spec):
+        raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
+    order = groups.group_order(spec.group)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples must be a positive int or None, got {samples!r}")
+    if order is not None and samples in (None, order):
+        return order, True
+    K = default if samples is None else samples
+    return K, False
+
+
+def _require_two(K: int, exhaustive: bool) -> None:
+    if K < 2 and not exhaustive:
+        raise ValueError(
+            f"samples={K} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
+            "(or an exhaustive twirl over a finite group); L_equiv is never reported as 0"
+        )
+
+
+class _Stacked:
+    """The K rotated copies of a batch pushed through the model once."""
+
+    def __init__(self, model, inputs, spec: Spec, K: int, exhaustive: bool, *, mask, seed, generator,
+                 chunk_size, backend, check_finite):
+        leaves = spec.input_leaves(inputs)
+        tensors = [(n, v) for n, v, r in leaves if r is not None]
+        sizes = {n: v.shape[0] for n, v in tensors}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"every input needs the same batch size in dim 0, got {sizes}")
+        B = next(iter(sizes.values()))
+        if B == 0:
+            raise ValueError("inputs have batch size 0: there is no sample to decompose")
+        spec_mask = spec.mask_of(inputs)
+        if spec_mask is not None and mask is not None:
+            raise ValueError("pass mask= or name a mask input in the Spec, not both")
+        mask = spec_mask if spec_mask is not None else mask
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[0] != B:
+                raise ValueError(f"mask must be a bool tensor of shape (B={B}, ...), got {_describe(mask)}")
+        floats = [v for _, v in tensors if v.is_floating_point()]
+        device = tensors[0][1].device
+        dtype = accumulate_dtype(*floats) if floats else torch.float32
+
+        if exhaustive:
+            G = groups.group_elements(spec.group, device=device, dtype=dtype)
+            R = G[:, None].expand(K, B, 3, 3)
+        else:
+            seed = groups.resolve_seed(seed, generator)
+            R = groups.random_rotations(K * B, seed=seed, group=spec.group, device=device, dtype=dtype,
+                                        backend=backend).reshape(K, B, 3, 3)
+
+        names, values = [], []
+        for name, value, rep in leaves:
+            names.append(name)
+            values.append(value if rep is None else rotate_copies(value, R, rep, mask, backend=backend))
+        out = _call_chunked(model, spec, names, values, K * B, chunk_size)
+        self.heads = []
+        for name, value, rep in spec.output_leaves(out):
+            if value.shape[0] != K * B:
+                raise ValueError(
+                    f"model output {name!r} has {value.shape[0]} rows in dim 0 but the model was called on "
+                    f"{K * B} rows ({K} copies x batch {B}); the model must keep the batch size"
+                )
+            if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"model output {name!r} has non-finite values (NaN or inf) on the rotated copies")
+            self.heads.append((name, value.reshape((K, B) + tuple(value.shape[1:])), rep))
+        self.R, self.mask, self.K, self.B, self.exhaustive = R, mask, K, B, exhaustive
+
+
+def _call_chunked(model, spec: Spec, names, values, rows: int, chunk_size: Optional[int]):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is None or chunk_size >= rows:
+        args, kwargs = spec.build_inputs(names, values)
+        return model(*args, **kwargs)
+    pieces = []
+    for start in range(0, rows, chunk_size):
+        part = [v[start:start + chunk_size] if isinstance(v, torch.Tensor) else v for v in values]
+        args, kwargs = spec.build_inputs(names, part)
+        pieces.append([v for _, v, _ in spec.output_leaves(model(*args, **kwargs))])
+    return spec.build_output([torch.cat(col, dim=0) for col in zip(*pieces)])
+
+
+def _weights(spec: Spec, loss_weights) -> dict:
+    names = spec.output_names()
+    if loss_weights is None:
+        return {n: 1.0 for n in names}
+    if isinstance(spec.output, dict):
+        if not isinstance(loss_weights, dict) or set(loss_weights) != set(names):
+            raise ValueError(f"loss_weights must be a dict with keys {names}, got {loss_weights!r}")
+        return dict(loss_weights)
+    if isinstance(spec.output, tuple):
+        if not isinstance(loss_weights, (tuple, list)) or len(loss_weights) != len(names):
+            raise ValueError(f"loss_weights must be a tuple of {len(names)} weights, got {loss_weights!r}")
+        return dict(zip(names, loss_weights))
+    if not isinstance(loss_weights, (int, float)):
+        raise ValueError(f"loss_weights must be a number for a single-output spec, got {loss_weights!r}")
+    return {names[0]: float(loss_weights)}
+
+
+def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
+               chunk_size, backend, check_finite) -> Decomposition:
+    K, exhaustive = _plan(spec, samples, default_samples)
+    _require_two(K, exhaustive)
+    if not (loss == "mse" or callable(loss)):
+        raise ValueError(f"loss must be 'mse' or a callable returning elementwise losses, got {loss!r}")
+    weights = _weights(spec, loss_weights)
+    st = _Stacked(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
+                  chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+    targets = spec.output_leaves(target, "target")
+    heads, valid = {}, None
+    for (name, out, rep), (_, y, _) in zip(st.heads, targets):
+        if y.shape != out.shape[1:]:
+            where = "target" if name == "output" else f"target[{name!r}]"
+            raise ValueError(f"{where} has shape {tuple(y.shape)}, but the model's output for it has shape "
+                             f"{tuple(out.shape[1:])} (batch {st.B})")
+        if loss == "mse":
+            s = twirl_reduce(out, st.R, y, rep, st.mask, backend=backend)
+            d = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
+            count = s.count
+        else:
+            d, count = _jensen_gap(loss, out, st, y, rep, name)
+        heads[name] = d
+        valid = count > 0 if valid is None else valid & (count > 0)
+    if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
+        return next(iter(heads.values()))
+    return combine(heads, weights, valid)
+
+
+def _jensen_gap(loss, out, st: _Stacked, y, rep, name):
+    m = mask_for(st.mask, y.shape, "target")
+    acc = accumulate_dtype(out, y)
+    a = back_rotate(out, st.R, rep, m, acc)
+    y = y.to(acc)
+    lk = loss(a, y.expand_as(a))
+    lbar = loss(a.mean(0), y)
+    if not isinstance(lk, torch.Tensor) or lk.shape != a.shape:
+        raise ValueError(f"loss must return elementwise losses of shape {tuple(a.shape)} (reduction='none'), "
+                         f"got {_describe(lk)} for output {name!r}")
+    B = y.shape[0]
+    if m is None:
+        count = torch.full((B,), y[0].numel(), dtype=acc, device=y.device)
+        total = lk.mean(0).reshape(B, -1).sum(1) / count
+        bias = lbar.reshape(B, -1).sum(1) / count
+    else:
+        count = (torch.ones_like(y) * m).reshape(B, -1).sum(1)
+        total = (lk.mean(0) * m).reshape(B, -1).sum(1) / count.clamp_min(1)
+        bias = (lbar * m).reshape(B, -1).sum(1) / count.clamp_min(1)
+    d = decompose(total, bias, total - bias, count, samples=st.K, exhaustive=st.exhaustive, exact=st.exhaustive)
+    return d, count
+
+
+_COMMON_ARGS = """
+        model: a callable taking the inputs as given (a tensor, positional args or keyword
+            args, mirroring ``spec.inputs``) with the K copies stacked along dim 0.
+        inputs: a tensor, a tuple of tensors or a dict (non-tensor dict values pass through).
+        target: mirrors ``spec.output``; given in the frame of the unrotated input.
+        spec: a :class:`fastequiv.Spec`.
+        loss: ``"mse"`` (exact estimators) or a callable ``loss(pred, target)`` returning
+            elementwise losses (reduction ``'none'``): its plug-in Jensen gap is reported
+            with ``exact=False``.
+        mask: optional bool ``(B, *inner)`` of valid elements (e.g. real atoms), unless the
+            spec names a mask input.
+        loss_weights: per-head weights of a multi-head output (dict or tuple like
+            ``spec.output``); default 1 each.
+        seed: the Philox stream of the rotations (rotation ``k * B + b`` rotates copy ``k``
+            of sample ``b``); generator: draw the seed from it. Default: a fresh seed from
+            torch's default generator.
+        chunk_size: call the model on at most this many stacked rows at a time.
+        backend: ``"auto"``, ``"torch"``, ...; an unavailable one raises an error.
+        check_finite: raise a ValueError if the model's outputs have NaN or inf. This
+            syncs with the device once; it is skipped inside ``torch.compile``.
+"""
+
+
+def equivariance_error(
+    model: Callable,
+    inputs: Any,
+    target: Any,
+    *,
+    spec: Spec,
+    samples: Optional[int] = None,
+    loss: LossLike = "mse",
+    mask: Optional[torch.Tensor] = None,
+    loss_weights=None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> Decomposition:
+    """Decompose the augmented loss of ``model`` on a batch into L_mean + L_equiv (no grad).
+
+    Args:
+        samples: group elements per input, K: default 8 i.i.d. Haar draws for SO(3)/O(3),
+            and every element once (exact) for a finite group.
+    """
+    with torch.no_grad():
+        return _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed, generator,
+                          chunk_size, backend, check_finite)
+
+
+equivariance_error.__doc__ += _COMMON_ARGS + """
+    Returns:
+        a :class:`fastequiv.Decomposition` (0-dim tensors ``total``, ``mean``, ``equiv``,
+        ``pct``; ``per_sample``, ``stderr``, ``samples``, ``exact``, ``heads``).
+"""
+
+
+def twirl_loss(
+    model: Callable,
+    inputs: Any,
+    target: Any,
+    *,
+    spec: Spec,
+    samples: Optional[int] = None,
+    equiv_weight: float = 0.0,
+    loss: LossLike = "mse",
+    mask: Optional[torch.Tensor] = None,
+    loss_weights=None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, Decomposition]:
+    """The augmented training loss ``L_total + equiv_weight * L_equiv`` and its decomposition.
+
+    One forward over the K stacked copies gives both: with ``equiv_weight=0`` the loss is
+    plain random-rotation augmentation with K rotations per sample, and the
+    decomposition comes for free. ``equiv_weight > 0`` also penalises the
+    equivariance error (unbiased, so its gradient is unbiased too).
+
+    Args:
+        samples: K, default 2 i.i.d. Haar draws (every element once for a finite group).
+        equiv_weight: weight of L_equiv in the loss (>= 0).
+    """
+    if not isinstance(equiv_weight, (int, float)) or equiv_weight < 0:
+        raise ValueError(f"equiv_weight must be a number >= 0, got {equiv_weight!r}")
+    d = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
+                   chunk_size, backend, check_finite)
+    total = d.total + equiv_weight * d.equiv if equiv_weight else d.total
+    return total, d.detach()
+
+
+twirl_loss.__doc__ += _COMMON_ARGS + """
+    Returns:
+        ``(loss, decomposition)``: ``loss`` is a 0-dim tensor with a graph; the
+        decomposition is detached.
+"""
+
+
+class Twirled(nn.Module):
+    """The group-averaged model ``fbar(x) = mean_k rho_out(g_k)^-1 f(rho_in(g_k) x)``.
+
+    Call it like the wrapped model. With a finite group and ``samples=None`` the average
+    is over every element (an exactly invariant/equivariant model for that group);
+    otherwise over ``samples`` i.i.d. Haar draws, fresh at each call unless ``seed`` is
+    set. Gradients flow to the wrapped model's parameters.
+
+    Args:
+        model: the model (an ``nn.Module`` is registered as a submodule).
+        spec: a :class:`fastequiv.Spec`.
+        samples: K (default 16 for SO(3)/O(3); every element for a finite group).
+        seed: fix the rotations (the same ones at every call).
+        chunk_size, backend, check_finite: as in :func:`equivariance_error`.
+    """
+
+    def __init__(self, model: Callable, *, spec: Spec, samples: Optional[int] = None, seed: Optional[int] = None,
+                 chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.K, self.exhaustive = _plan(spec, samples, 16)
+        if seed is not None:
+            groups.resolve_seed(seed)
+        self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
+
+    def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs):
+        if isinstance(self.spec.inputs, dict):
+            if args:
+                raise TypeError("this Twirled model's spec has dict inputs: call it with keyword arguments")
+            inputs = kwargs
+        elif kwargs:
+            raise TypeError(f"unexpected keyword arguments {list(kwargs)} for a spec with positional inputs")
+        else:
+            inputs = args if isinstance(self.spec.inputs, tuple) else (args[0] if len(args) == 1 else args)
+        st = _Stacked(self.model, inputs, self.spec, self.K, self.exhaustive, mask=mask, seed=self.seed,
+                      generator=None, chunk_size=self.chunk_size, backend=self.backend,
+                      check_finite=self.check_finite)
+        means = []
+        for name, out, rep in st.heads:
+            m = mask_for(st.mask, out.shape[1:], f"output {name!r}")
+            means.append(back_rotate(out, st.R, rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
+        return self.spec.build_output(means)
+
+    def extra_repr(self) -> str:
+        return f"group={self.spec.group!r}, samples={self.K}, exhaustive={self.exhaustive}"
