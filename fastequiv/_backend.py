@@ -72,6 +72,11 @@ def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Cal
     return backend, fn
 
 
+def implemented_anywhere() -> set[str]:
+    """Backends that implement at least one op."""
+    return {name for impls in _REGISTRY.values() for name in impls}
+
+
 def implemented(op: str) -> list[str]:
     """Backends that have an implementation of ``op`` (whether or not they can run here)."""
     return sorted(_REGISTRY.get(op, {}))

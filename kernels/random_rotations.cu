@@ -1,0 +1,85 @@
+// CUDA kernel: out[j] = random_rotation(seed, offset + j), one thread per rotation.
+// Compiled by nvcc into fastequiv._C (with the host launcher below) and, without the
+// launcher, by NVRTC for the CuPy backend (kernels are extern "C" so they can be looked
+// up by name).
+#include "rotations.cuh"
+
+template <typename T>
+__device__ inline void random_rotations_body(T* __restrict__ out, long long n,
+                                             unsigned long long seed,
+                                             unsigned long long offset, bool improper) {
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    for (long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+         j += stride) {
+        T R[9];
+        fastequiv::random_rotation<T>(seed, offset + static_cast<unsigned long long>(j),
+                                      improper, R);
+        T* dst = out + 9 * j;
+#pragma unroll
+        for (int k = 0; k < 9; ++k) dst[k] = R[k];
+    }
+}
+
+extern "C" __global__ void fe_random_rotations_f32(float* out, long long n,
+                                                   unsigned long long seed,
+                                                   unsigned long long offset, bool improper) {
+    random_rotations_body<float>(out, n, seed, offset, improper);
+}
+
+extern "C" __global__ void fe_random_rotations_f64(double* out, long long n,
+                                                   unsigned long long seed,
+                                                   unsigned long long offset, bool improper) {
+    random_rotations_body<double>(out, n, seed, offset, improper);
+}
+
+#if !defined(__CUDACC_RTC__)
+#include <cuda_runtime.h>
+
+#include "cuda_launchers.h"
+
+namespace {
+
+// Runs on `device` (the ndarray's), restoring the caller's current device afterwards.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        cudaGetDevice(&previous_);
+        if (previous_ != device) cudaSetDevice(device);
+    }
+    ~DeviceGuard() { cudaSetDevice(previous_); }
+
+  private:
+    int previous_ = 0;
+};
+
+template <typename T, typename Kernel>
+const char* launch(Kernel kernel, T* out, int64_t n, uint64_t seed, uint64_t offset,
+                   bool improper, int device, void* stream) {
+    if (n == 0) return nullptr;
+    DeviceGuard guard(device);
+    const int threads = 256;
+    const long long wanted = (n + threads - 1) / threads;
+    const int blocks = static_cast<int>(wanted < 65535 * 32 ? wanted : 65535 * 32);
+    kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        out, static_cast<long long>(n), static_cast<unsigned long long>(seed),
+        static_cast<unsigned long long>(offset), improper);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+namespace fastequiv {
+
+const char* launch_random_rotations(float* out, int64_t n, uint64_t seed, uint64_t offset,
+                                    bool improper, int device, void* stream) {
+    return launch(fe_random_rotations_f32, out, n, seed, offset, improper, device, stream);
+}
+
+const char* launch_random_rotations(double* out, int64_t n, uint64_t seed, uint64_t offset,
+                                    bool improper, int device, void* stream) {
+    return launch(fe_random_rotations_f64, out, n, seed, offset, improper, device, stream);
+}
+
+}  // namespace fastequiv
+#endif  // !__CUDACC_RTC__

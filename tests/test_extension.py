@@ -1,0 +1,255 @@
+"""The compiled extension fastequiv._C: build info, Philox-4x32-10 known answers, and
+random rotations checked against an independent NumPy implementation of the same scheme
+(Philox in uint64 arithmetic, Shoemake quaternion in float64)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from fastequiv import _extension
+
+
+@pytest.fixture(scope="module")
+def C():
+    ext = _extension.load()
+    if ext is None:
+        pytest.fail(f"fastequiv._C did not import: {_extension.build_info()['extension_error']}")
+    return ext
+
+
+# --- independent NumPy reference -------------------------------------------------------------
+
+M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+W0, W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_numpy(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on arrays of uint32 values held in uint64 (products fit in 64 bits)."""
+    c = [np.asarray(v, dtype=np.uint64) for v in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for r in range(10):
+        p0 = M0 * c[0]
+        p1 = M1 * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & MASK32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+    return c
+
+
+def rotations_numpy(n, seed, offset=0, improper=False):
+    """(n, 3, 3) float64 rotations offset .. offset + n - 1 of the stream `seed`, and the
+    improper flags."""
+    i = np.arange(n, dtype=np.uint64) + np.uint64(offset)
+    x0, x1, x2, x3 = philox_numpy(i & MASK32, i >> np.uint64(32), 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+    u0, u1, u2 = ((x >> np.uint64(8)).astype(np.float64) * 2.0**-24 for x in (x0, x1, x2))
+    a, b = np.sqrt(1 - u0), np.sqrt(u0)
+    w, x = a * np.sin(2 * np.pi * u1), a * np.cos(2 * np.pi * u1)
+    y, z = b * np.sin(2 * np.pi * u2), b * np.cos(2 * np.pi * u2)
+    R = np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        -2,
+    )
+    flags = (x3 & np.uint64(1)).astype(bool) if improper else np.zeros(n, dtype=bool)
+    R[flags] *= -1
+    return R, flags
+
+
+def draw(C, n, seed, offset=0, improper=False, dtype=np.float64):
+    out = np.empty((n, 3, 3), dtype=dtype)
+    C.random_rotations_cpu(out, seed, offset, improper)
+    return out
+
+
+# --- build info ----------------------------------------------------------------------------
+
+
+def test_native_build_info(C):
+    info = C.build_info()
+    assert set(info) == {"cuda", "cuda_archs", "openmp", "compiler"}
+    assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+    assert isinstance(info["compiler"], str) and info["compiler"]
+    assert isinstance(info["cuda_archs"], list) and all(isinstance(a, str) for a in info["cuda_archs"])
+    assert bool(info["cuda_archs"]) == info["cuda"]
+    assert hasattr(C, "random_rotations_cuda") == info["cuda"]
+
+
+def test_build_info():
+    info = _extension.build_info()
+    types = {"version": str, "extension": bool, "cuda": bool, "cuda_archs": list, "openmp": bool, "backends": list}
+    for key, typ in types.items():
+        assert isinstance(info[key], typ), (key, info[key])
+    assert info["extension_error"] is None or isinstance(info["extension_error"], str)
+    assert info["backends"][0] == "torch"
+    assert set(info["backends"]) <= {"torch", "cpu", "cuda", "triton", "cupy"}
+    assert ("cpu" in info["backends"]) == info["extension"]
+    if info["extension"]:
+        assert info["extension_error"] is None
+
+
+def test_built_with_cuda_when_nvcc_is_available():
+    """With nvcc on PATH and FASTEQUIV_CUDA not OFF, the build must have the CUDA kernels;
+    FASTEQUIV_EXPECT_CUDA=1 (CI) makes that mandatory regardless."""
+    expect = os.environ.get("FASTEQUIV_EXPECT_CUDA") == "1"
+    if not expect:
+        if os.environ.get("FASTEQUIV_CUDA", "AUTO").upper() == "OFF":
+            pytest.skip("FASTEQUIV_CUDA=OFF")
+        if shutil.which("nvcc") is None:
+            pytest.skip("nvcc is not on PATH")
+    info = _extension.build_info()
+    assert info["extension"], info["extension_error"]
+    assert info["cuda"] is True
+    assert info["cuda_archs"]
+
+
+# --- Philox-4x32-10 ------------------------------------------------------------------------
+
+# Random123 kat_vectors, philox4x32 with 10 rounds: (counter, key, expected output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_philox_known_answers(C, counter, key, expected):
+    assert tuple(C.philox4x32_10(counter, key)) == expected
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_numpy_reference_philox_known_answers(counter, key, expected):
+    got = philox_numpy(*counter, *key)
+    assert tuple(int(v) for v in got) == expected
+
+
+def test_philox_matches_numpy_on_random_inputs(C):
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, size=(50, 6), dtype=np.uint64)
+    for w in words:
+        want = tuple(int(v) for v in philox_numpy(*w))
+        assert tuple(C.philox4x32_10(tuple(int(v) for v in w[:4]), (int(w[4]), int(w[5])))) == want
+
+
+# --- random rotations on the CPU -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float32, 1e-6), (np.float64, 1e-12)])
+@pytest.mark.parametrize("improper", [False, True])
+@pytest.mark.parametrize("seed, offset", [(0, 0), (7, 3), (2**63 - 1, 2**32 - 5)])
+def test_rotations_match_numpy_reference(C, dtype, atol, improper, seed, offset):
+    n = 2000
+    got = draw(C, n, seed, offset, improper, dtype)
+    want, _ = rotations_numpy(n, seed, offset, improper)
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rotations_are_orthonormal_with_det_one(C, dtype):
+    R = draw(C, 5000, seed=11, dtype=dtype).astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape), atol=tol)
+    np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=tol)
+
+
+def test_improper_elements_have_det_minus_one_about_half_the_time(C):
+    n = 20000
+    R = draw(C, n, seed=5, improper=True)
+    det = np.linalg.det(R)
+    np.testing.assert_allclose(np.abs(det), 1.0, atol=1e-12)
+    _, flags = rotations_numpy(n, 5, improper=True)
+    assert np.array_equal(det < 0, flags)
+    frac = flags.mean()
+    assert abs(frac - 0.5) < 4 * 0.5 / np.sqrt(n), frac
+    # Without improper=True the same stream gives the proper rotations.
+    proper = draw(C, n, seed=5)
+    np.testing.assert_array_equal(np.where(flags[:, None, None], -proper, proper), R)
+
+
+def test_rotations_are_haar_distributed(C):
+    """Under Haar measure E[R] = 0 and E[R_ij^2] = 1/3."""
+    R = draw(C, 100000, seed=3)
+    np.testing.assert_allclose(R.mean(0), 0.0, atol=0.01)
+    np.testing.assert_allclose((R**2).mean(0), 1 / 3, atol=0.01)
+
+
+def test_same_seed_reproduces_other_seed_differs(C):
+    a, b, c = draw(C, 64, seed=123), draw(C, 64, seed=123), draw(C, 64, seed=124)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).min(axis=(1, 2)).max() > 0 and not np.allclose(a, c)
+
+
+def test_offset_selects_a_slice_of_the_stream(C):
+    long = draw(C, 100, seed=9)
+    np.testing.assert_array_equal(draw(C, 30, seed=9, offset=40), long[40:70])
+    # The counter's high word: offsets past 2**32 must not wrap around to the start.
+    assert not np.allclose(draw(C, 4, seed=9, offset=2**32), long[:4])
+
+
+def test_empty_output_is_fine(C):
+    assert draw(C, 0, seed=1).shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        (np.empty((4, 3), np.float64), r"shape \(n, 3, 3\)"),
+        (np.empty((4, 3, 4), np.float64), r"shape \(n, 3, 3\)"),
+        (np.empty((4, 9), np.float32), r"shape \(n, 3, 3\)"),
+        (np.empty((4, 3, 3), np.float16), "float32 or float64"),
+        (np.empty((4, 3, 3), np.int32), "float32 or float64"),
+        (np.empty((4, 3, 3), np.float64).transpose(0, 2, 1), "C-contiguous"),
+        (np.empty((8, 3, 3), np.float64)[::2], "C-contiguous"),
+    ],
+)
+def test_bad_output_arrays_raise_value_error(C, out, match):
+    with pytest.raises(ValueError, match=match):
+        C.random_rotations_cpu(out, 0, 0, False)
+
+
+def test_seed_out_of_range_raises_value_error(C):
+    with pytest.raises(ValueError, match="seed"):
+        C.random_rotations_cpu(np.empty((2, 3, 3)), 2**63, 0, False)
+
+
+def test_accepts_torch_tensors_in_place(C):
+    torch = pytest.importorskip("torch")
+    out = torch.empty(16, 3, 3, dtype=torch.float32)
+    C.random_rotations_cpu(out, 4, 2, True)
+    np.testing.assert_array_equal(out.numpy(), draw(C, 16, 4, 2, True, np.float32))
+
+
+# --- CUDA (needs a GPU) --------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("improper", [False, True])
+def test_cuda_matches_cpu(C, dtype, improper):
+    torch = pytest.importorskip("torch")
+    if not C.build_info()["cuda"] or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of fastequiv._C and a GPU")
+    dt = getattr(torch, dtype)
+    n, seed, offset = 100_003, 17, 2**32 - 50
+    out = torch.empty(n, 3, 3, dtype=dt, device="cuda")
+    C.random_rotations_cuda(out, seed, offset, improper, torch.cuda.current_stream().cuda_stream)
+    want = torch.empty(n, 3, 3, dtype=dt)
+    C.random_rotations_cpu(want, seed, offset, improper)
+    # Device sin/cos/sqrt may differ from the host libm by an ulp or two.
+    atol = 1e-6 if dtype == "float32" else 1e-12
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="CUDA"):
+        C.random_rotations_cuda(torch.empty(2, 3, 3, dtype=dt), seed, 0, False, 0)
