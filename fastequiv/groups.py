@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from . import _backend
+from . import _backend, _extension
 
 __all__ = [
     "GROUPS",
@@ -273,6 +273,45 @@ def _random_rotations_torch(n: int, seed: int, offset: int, group: str, device, 
             improper = (words[..., 3] & 1).bool()
             R = torch.where(improper[:, None, None], -R, R)
     return R.to(dtype)
+
+
+def _native_available(kind: str):
+    def available(device: torch.device):
+        ext = _extension.load()
+        if ext is None:
+            return f"the compiled extension fastequiv._C is not importable ({_extension.build_info()['extension_error']})"
+        if kind == "cuda" and not hasattr(ext, "random_rotations_cuda"):
+            return "fastequiv._C was built without CUDA (reinstall with nvcc on PATH or FASTEQUIV_CUDA=ON)"
+        if device.type != kind:
+            return f"it runs on {kind} tensors"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+
+    return available
+
+
+def _random_rotations_native(kind: str):
+    def impl(n: int, seed: int, offset: int, group: str, device, dtype) -> torch.Tensor:
+        if group in _FINITE_ORDERS:
+            # a finite-group draw is an index gather: nothing for a kernel to fuse
+            return _random_rotations_torch(n, seed, offset, group, device, dtype)
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        out = torch.empty(n, 3, 3, dtype=work, device=device)
+        ext = _extension.load()
+        if kind == "cpu":
+            ext.random_rotations_cpu(out, seed, offset, group == "O3")
+        else:
+            stream = torch.cuda.current_stream(device).cuda_stream
+            ext.random_rotations_cuda(out, seed, offset, group == "O3", stream)
+        return out.to(dtype)
+
+    return impl
+
+
+for _kind in ("cpu", "cuda"):
+    _backend.register("random_rotations", _kind, available=_native_available(_kind))(_random_rotations_native(_kind))
+    _backend.set_auto_order("random_rotations", _kind, (_kind,))
 
 
 def random_rotations(

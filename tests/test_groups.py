@@ -27,7 +27,7 @@ def test_philox_known_answers(counter, key, expected):
     assert tuple(out.tolist()) == expected
 
 
-def test_philox_stream_matches_triton_randint4x():
+def test_philox_stream_matches_triton_randint4x(tmp_path):
     """The counter scheme is Triton's tl.randint4x(seed, i): run it in the interpreter."""
     pytest.importorskip("triton")
     script = textwrap.dedent(
@@ -53,7 +53,8 @@ def test_philox_stream_matches_triton_randint4x():
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # run outside the checkout so the installed fastequiv is the one imported
+    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -218,3 +219,37 @@ def test_empty_and_dtypes():
     assert fe.random_rotations(0, seed=1).shape == (0, 3, 3)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert fe.random_rotations(2, seed=1, dtype=dtype).dtype == dtype
+
+
+def _backends():
+    """Every backend with a random_rotations implementation that can run on this machine."""
+    names = []
+    for name in fe._backend.implemented("random_rotations"):
+        device = "cuda" if name == "cuda" else "cpu"
+        try:
+            fe._backend.resolve("random_rotations", name, device)
+        except fe.BackendUnavailableError:
+            continue
+        names.append((name, device))
+    return names
+
+
+def test_native_backends_are_present_in_ci():
+    # the extension is part of every install: its CPU backend must be there
+    assert ("cpu", "cpu") in _backends()
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("group", ["SO3", "O3", "octahedral"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float64, 1e-14), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n,offset", [(0, 0), (1, 0), (257, 3), (33, 2**32 - 5)])
+def test_backends_match_the_reference(backend, device, group, dtype, atol, n, offset):
+    ref = fe.random_rotations(n, seed=77, offset=offset, group=group, dtype=torch.float64, backend="torch")
+    got = fe.random_rotations(n, seed=77, offset=offset, group=group, dtype=dtype, device=device, backend=backend)
+    assert got.dtype == dtype and got.shape == (n, 3, 3) and got.device.type == device
+    torch.testing.assert_close(got.double().cpu(), ref, atol=atol, rtol=0)
+
+
+def test_auto_uses_the_compiled_kernel_on_cpu():
+    name, _ = fe._backend.resolve("random_rotations", "auto", "cpu")
+    assert name == ("cpu" if fe.build_info()["extension"] else "torch")
