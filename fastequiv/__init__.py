@@ -1,0 +1,46 @@
+"""fastequiv: how much of a model's loss comes from imperfect rotational symmetry.
+
+    import fastequiv as fe
+    spec = fe.Spec(inputs={"pos": "position", "z": "scalar"}, output="vector")
+    d = fe.equivariance_error(model, {"pos": pos, "z": z}, target=forces, spec=spec, samples=8)
+    d.total, d.mean, d.equiv, d.pct
+
+See DESIGN notes in the repository for the math; every function that computes takes
+``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cupy").
+"""
+
+from ._backend import BackendUnavailableError
+from ._extension import build_info
+from .estimators import Decomposition, Terms
+from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, random_quaternions, random_rotations
+from .reps import Rep
+from .spec import Spec
+from .twirl import Twirled, equivariance_error, twirl_loss
+from .wigner import wigner_D
+from . import ops
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("fastequiv")
+except Exception:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Decomposition",
+    "Rep",
+    "Spec",
+    "Terms",
+    "Twirled",
+    "build_info",
+    "equivariance_error",
+    "group_elements",
+    "matrix_to_quaternion",
+    "ops",
+    "quaternion_to_matrix",
+    "random_quaternions",
+    "random_rotations",
+    "twirl_loss",
+    "wigner_D",
+]
