@@ -23,6 +23,7 @@ input is rotated about its own centroid, and an output is back-rotated about its
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -88,7 +89,7 @@ class Rep:
         det = torch.linalg.det(R) if self.kind in ("pseudoscalar", "pseudovector") else None
         if self.kind == "pseudoscalar":
             return (x.to(R.dtype) * det.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
-        flat = x.to(R.dtype).reshape(n, -1, x.shape[-1])
+        flat = x.to(R.dtype).reshape(n, math.prod(x.shape[1:-1]), x.shape[-1])
         if self.kind == "irreps":
             M = wigner_D(self.irreps, R)
         else:
@@ -105,12 +106,13 @@ class Rep:
 def centroid(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample mean ``(N, 3)`` of the points ``x`` ``(N, *inner, 3)`` where ``mask`` is set."""
     n = x.shape[0]
-    pts = x.reshape(n, -1, 3)
+    m = math.prod(x.shape[1:-1])
+    pts = x.reshape(n, m, 3)
     if mask is None:
         return pts.mean(dim=1) if pts.shape[1] else torch.zeros(n, 3, dtype=x.dtype, device=x.device)
     # the mask is (N, *inner) or already padded to broadcast against x: (N, *inner, 1)
     w = mask.reshape(tuple(mask.shape) + (1,) * (x.dim() - mask.dim()))
-    w = w.expand(x.shape)[..., :1].reshape(n, -1, 1).to(x.dtype)
+    w = w.expand(x.shape)[..., :1].reshape(n, m, 1).to(x.dtype)
     return (pts * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
 
 

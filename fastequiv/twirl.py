@@ -16,7 +16,7 @@ from torch import nn
 from . import groups
 from .estimators import Decomposition, combine, decompose
 from .ops import rotate_copies, twirl_reduce
-from .ops._masks import mask_for
+from .ops._masks import mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import accumulate_dtype, back_rotate
 from .spec import Spec, _describe
 
@@ -167,15 +167,9 @@ def _jensen_gap(loss, out, st: _Stacked, y, rep, name):
     if not isinstance(lk, torch.Tensor) or lk.shape != a.shape:
         raise ValueError(f"loss must return elementwise losses of shape {tuple(a.shape)} (reduction='none'), "
                          f"got {_describe(lk)} for output {name!r}")
-    B = y.shape[0]
-    if m is None:
-        count = torch.full((B,), y[0].numel(), dtype=acc, device=y.device)
-        total = lk.mean(0).reshape(B, -1).sum(1) / count
-        bias = lbar.reshape(B, -1).sum(1) / count
-    else:
-        count = (torch.ones_like(y) * m).reshape(B, -1).sum(1)
-        total = (lk.mean(0) * m).reshape(B, -1).sum(1) / count.clamp_min(1)
-        bias = (lbar * m).reshape(B, -1).sum(1) / count.clamp_min(1)
+    count = valid_count(y, m, acc)
+    total = per_sample_sum(lk.mean(0), m) / count.clamp_min(1)
+    bias = per_sample_sum(lbar, m) / count.clamp_min(1)
     d = decompose(total, bias, total - bias, count, samples=st.K, exhaustive=st.exhaustive, exact=st.exhaustive)
     return d, count
 
@@ -286,7 +280,8 @@ class Twirled(nn.Module):
     Call it like the wrapped model. With a finite group and ``samples=None`` the average
     is over every element (an exactly invariant/equivariant model for that group);
     otherwise over ``samples`` i.i.d. Haar draws, fresh at each call unless ``seed`` is
-    set. Gradients flow to the wrapped model's parameters.
+    set. Gradients flow to the wrapped model's parameters. A mask of padded elements is
+    named in the spec (``Spec(..., mask="mask")``) and passed like any input.
 
     Args:
         model: the model (an ``nn.Module`` is registered as a submodule).
@@ -306,7 +301,7 @@ class Twirled(nn.Module):
             groups.resolve_seed(seed)
         self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
 
-    def forward(self, *args, mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, *args, **kwargs):
         if isinstance(self.spec.inputs, dict):
             if args:
                 raise TypeError("this Twirled model's spec has dict inputs: call it with keyword arguments")
@@ -315,7 +310,7 @@ class Twirled(nn.Module):
             raise TypeError(f"unexpected keyword arguments {list(kwargs)} for a spec with positional inputs")
         else:
             inputs = args if isinstance(self.spec.inputs, tuple) else (args[0] if len(args) == 1 else args)
-        st = _Stacked(self.model, inputs, self.spec, self.K, self.exhaustive, mask=mask, seed=self.seed,
+        st = _Stacked(self.model, inputs, self.spec, self.K, self.exhaustive, mask=None, seed=self.seed,
                       generator=None, chunk_size=self.chunk_size, backend=self.backend,
                       check_finite=self.check_finite)
         means = []

@@ -278,3 +278,22 @@ def test_error_empty_batch_and_bad_mask():
                               mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="equiv_weight"):
         fe.twirl_loss(lambda v: v, torch.randn(2, 3), torch.randn(2, 3), spec=spec, equiv_weight=-1.0)
+
+
+def test_per_sample_scalar_outputs_of_shape_b():
+    """Energies as a (B,) tensor, with an atom mask that does not apply to them."""
+    pos = torch.randn(4, 6, 3, dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 5] = False
+    W = torch.randn(3, dtype=torch.float64)
+    model = lambda p, m: ((p - p.mean(1, keepdim=True)) @ W * m).sum(-1)  # noqa: E731
+    y = torch.randn(4, dtype=torch.float64)
+    spec = fe.Spec(inputs=("position", "scalar"), output="scalar", mask=1)
+    d = fe.equivariance_error(model, (pos, mask), y, spec=spec, samples=4, seed=0)
+    assert d.per_sample.total.shape == (4,) and d.equiv > 0
+    R = fe.random_rotations(16, seed=0, dtype=torch.float64).reshape(4, 4, 3, 3)
+    c = (pos * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+    preds = torch.stack([model((pos - c) @ R[k].mT + c, mask) for k in range(4)])
+    torch.testing.assert_close(d.total, ((preds - y) ** 2).mean())
+    tw = fe.Twirled(model, spec=spec, samples=4, seed=0)
+    torch.testing.assert_close(tw(pos, mask), preds.mean(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,3 +33,17 @@ def tile(mask: Optional[torch.Tensor], K: int) -> Optional[torch.Tensor]:
     if mask is None:
         return None
     return mask.unsqueeze(0).expand((K,) + tuple(mask.shape)).reshape((K * mask.shape[0],) + tuple(mask.shape[1:]))
+
+
+def per_sample_sum(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B,)`` sum of ``t`` ``(B, *E)`` over each sample's valid elements (``mask`` from :func:`mask_for`)."""
+    if mask is not None:
+        t = t * mask
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
+
+
+def valid_count(y: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``(B,)`` number of valid elements of each sample of ``y`` ``(B, *E)``."""
+    if mask is None:
+        return torch.full((y.shape[0],), math.prod(y.shape[1:]), dtype=dtype, device=y.device)
+    return per_sample_sum(torch.ones(y.shape, dtype=dtype, device=y.device), mask)

@@ -12,7 +12,7 @@ import torch
 
 from .. import _backend
 from ..reps import Rep
-from ._masks import mask_for, tile
+from ._masks import mask_for, per_sample_sum, tile, valid_count
 
 
 class TwirlSums(NamedTuple):
@@ -46,25 +46,16 @@ def back_rotate(out: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[tor
 
 @_backend.register("twirl_reduce", "torch")
 def _twirl_reduce_torch(out, R, target, rep, mask) -> TwirlSums:
-    K, B = out.shape[:2]
     acc = accumulate_dtype(out, target)
     a = back_rotate(out, R, rep, mask, acc)
     y = target.to(acc)
     abar = a.mean(dim=0)
 
-    def per_sample(t):  # (B, *E) -> (B,) sum over valid elements
-        if mask is not None:
-            t = t * mask
-        return t.reshape(B, -1).sum(dim=1)
-
-    if mask is None:
-        count = torch.full((B,), y[0].numel() if B else 0, dtype=acc, device=y.device)
-    else:
-        count = per_sample(torch.ones_like(y))
+    count = valid_count(y, mask, acc)
     n = count.clamp_min(1)
-    total = per_sample(((a - y) ** 2).mean(dim=0)) / n
-    bias = per_sample((abar - y) ** 2) / n
-    spread = per_sample(((a - abar) ** 2).mean(dim=0)) / n
+    total = per_sample_sum(((a - y) ** 2).mean(dim=0), mask) / n
+    bias = per_sample_sum((abar - y) ** 2, mask) / n
+    spread = per_sample_sum(((a - abar) ** 2).mean(dim=0), mask) / n
     return TwirlSums(abar, total, bias, spread, count)
 
 
