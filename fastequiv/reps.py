@@ -24,11 +24,12 @@ input is rotated about its own centroid, and an output is back-rotated about its
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Union
 
 import torch
 
-from .wigner import wigner_D
+from .wigner import parse_irreps, wigner_D
 
 __all__ = ["Rep", "as_rep"]
 
@@ -122,15 +123,12 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
         return rep
     if isinstance(rep, str) and rep in _NAMED:
         return Rep(rep)
-    from e3nn import o3
-
-    if isinstance(rep, (str, o3.Irreps)):
+    o3 = sys.modules.get("e3nn.o3")  # an Irreps object means the caller already imported e3nn
+    if isinstance(rep, str) or (o3 is not None and isinstance(rep, o3.Irreps)):
         try:
-            irreps = o3.Irreps(rep)
-        except Exception as exc:  # e3nn raises ValueError/AssertionError for bad strings
-            raise ValueError(
-                f"{name}={rep!r} is neither one of {_NAMED} nor a valid e3nn irreps string ({exc})"
-            ) from None
+            irreps = parse_irreps(rep, name)
+        except ValueError as err:
+            raise ValueError(f"{name}={rep!r} is neither one of {_NAMED} nor a valid e3nn irreps ({err})") from None
         if irreps.dim == 0:
             raise ValueError(f"{name}={rep!r} is an empty irreps")
         return Rep("irreps", irreps)

@@ -44,7 +44,6 @@ import functools
 
 import numpy as np
 import torch
-from e3nn import o3
 
 from fastequiv import _backend
 
@@ -177,6 +176,21 @@ def wigner_D_blocks(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def parse_irreps(irreps, name: str = "irreps"):
+    """``irreps`` (a string or ``e3nn.o3.Irreps``) as an ``o3.Irreps``, or a ValueError naming ``name``.
+
+    e3nn is imported here, on first use, so that ``import fastequiv`` stays cheap.
+    """
+    from e3nn import o3
+
+    try:
+        return o3.Irreps(irreps)
+    except Exception as err:  # e3nn raises ValueError or others on malformed input
+        raise ValueError(
+            f"{name} must be an e3nn Irreps or irreps string like '1x0e + 1x1o', got {irreps!r} ({err})"
+        ) from None
+
+
 @functools.lru_cache(maxsize=None)
 def _layout(irreps: o3.Irreps, device: torch.device):
     """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output.
@@ -239,10 +253,7 @@ def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
             a valid irreps.
         fastequiv._backend.BackendUnavailableError: ``backend`` cannot run here.
     """
-    try:
-        irreps = o3.Irreps(irreps)
-    except Exception as err:  # e3nn raises ValueError or others on malformed input
-        raise ValueError(f"irreps must be an e3nn Irreps or irreps string like '1x0e + 1x1o', got {irreps!r}") from err
+    irreps = parse_irreps(irreps)
     _check_R(R)
     _, impl = _backend.resolve("wigner_D", backend, R.device)
     return impl(irreps, R)
