@@ -123,9 +123,8 @@ def _weights(spec: Spec, loss_weights) -> dict:
         if not isinstance(loss_weights, (tuple, list)) or len(loss_weights) != len(names):
             raise ValueError(f"loss_weights must be a tuple of {len(names)} weights, got {loss_weights!r}")
         return dict(zip(names, loss_weights))
-    if not isinstance(loss_weights, (int, float)):
-        raise ValueError(f"loss_weights must be a number for a single-output spec, got {loss_weights!r}")
-    return {names[0]: float(loss_weights)}
+    raise ValueError(f"loss_weights weighs the heads of a dict or tuple output; spec.output is a single "
+                     f"{spec.output}, got loss_weights={loss_weights!r} (scale the loss instead)")
 
 
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,

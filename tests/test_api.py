@@ -258,6 +258,12 @@ def test_error_inputs_and_spec_disagree():
         fe.equivariance_error(PointMLP(), inputs, target, spec=SPEC, samples=2)
 
 
+def test_error_loss_weights_on_a_single_output():
+    with pytest.raises(ValueError, match="loss_weights"):
+        fe.equivariance_error(lambda v: v, torch.randn(2, 3), torch.randn(2, 3), spec=fe.Spec(inputs="vector", output="vector"),
+                              samples=2, loss_weights=2.0)
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(samples=0), "samples"), (dict(chunk_size=0), "chunk_size"),
                                           (dict(samples=2, backend="cupy"), "cupy")])
 def test_error_bad_arguments(kwargs, match):
