@@ -7,8 +7,8 @@ import sys
 import textwrap
 
 import pytest
-from vectors import PHILOX_KAT
 import torch
+from vectors import PHILOX_KAT
 
 import fastequiv as fe
 from fastequiv.groups import philox4x32_10, random_quaternions
