@@ -182,3 +182,23 @@ def test_fully_masked_sample_is_left_out_of_the_batch_mean():
     # the first two samples saw other rotations (row index k * B + b), so compare the batch mean structure
     torch.testing.assert_close(d.total, d.per_sample.total[:2].mean())
     assert torch.isfinite(d01.total)
+
+
+def test_exhaustive_icosahedral_twirl_on_l2_irreps_is_exact():
+    """The icosahedral group acts irreducibly on l=2 (its 5-dim irrep), so by Schur the
+    twirl of a linear map A on 2e features is (tr A / 5) x and, per sample,
+    L_equiv = (||A||_F^2 / 5 - (tr A / 5)^2) ||x||^2 / 5, exactly, through Wigner-D."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    spec = fe.Spec(inputs="1x2e", output="1x2e", group="icosahedral")
+    d = fe.equivariance_error(lambda v: v @ A.T, x, y, spec=spec)
+    tr = torch.trace(A) / 5
+    torch.testing.assert_close(d.per_sample.mean, ((tr * x - y) ** 2).mean(-1), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(d.per_sample.equiv, ((A**2).sum() / 5 - tr**2) * (x**2).sum(-1) / 5, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(fe.Twirled(lambda v: v @ A.T, spec=spec)(x), tr * x)
+    # Haar SO(3) draws estimate the same values without bias
+    ests = torch.stack([fe.equivariance_error(lambda v: v @ A.T, x, y, spec=fe.Spec(inputs="1x2e", output="1x2e"),
+                                              samples=4, seed=s).equiv for s in range(200)])
+    assert (ests.mean() - d.equiv).abs() < 4 * ests.std() / 200**0.5
