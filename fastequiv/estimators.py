@@ -31,7 +31,7 @@ error is that of a batch mean of independent per-sample values.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

@@ -16,9 +16,6 @@ from .reps import Rep, as_rep
 
 __all__ = ["Spec"]
 
-RepLike = Union[str, Rep, Any]
-
-
 def _parse(struct, name: str):
     if isinstance(struct, dict):
         if not struct:

@@ -43,9 +43,14 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import typing
+
 import torch
 
 from fastequiv import _backend
+
+if typing.TYPE_CHECKING:
+    from e3nn import o3
 
 __all__ = ["wigner_D", "wigner_D_blocks"]
 
@@ -192,7 +197,7 @@ def parse_irreps(irreps, name: str = "irreps"):
 
 
 @functools.lru_cache(maxsize=None)
-def _layout(irreps: o3.Irreps, device: torch.device):
+def _layout(irreps: "o3.Irreps", device: torch.device):
     """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output.
 
     One entry per distinct ``(l, p)`` in order of first appearance, with its number of
@@ -216,7 +221,7 @@ def _layout(irreps: o3.Irreps, device: torch.device):
 
 
 @_backend.register("wigner_D", "torch")
-def _wigner_D_torch(irreps: o3.Irreps, R: torch.Tensor) -> torch.Tensor:
+def _wigner_D_torch(irreps: "o3.Irreps", R: torch.Tensor) -> torch.Tensor:
     batch = R.shape[:-2]
     R = R.reshape(-1, 3, 3)
     n = R.shape[0]
