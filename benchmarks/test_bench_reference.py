@@ -1,4 +1,4 @@
-"""Microbenchmarks of the pure-torch reference ops against e3nn and a plain loop.
+"""Microbenchmarks of the reference ops against e3nn, a plain loop and the compiled sampler.
 
 Run: ``python -m pytest benchmarks --benchmark-only`` (``--benchmark-json=out.json`` to keep
 the figures). Each case records the size it ran at in ``extra_info``; compare backends
@@ -35,8 +35,12 @@ def test_wigner_D_e3nn(benchmark, rotations):
 
 
 @pytest.mark.benchmark(group="random_rotations 1e5")
-def test_random_rotations_torch(benchmark):
-    benchmark(fe.random_rotations, 100_000, seed=1, backend="torch")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_random_rotations(benchmark, backend):
+    if backend not in fe.build_info()["backends"]:
+        pytest.skip(f"backend {backend!r} is not available in this install")
+    benchmark.extra_info["bytes"] = 100_000 * 9 * 4
+    benchmark(fe.random_rotations, 100_000, seed=1, backend=backend)
 
 
 @pytest.mark.benchmark(group="twirl_reduce K=4, 1e6 elements")
