@@ -36,6 +36,7 @@ __all__ = [
     "random_quaternions",
     "quaternion_to_matrix",
     "matrix_to_quaternion",
+    "orientation",
     "random_rotations",
     "group_elements",
     "group_order",
@@ -180,6 +181,15 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
     best = torch.take_along_dim(cand, k[..., None], dim=-2).squeeze(-2)
     q = best / best.norm(dim=-1, keepdim=True)
     return torch.where(q[..., :1] < 0, -q, q)
+
+
+def orientation(R: torch.Tensor) -> torch.Tensor:
+    """``(...)``: +1 where ``R`` ``(..., 3, 3)`` is proper (det > 0), -1 where improper.
+
+    The determinant is the triple product: batched, no LAPACK call, no host sync.
+    """
+    det = (R[..., 0, :] * torch.linalg.cross(R[..., 1, :], R[..., 2, :], dim=-1)).sum(-1)
+    return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
 
 
 def _check_count(n) -> None:

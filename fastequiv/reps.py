@@ -29,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from .groups import orientation
 from .wigner import parse_irreps, wigner_D
 
 __all__ = ["Rep", "as_rep"]
@@ -58,11 +59,6 @@ class Rep:
     def __hash__(self) -> int:
         return hash((self.kind, str(self.irreps)))
 
-    @property
-    def invariant(self) -> bool:
-        """True when rotations leave the tensor unchanged (only under SO(3) for ``0o``)."""
-        return self.kind == "scalar" or (self.kind == "irreps" and all(ir.l == 0 and ir.p == 1 for _, ir in self.irreps))
-
     def check(self, x: torch.Tensor, name: str) -> None:
         """Raise a ValueError naming ``name`` unless ``x`` can carry this rep."""
         if not isinstance(x, torch.Tensor):
@@ -87,7 +83,7 @@ class Rep:
         if self.kind == "scalar":
             return x
         n = x.shape[0]
-        det = torch.linalg.det(R) if self.kind in ("pseudoscalar", "pseudovector") else None
+        det = orientation(R) if self.kind in ("pseudoscalar", "pseudovector") else None
         if self.kind == "pseudoscalar":
             return (x.to(R.dtype) * det.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
         flat = x.to(R.dtype).reshape(n, math.prod(x.shape[1:-1]), x.shape[-1])

@@ -48,6 +48,7 @@ import typing
 import torch
 
 from fastequiv import _backend
+from fastequiv.groups import orientation
 
 if typing.TYPE_CHECKING:
     from e3nn import o3
@@ -226,9 +227,7 @@ def _wigner_D_torch(irreps: "o3.Irreps", R: torch.Tensor) -> torch.Tensor:
     R = R.reshape(-1, 3, 3)
     n = R.shape[0]
     dim, groups, positions = _layout(irreps, R.device)
-    # det by the triple product: batched, differentiable, no LAPACK call.
-    det = (R[:, 0] * torch.linalg.cross(R[:, 1], R[:, 2], dim=-1)).sum(-1)
-    sign = torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
+    sign = orientation(R)
     lmax = max((l for l, _, _ in groups), default=0)
     blocks = _blocks_flat(lmax, R * sign[:, None, None])
     values = [(blocks[l] if p == 1 else blocks[l] * sign).repeat(copies, 1) for l, p, copies in groups]
