@@ -1,6 +1,6 @@
 """Microbenchmarks of the reference ops against e3nn, a plain loop and the compiled sampler.
 
-Run: ``python -m pytest benchmarks --benchmark-only`` (``--benchmark-json=out.json`` to keep
+Run: ``pytest benchmarks --benchmark-only`` (``--benchmark-json=out.json`` to keep
 the figures). Each case records the size it ran at in ``extra_info``; compare backends
 within one run, on one machine.
 """
