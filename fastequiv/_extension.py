@@ -32,6 +32,12 @@ def load() -> ModuleType | None:
     return _module  # type: ignore[return-value]
 
 
+def load_error() -> str | None:
+    """Why ``fastequiv._C`` could not be imported, or ``None`` (loads it first)."""
+    load()
+    return _error
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -76,9 +82,9 @@ def build_info() -> dict:
     ``"extension_error"`` (why not, or ``None``), ``"cuda"`` (bool: built with CUDA),
     ``"cuda_archs"`` (list of str, e.g. ``["80", "90"]``), ``"openmp"`` (bool),
     ``"backends"`` (the backend names that implement at least one op and can run here:
-    always ``"torch"``; ``"cpu"`` with the extension; ``"cuda"`` when built with CUDA and a GPU is visible; ``"triton"`` when
-    triton imports and there is a GPU or ``TRITON_INTERPRET=1``; ``"cupy"`` when cupy
-    imports and sees a GPU).
+    always ``"torch"``; ``"cpu"`` with the extension; ``"cuda"`` when built with CUDA
+    and a GPU is visible; ``"triton"`` when triton imports and there is a GPU or
+    ``TRITON_INTERPRET=1``; ``"cupy"`` when cupy imports and sees a GPU).
     """
     ext = load()
     native = ext.build_info() if ext is not None else {}

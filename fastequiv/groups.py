@@ -289,7 +289,7 @@ def _native_available(kind: str):
     def available(device: torch.device):
         ext = _extension.load()
         if ext is None:
-            return f"the compiled extension fastequiv._C is not importable ({_extension.build_info()['extension_error']})"
+            return f"the compiled extension fastequiv._C is not importable ({_extension.load_error()})"
         if kind == "cuda" and not hasattr(ext, "random_rotations_cuda"):
             return "fastequiv._C was built without CUDA (reinstall with nvcc on PATH or FASTEQUIV_CUDA=ON)"
         if device.type != kind:

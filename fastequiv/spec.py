@@ -16,6 +16,7 @@ from .reps import Rep, as_rep
 
 __all__ = ["Spec"]
 
+
 def _parse(struct, name: str):
     if isinstance(struct, dict):
         if not struct:

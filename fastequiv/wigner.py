@@ -41,10 +41,9 @@ the irrep ``(l, p)`` (``p = +1`` for "e", ``-1`` for "o") gets
 from __future__ import annotations
 
 import functools
-
-import numpy as np
 import typing
 
+import numpy as np
 import torch
 
 from fastequiv import _backend

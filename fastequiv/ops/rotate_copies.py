@@ -19,8 +19,6 @@ from ._masks import mask_for, tile
 def _rotate_copies_torch(x: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[torch.Tensor]) -> torch.Tensor:
     K, B = R.shape[:2]
     copies = x.unsqueeze(0).expand((K,) + tuple(x.shape)).reshape((K * B,) + tuple(x.shape[1:]))
-    if rep.kind == "scalar":
-        return copies
     return rep.act(copies, R.reshape(K * B, 3, 3), mask=tile(mask, K))
 
 
