@@ -109,6 +109,15 @@ def _philox_words(n: int, seed: int, offset: int, device) -> torch.Tensor:
     return philox4x32_10(counter, (seed & _MASK32, seed >> 32))
 
 
+def _philox_words_tensor(n: int, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """:func:`_philox_words` keyed by an int64 0-dim ``seed`` tensor, read where it lives
+    (no host sync, so it works under CUDA-graph capture and ``torch.compile``)."""
+    idx = torch.arange(offset, offset + n, device=seed.device, dtype=torch.int64)
+    zeros = torch.zeros_like(idx)
+    counter = torch.stack([idx & _MASK32, idx >> 32, zeros, zeros], dim=-1)
+    return philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+
+
 def _shoemake(words: torch.Tensor) -> torch.Tensor:
     """Unit quaternions (float64) from Philox words ``(..., >=3)``."""
     u = (words[..., :3] >> 8).to(torch.float64) * 2.0**-24
