@@ -220,15 +220,28 @@ def _layout(irreps: "o3.Irreps", device: torch.device):
     return dim, groups, positions
 
 
-@_backend.register("wigner_D", "torch")
-def _wigner_D_torch(irreps: "o3.Irreps", R: torch.Tensor) -> torch.Tensor:
+def _wigner_D(irreps: "o3.Irreps", R: torch.Tensor, backend: str) -> torch.Tensor:
     batch = R.shape[:-2]
     R = R.reshape(-1, 3, 3)
     n = R.shape[0]
     dim, groups, positions = _layout(irreps, R.device)
     sign = orientation(R)
     lmax = max((l for l, _, _ in groups), default=0)
-    blocks = _blocks_flat(lmax, R * sign[:, None, None])
+    proper = R * sign[:, None, None]
+    name, _ = _backend.resolve("wigner_blocks", backend, R.device)
+    if name == "torch":
+        blocks = _blocks_flat(lmax, proper)
+    else:
+        # a compiled kernel: packed (n, S) blocks, not differentiated with respect to R
+        from fastequiv.ops import _library
+
+        if R.requires_grad:
+            raise ValueError(f"backend={backend!r} does not differentiate wigner_D with respect to R, which "
+                             "requires grad; use backend='torch' (or 'auto')")
+        work = proper if proper.dtype in (torch.float32, torch.float64) else proper.float()
+        packed = _library.call("wigner_blocks", name, R.device, work.contiguous(), lmax).t().to(R.dtype)
+        starts = np.cumsum([0] + [(2 * l + 1) ** 2 for l in range(lmax + 1)])
+        blocks = [packed[starts[l]:starts[l + 1]] for l in range(lmax + 1)]
     values = [(blocks[l] if p == 1 else blocks[l] * sign).repeat(copies, 1) for l, p, copies in groups]
     out = torch.zeros(dim * dim, n, dtype=R.dtype, device=R.device)
     if values:
@@ -249,7 +262,8 @@ def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     Returns:
         Tensor of shape ``(..., irreps.dim, irreps.dim)``, block diagonal in the order of
         ``irreps`` (each of ``mul`` copies is its own block), equal to
-        ``o3.Irreps(irreps).D_from_matrix(R)``. Differentiable with respect to ``R``.
+        ``o3.Irreps(irreps).D_from_matrix(R)``. Differentiable with respect to ``R`` on the
+        torch backend (``"auto"`` picks it when ``R`` requires grad).
 
     Raises:
         ValueError: ``R`` is not ``(..., 3, 3)`` floating point, or ``irreps`` is not
@@ -258,5 +272,6 @@ def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """
     irreps = parse_irreps(irreps)
     _check_R(R)
-    _, impl = _backend.resolve("wigner_D", backend, R.device)
-    return impl(irreps, R)
+    if R.requires_grad and backend == "auto":
+        backend = "torch"  # the compiled kernels do not differentiate with respect to R
+    return _wigner_D(irreps, R, backend)

@@ -47,3 +47,16 @@ def valid_count(y: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtyp
     if mask is None:
         return torch.full((y.shape[0],), math.prod(y.shape[1:]), dtype=dtype, device=y.device)
     return per_sample_sum(torch.ones(y.shape, dtype=dtype, device=y.device), mask)
+
+
+def check_batch(batch: Optional[torch.Tensor], n: int, name: str) -> None:
+    """Raise a ValueError unless ``batch`` is None or an int64 ``(n,)`` index vector.
+
+    Its values (each node's sample, in ``[0, B)``) are not checked: that would sync with
+    the device.
+    """
+    if batch is None:
+        return
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.int64 or batch.dim() != 1 or batch.shape[0] != n:
+        got = f"{batch.dtype} tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise ValueError(f"batch must be an int64 tensor of shape ({n},) (one sample index per row of {name}), got {got}")

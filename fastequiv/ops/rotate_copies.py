@@ -1,7 +1,9 @@
 """rotate_copies: K rotated copies of an input, stacked along dim 0.
 
 Copy ``k`` of sample ``b`` is row ``k * B + b`` and is rotated by ``R[k, b]``; with the
-Philox stream of :mod:`fastequiv.groups`, that is rotation number ``k * B + b``.
+Philox stream of :mod:`fastequiv.groups`, that is rotation number ``k * B + b``. In the
+graph layout (``batch=``), copy ``k`` of node ``i`` is row ``k * N + i`` and is rotated by
+``R[k, batch[i]]``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
 from ..reps import Rep
-from ._masks import mask_for, tile
+from . import _library
+from ._layout import action_matrices, centroids, rows_of
+from ._masks import check_batch, mask_for, tile
+from .twirl_reduce import accumulate_dtype
 
 
-@_backend.register("rotate_copies", "torch")
-def _rotate_copies_torch(x: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _rotate_copies_act(x: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The definition, through ``Rep.act`` (dense layout): the reference the row kernels are
+    tested against, and the path for reps that are not rows (voxel grids)."""
     K, B = R.shape[:2]
     copies = x.unsqueeze(0).expand((K,) + tuple(x.shape)).reshape((K * B,) + tuple(x.shape[1:]))
     return rep.act(copies, R.reshape(K * B, 3, 3), mask=tile(mask, K))
@@ -28,21 +33,40 @@ def rotate_copies(
     rep: Rep,
     mask: Optional[torch.Tensor] = None,
     *,
+    batch: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Stack ``rho(R[k, b]) x[b]`` for every copy ``k`` and sample ``b``.
 
     Args:
-        x: ``(B, *inner, d)``, the input of one sample per row.
-        R: ``(K, B, 3, 3)``, the group element of each copy.
+        x: ``(B, *inner, d)``, one sample per row; with ``batch``, ``(N, *inner, d)`` nodes.
+        R: ``(K, B, 3, 3)``, the group element of each copy (float32 or float64: the math
+            runs in ``R.dtype``).
         rep: how ``x`` transforms (:class:`fastequiv.reps.Rep`).
-        mask: optional bool ``(B, *inner)``; positions rotate about the centroid of
-            their valid points.
+        mask: optional bool ``(B, *inner)`` (``(N, *inner)`` with ``batch``); positions
+            rotate about the centroid of their valid points.
+        batch: optional int64 ``(N,)``, the sample of each node (graph layout).
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
     Returns:
-        ``(K * B, *inner, d)`` in ``x.dtype``; copy ``k`` of sample ``b`` is row ``k * B + b``.
+        ``(K * B, *inner, d)`` (``(K * N, *inner, d)``) in ``x.dtype``.
     """
-    if R.dim() != 4 or R.shape[2:] != (3, 3) or R.shape[1] != x.shape[0]:
+    if R.dim() != 4 or R.shape[2:] != (3, 3):
+        raise ValueError(f"R must have shape (K, B, 3, 3), got {tuple(R.shape)}")
+    K, B = R.shape[:2]
+    if batch is None and R.shape[1] != x.shape[0]:
         raise ValueError(f"R must have shape (K, B={x.shape[0]}, 3, 3), got {tuple(R.shape)}")
+    check_batch(batch, x.shape[0], "x")
     mask = mask_for(mask, x.shape, "x")
-    _, impl = _backend.resolve("rotate_copies", backend, x.device)
-    return impl(x, R, rep, mask)
+    rows = rows_of(x.shape, rep, mask, batch)
+    if rows is None:
+        if batch is not None:
+            raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
+        return _rotate_copies_act(x, R, rep, mask)
+    if rep.kind == "scalar":
+        return x.unsqueeze(0).expand((K,) + tuple(x.shape)).reshape((K * x.shape[0],) + tuple(x.shape[1:]))
+    R = R.to(accumulate_dtype(x, R))
+    M = action_matrices(rep, R, backend)
+    xr = x.reshape(rows.N, rows.d)
+    center = centroids(xr.to(R.dtype), rows, B) if rep.kind == "position" else None
+    out = _library.call("rotate_rows", backend, x.device, xr.contiguous(), M, rows.sample, rows.P, center)
+    return out.reshape((K * x.shape[0],) + tuple(x.shape[1:]))

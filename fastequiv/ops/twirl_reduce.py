@@ -10,15 +10,16 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _backend
 from ..reps import Rep
-from ._masks import mask_for, per_sample_sum, tile, valid_count
+from . import _library
+from ._layout import action_matrices, centroids, rows_of
+from ._masks import check_batch, mask_for, per_sample_sum, tile, valid_count
 
 
 class TwirlSums(NamedTuple):
     """Per-sample results; every sum is a mean over the sample's valid elements.
 
-    mean: ``(B, *E)`` twirled prediction ``abar = mean_k a_k``.
+    mean: ``(B, *E)`` twirled prediction ``abar = mean_k a_k`` (``(N, *E)`` in the graph layout).
     total: ``(B,)`` ``(1/K) sum_k ||a_k - y||^2``.
     bias: ``(B,)`` ``||abar - y||^2``.
     spread: ``(B,)`` ``(1/K) sum_k ||a_k - abar||^2``.
@@ -37,15 +38,16 @@ def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def back_rotate(out: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)``."""
+    """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)`` (dense layout)."""
     K, B = out.shape[:2]
     flat = out.reshape((K * B,) + tuple(out.shape[2:])).to(dtype)
     a = rep.act(flat, R.reshape(K * B, 3, 3).to(dtype), mask=tile(mask, K), inverse=True)
     return a.reshape(out.shape)
 
 
-@_backend.register("twirl_reduce", "torch")
-def _twirl_reduce_torch(out, R, target, rep, mask) -> TwirlSums:
+def _twirl_reduce_act(out, R, target, rep, mask) -> TwirlSums:
+    """The definition, through ``Rep.act`` (dense layout): the reference the row kernels are
+    tested against, and the path for reps that are not rows (voxel grids)."""
     acc = accumulate_dtype(out, target)
     a = back_rotate(out, R, rep, mask, acc)
     y = target.to(acc)
@@ -66,21 +68,50 @@ def twirl_reduce(
     rep: Rep,
     mask: Optional[torch.Tensor] = None,
     *,
+    batch: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> TwirlSums:
     """Back-rotate and reduce K stacked outputs against the target (see :class:`TwirlSums`).
 
+    One pass over ``out`` on the compiled backends; differentiable with respect to ``out``
+    and ``target`` (the compiled backends run a fused backward kernel).
+
     Args:
-        out: ``(K, B, *E)``, the model's outputs for the rotated copies.
+        out: ``(K, B, *E)``, the model's outputs for the rotated copies; with ``batch``,
+            ``(K, N, *E)`` node outputs.
         R: ``(K, B, 3, 3)``, the group element of each copy.
-        target: ``(B, *E)``, given in the frame of the unrotated input.
+        target: ``(B, *E)`` (``(N, *E)``), given in the frame of the unrotated input.
         rep: how the output transforms.
-        mask: optional bool ``(B, *inner)``, a prefix of ``(B, *E)``.
+        mask: optional bool ``(B, *inner)`` (``(N, *inner)``), a prefix of the target's shape.
+        batch: optional int64 ``(N,)``, the sample of each node (graph layout).
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
     """
-    if out.dim() < 2 or R.shape != out.shape[:2] + (3, 3):
-        raise ValueError(f"R must have shape (K, B, 3, 3) = {tuple(out.shape[:2]) + (3, 3)}, got {tuple(R.shape)}")
+    if out.dim() < 2 or R.dim() != 4 or R.shape[2:] != (3, 3) or R.shape[0] != out.shape[0] \
+            or (batch is None and R.shape[1] != out.shape[1]):
+        want = (out.shape[0], "B") if batch is not None else tuple(out.shape[:2])
+        raise ValueError(f"R must have shape (K, B, 3, 3) = {want + (3, 3)}, got {tuple(R.shape)}")
     if target.shape != out.shape[1:]:
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} (the output per copy)")
+    check_batch(batch, target.shape[0], "target")
     mask = mask_for(mask, target.shape, "target")
-    _, impl = _backend.resolve("twirl_reduce", backend, out.device)
-    return impl(out, R, target, rep, mask)
+    K, B = R.shape[:2]
+    rows = rows_of(target.shape, rep, mask, batch)
+    if rows is None:
+        if batch is not None:
+            raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
+        return _twirl_reduce_act(out, R, target, rep, mask)
+
+    acc = accumulate_dtype(out, target)
+    R = R.to(acc)
+    M = action_matrices(rep, R, backend)
+    o = out.reshape(K, rows.N, rows.d)
+    center = centroids(o.to(acc), rows, B) if rep.kind == "position" else None
+    mean, sums = _library.call("reduce_rows", backend, out.device, o.contiguous(), M,
+                               target.reshape(rows.N, rows.d).contiguous(), rows.sample, rows.P, rows.valid,
+                               center, B)
+    per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
+    if rows.valid is not None:
+        per_row = per_row * rows.valid
+    count = _library._segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
+    n = count.clamp_min(1)
+    return TwirlSums(mean.reshape(target.shape), sums[0] / n, sums[1] / n, sums[2] / n, count)
