@@ -43,8 +43,8 @@ __all__ = [
     "is_finite_group",
 ]
 
-GROUPS = ("SO3", "O3", "octahedral", "icosahedral")
-_FINITE_ORDERS = {"octahedral": 24, "icosahedral": 60}
+GROUPS = ("SO3", "O3", "octahedral", "octahedral_O3", "icosahedral")
+_FINITE_ORDERS = {"octahedral": 24, "octahedral_O3": 48, "icosahedral": 60}
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -250,6 +250,10 @@ def _axis_angle(axis, angle: float) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _finite_group(group: str) -> torch.Tensor:
+    if group == "octahedral_O3":
+        # the full symmetry group of the cube: the 24 rotations, then each times the inversion
+        rotations = _finite_group("octahedral")
+        return torch.cat([rotations, -rotations])
     if group == "octahedral":
         # rotations of the cube [-1, 1]^3: quarter turns about x and z generate all 24
         gens = [_axis_angle([1, 0, 0], math.pi / 2), _axis_angle([0, 0, 1], math.pi / 2)]
@@ -271,7 +275,9 @@ def group_elements(group: str, *, device=None, dtype: Optional[torch.dtype] = No
     """Every element of a finite rotation group as matrices ``(order, 3, 3)``, identity first.
 
     ``"octahedral"``: the 24 rotations of the cube ``[-1, 1]^3`` (signed permutation
-    matrices of det +1). ``"icosahedral"``: the 60 rotations of the icosahedron with
+    matrices of det +1). ``"octahedral_O3"``: all 48 symmetries of the cube (every signed
+    permutation matrix), the 24 rotations first and then the same ones times -1 (det -1).
+    ``"icosahedral"``: the 60 rotations of the icosahedron with
     vertices ``(0, +-1, +-phi)`` and their cyclic permutations.
     """
     if not is_finite_group(group):
@@ -352,7 +358,8 @@ def random_rotations(
             same rotations on every backend and device (to float rounding).
         generator: draw the seed from this ``torch.Generator`` instead.
         group: ``"SO3"`` (default), ``"O3"`` (half of the draws improper, det -1), or a
-            finite group (``"octahedral"``, ``"icosahedral"``: elements drawn uniformly).
+            finite group (``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``: elements
+            drawn uniformly).
         offset: index of the first rotation in the stream (rotation ``i`` depends only on
             ``seed`` and ``i``, so ``offset`` continues a stream).
         device, dtype: of the result (default: CPU, torch's default dtype).
