@@ -17,6 +17,7 @@ from . import groups
 from .estimators import Decomposition, combine, decompose
 from .ops import rotate_copies, twirl_reduce
 from .ops._masks import mask_for, per_sample_sum, valid_count
+from .ops.random_rotations import random_rotations_seeded, seed_tensor
 from .ops.twirl_reduce import accumulate_dtype, back_rotate
 from .spec import Spec, _describe
 
@@ -75,9 +76,8 @@ class _Stacked:
             G = groups.group_elements(spec.group, device=device, dtype=dtype)
             R = G[:, None].expand(K, B, 3, 3)
         else:
-            seed = groups.resolve_seed(seed, generator)
-            R = groups.random_rotations(K * B, seed=seed, group=spec.group, device=device, dtype=dtype,
-                                        backend=backend).reshape(K, B, 3, 3)
+            key = seed_tensor(seed, generator, device)  # on the device: no host sync
+            R = random_rotations_seeded(K * B, key, spec.group, dtype, backend=backend).reshape(K, B, 3, 3)
 
         names, values = [], []
         for name, value, rep in leaves:
