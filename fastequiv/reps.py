@@ -13,6 +13,8 @@ rep                       action of ``g = R`` (``R`` may be improper under O(3))
 ``"pseudovector"``        ``v -> det(R) R v``                     (e3nn ``1e``)
 ``"position"``            ``p -> R (p - c) + c``, ``c`` the per-sample centroid
 irreps (str / Irreps)     ``x -> D(R) x``, e3nn's basis and parity rules
+``"voxels"``              a field on a grid ``(B, ..., C, n, n, n)``, moved by
+                          resampling (:class:`fastequiv.voxels.Voxels`)
 ========================  =====================================================
 
 e3nn's ``1o`` basis is ``(x, y, z)`` (``Irreps("1o").D_from_matrix(R) == R``), so a
@@ -30,7 +32,7 @@ from typing import Optional, Union
 import torch
 
 from .groups import orientation
-from .wigner import parse_irreps, wigner_D
+from .wigner import irreps_key, parse_irreps, wigner_D_key
 
 __all__ = ["Rep", "as_rep"]
 
@@ -45,6 +47,7 @@ class Rep:
         self.irreps = irreps
         if kind == "irreps":
             self.dim: Optional[int] = irreps.dim
+            self.key = irreps_key(irreps)  # plain ints, for the kernels and torch.compile
         elif kind in ("vector", "pseudovector", "position"):
             self.dim = 3
         else:
@@ -88,7 +91,7 @@ class Rep:
             return (x.to(R.dtype) * det.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
         flat = x.to(R.dtype).reshape(n, math.prod(x.shape[1:-1]), x.shape[-1])
         if self.kind == "irreps":
-            M = wigner_D(self.irreps, R)
+            M = wigner_D_key(self.key, R)
         else:
             M = R if det is None else R * det[:, None, None]
         Mt = M if inverse else M.transpose(-1, -2)  # row vectors: x @ M^T == (M x^T)^T
@@ -119,6 +122,10 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
         return rep
     if isinstance(rep, str) and rep in _NAMED:
         return Rep(rep)
+    if isinstance(rep, str) and rep.strip().startswith("voxels"):
+        from .voxels import Voxels  # a grid moves data between elements: its own module
+
+        return Voxels.parse(rep, name)
     o3 = sys.modules.get("e3nn.o3")  # an Irreps object means the caller already imported e3nn
     if isinstance(rep, str) or (o3 is not None and isinstance(rep, o3.Irreps)):
         try:

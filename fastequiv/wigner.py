@@ -196,23 +196,30 @@ def parse_irreps(irreps, name: str = "irreps"):
         ) from None
 
 
+def irreps_key(irreps: "o3.Irreps") -> tuple[tuple[int, int, int], ...]:
+    """``((mul, l, p), ...)``: an irreps as plain ints, which ``torch.compile`` can guard on
+    (it cannot inspect e3nn's ``Irreps`` objects)."""
+    return tuple((mul, ir.l, ir.p) for mul, ir in irreps)
+
+
 @functools.lru_cache(maxsize=None)
-def _layout(irreps: "o3.Irreps", device: torch.device):
-    """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output.
+def _layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
+    """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output of the
+    irreps ``key`` (see :func:`irreps_key`).
 
     One entry per distinct ``(l, p)`` in order of first appearance, with its number of
     copies; ``positions`` is the flat index in the ``(dim * dim)`` output of every entry
     of every copy, in the same order (groups, then copies, then row-major block).
     """
-    dim = irreps.dim
+    dim = sum(mul * (2 * l + 1) for mul, l, _ in key)
     where: dict[tuple[int, int], list[np.ndarray]] = {}
     offset = 0
-    for mul, ir in irreps:
-        n = ir.dim
+    for mul, l, p in key:
+        n = 2 * l + 1
         rc = np.arange(n)
         for _ in range(mul):
             pos = (offset + rc[:, None]) * dim + (offset + rc[None, :])
-            where.setdefault((ir.l, ir.p), []).append(pos.reshape(-1))
+            where.setdefault((l, p), []).append(pos.reshape(-1))
             offset += n
     groups = tuple((l, p, len(pos)) for (l, p), pos in where.items())
     flat = [q for pos in where.values() for q in pos]
@@ -220,13 +227,15 @@ def _layout(irreps: "o3.Irreps", device: torch.device):
     return dim, groups, positions
 
 
-def _wigner_D(irreps: "o3.Irreps", R: torch.Tensor, backend: str) -> torch.Tensor:
+def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """:func:`wigner_D` of the irreps ``key`` (see :func:`irreps_key`), unchecked: the form
+    the ops use inside a step."""
     batch = R.shape[:-2]
     R = R.reshape(-1, 3, 3)
     n = R.shape[0]
-    dim, groups, positions = _layout(irreps, R.device)
+    dim, groups, positions = _layout(key, R.device)
     sign = orientation(R)
-    lmax = max((l for l, _, _ in groups), default=0)
+    lmax = max([0] + [l for l, _, _ in groups])
     proper = R * sign[:, None, None]
     name, _ = _backend.resolve("wigner_blocks", backend, R.device)
     if name == "torch":
@@ -274,4 +283,4 @@ def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     _check_R(R)
     if R.requires_grad and backend == "auto":
         backend = "torch"  # the compiled kernels do not differentiate with respect to R
-    return _wigner_D(irreps, R, backend)
+    return wigner_D_key(irreps_key(irreps), R, backend)

@@ -66,9 +66,11 @@ def action_matrices(rep: Rep, R: torch.Tensor, backend: str) -> torch.Tensor:
         return R.contiguous()
     if rep.kind == "pseudovector":
         return R * orientation(R)[..., None, None]
-    from ..wigner import wigner_D
+    from ..wigner import wigner_D_key
 
-    return wigner_D(rep.irreps, R, backend=backend).contiguous()
+    if R.requires_grad and backend == "auto":
+        backend = "torch"  # the compiled Wigner-D kernels do not differentiate with respect to R
+    return wigner_D_key(rep.key, R, backend).contiguous()
 
 
 def centroids(x: torch.Tensor, rows: Rows, B: int) -> torch.Tensor:

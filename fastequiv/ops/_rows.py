@@ -60,7 +60,7 @@ def rotate_rows(x: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor]
     y = torch.einsum("knij,nj->kni", M[:, s], xa)
     if center is not None:
         y = y + center[s]
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()
 
 
 def rotate_rows_backward(grad: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor], P: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def rotate_rows_backward(grad: torch.Tensor, M: torch.Tensor, sample: Optional[t
     with respect to ``x`` for a fixed centre (the op layer adds the centre's part)."""
     N = grad.shape[1]
     s = sample_index(N, P, sample, grad.device)
-    return torch.einsum("knji,knj->ni", M[:, s], grad.to(M.dtype))
+    return torch.einsum("knji,knj->ni", M[:, s], grad.to(M.dtype)).contiguous()
 
 
 def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
@@ -112,7 +112,7 @@ def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample
     if valid is not None:
         per_row = per_row * valid.to(acc)
     sums = torch.zeros(3, B, dtype=acc, device=out.device).index_add_(1, s, per_row)
-    return abar, sums
+    return abar.contiguous(), sums
 
 
 def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Tensor, out: torch.Tensor,
@@ -151,7 +151,7 @@ def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Ten
     ga = (2.0 / K) * (g[0, :, None] * (a - y) + g[1, :, None] * (mean - y) + g[2, :, None] * (a - mean))
     if grad_mean is not None:
         ga = ga + grad_mean.to(acc) / K
-    return torch.einsum("knij,knj->kni", M[:, s], ga).to(out.dtype)
+    return torch.einsum("knij,knj->kni", M[:, s], ga).to(out.dtype).contiguous()
 
 
 def random_rotations_seeded(seed: torch.Tensor, n: int, offset: int, improper: bool, dtype: torch.dtype) -> torch.Tensor:
