@@ -50,6 +50,12 @@ def rotate_copies(
     Returns:
         ``(K * B, *inner, d)`` (``(K * N, *inner, d)``) in ``x.dtype``.
     """
+    # the math runs in float32/float64 whatever autocast region the caller is in
+    with torch.autocast(x.device.type, enabled=False):
+        return _rotate_copies_rows(x, R, rep, mask, batch, backend)
+
+
+def _rotate_copies_rows(x, R, rep, mask, batch, backend):
     if R.dim() != 4 or R.shape[2:] != (3, 3):
         raise ValueError(f"R must have shape (K, B, 3, 3), got {tuple(R.shape)}")
     K, B = R.shape[:2]

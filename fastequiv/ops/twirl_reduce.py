@@ -41,7 +41,8 @@ def back_rotate(out: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[tor
     """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)`` (dense layout)."""
     K, B = out.shape[:2]
     flat = out.reshape((K * B,) + tuple(out.shape[2:])).to(dtype)
-    a = rep.act(flat, R.reshape(K * B, 3, 3).to(dtype), mask=tile(mask, K), inverse=True)
+    with torch.autocast(out.device.type, enabled=False):
+        a = rep.act(flat, R.reshape(K * B, 3, 3).to(dtype), mask=tile(mask, K), inverse=True)
     return a.reshape(out.shape)
 
 
@@ -86,6 +87,12 @@ def twirl_reduce(
         batch: optional int64 ``(N,)``, the sample of each node (graph layout).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
     """
+    # the math runs in float32/float64 whatever autocast region the caller is in
+    with torch.autocast(out.device.type, enabled=False):
+        return _twirl_reduce_rows(out, R, target, rep, mask, batch, backend)
+
+
+def _twirl_reduce_rows(out, R, target, rep, mask, batch, backend):
     if out.dim() < 2 or R.dim() != 4 or R.shape[2:] != (3, 3) or R.shape[0] != out.shape[0] \
             or (batch is None and R.shape[1] != out.shape[1]):
         want = (out.shape[0], "B") if batch is not None else tuple(out.shape[:2])
