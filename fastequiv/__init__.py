@@ -16,6 +16,7 @@ from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, 
 from .reps import Rep
 from .spec import Spec
 from .twirl import Twirled, equivariance_error, twirl_loss
+from . import distributed
 from .wigner import wigner_D
 from . import ops
 

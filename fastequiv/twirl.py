@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from . import groups
+from . import distributed, groups
 from .estimators import Decomposition, combine, decompose
 from .ops import rotate_copies, twirl_reduce
 from .ops._masks import mask_for, per_sample_sum, valid_count
@@ -128,7 +128,8 @@ def _weights(spec: Spec, loss_weights) -> dict:
 
 
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
-               chunk_size, backend, check_finite) -> Decomposition:
+               chunk_size, backend, check_finite) -> tuple[Decomposition, dict]:
+    """The decomposition and the samples that count, ``{"": (B,) bool, head: (B,) bool}``."""
     K, exhaustive = _plan(spec, samples, default_samples)
     _require_two(K, exhaustive)
     if not (loss == "mse" or callable(loss)):
@@ -137,7 +138,7 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     st = _Stacked(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                   chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     targets = spec.output_leaves(target, "target")
-    heads, valid = {}, None
+    heads, valid, head_valid = {}, None, {}
     for (name, out, rep), (_, y, _) in zip(st.heads, targets):
         if y.shape != out.shape[1:]:
             where = "target" if name == "output" else f"target[{name!r}]"
@@ -150,10 +151,22 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
         else:
             d, count = _jensen_gap(loss, out, st, y, rep, name)
         heads[name] = d
+        head_valid[name] = count > 0
         valid = count > 0 if valid is None else valid & (count > 0)
+    head_valid[""] = valid
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
-        return next(iter(heads.values()))
-    return combine(heads, weights, valid)
+        return next(iter(heads.values())), head_valid
+    return combine(heads, weights, valid), head_valid
+
+
+def _sync(d: Decomposition, head_valid: dict, sync: bool, process_group) -> Decomposition:
+    """``d`` over every rank's batch when ``sync`` (a no-op outside torch.distributed)."""
+    if not isinstance(sync, bool):
+        raise ValueError(f"sync must be a bool, got {sync!r}")
+    if not sync:
+        return d
+    heads = {k: v for k, v in head_valid.items() if k}
+    return distributed.all_reduce(d, valid=head_valid[""], head_valid=heads, group=process_group)
 
 
 def _jensen_gap(loss, out, st: _Stacked, y, rep, name):
@@ -193,6 +206,10 @@ _COMMON_ARGS = """
         backend: ``"auto"``, ``"torch"``, ...; an unavailable one raises an error.
         check_finite: raise a ValueError if the model's outputs have NaN or inf. This
             syncs with the device once; it is skipped inside ``torch.compile``.
+        sync: under ``torch.distributed`` (e.g. DDP), report the decomposition of the
+            union of every rank's batch (two small all-reduces, no host copy; see
+            :mod:`fastequiv.distributed`); a no-op when it is not initialised.
+        process_group: the group to reduce over with ``sync`` (default: the world).
 """
 
 
@@ -211,6 +228,8 @@ def equivariance_error(
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     check_finite: bool = True,
+    sync: bool = False,
+    process_group=None,
 ) -> Decomposition:
     """Decompose the augmented loss of ``model`` on a batch into L_mean + L_equiv (no grad).
 
@@ -219,8 +238,9 @@ def equivariance_error(
             and every element once (exact) for a finite group.
     """
     with torch.no_grad():
-        return _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed, generator,
-                          chunk_size, backend, check_finite)
+        d, head_valid = _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed,
+                                   generator, chunk_size, backend, check_finite)
+        return _sync(d, head_valid, sync, process_group)
 
 
 equivariance_error.__doc__ += _COMMON_ARGS + """
@@ -246,6 +266,8 @@ def twirl_loss(
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     check_finite: bool = True,
+    sync: bool = False,
+    process_group=None,
 ) -> tuple[torch.Tensor, Decomposition]:
     """The augmented training loss ``L_total + equiv_weight * L_equiv`` and its decomposition.
 
@@ -260,16 +282,17 @@ def twirl_loss(
     """
     if not isinstance(equiv_weight, (int, float)) or equiv_weight < 0:
         raise ValueError(f"equiv_weight must be a number >= 0, got {equiv_weight!r}")
-    d = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
-                   chunk_size, backend, check_finite)
+    d, head_valid = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
+                               chunk_size, backend, check_finite)
     total = d.total + equiv_weight * d.equiv if equiv_weight else d.total
-    return total, d.detach()
+    # the loss stays this rank's own (DDP averages gradients); only the logged values are global
+    return total, _sync(d.detach(), head_valid, sync, process_group)
 
 
 twirl_loss.__doc__ += _COMMON_ARGS + """
     Returns:
-        ``(loss, decomposition)``: ``loss`` is a 0-dim tensor with a graph; the
-        decomposition is detached.
+        ``(loss, decomposition)``: ``loss`` is a 0-dim tensor with a graph (this rank's
+        own, also with ``sync``); the decomposition is detached.
 """
 
 
