@@ -17,6 +17,7 @@ from .reps import Rep
 from .spec import Spec
 from .twirl import Twirled, equivariance_error, twirl_loss
 from . import distributed
+from .monitor import EquivarianceMonitor
 from .wigner import wigner_D
 from . import ops
 
@@ -30,6 +31,7 @@ except Exception:  # running from a source tree that was never installed
 __all__ = [
     "BackendUnavailableError",
     "Decomposition",
+    "EquivarianceMonitor",
     "Rep",
     "Spec",
     "Terms",

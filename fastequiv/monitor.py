@@ -1,0 +1,157 @@
+"""EquivarianceMonitor: the decomposition every ``every`` steps, for loops that keep their own step.
+
+::
+
+    monitor = fe.EquivarianceMonitor(model, spec=spec, every=100, fraction=0.125)
+    for step, (inputs, target) in enumerate(loader):
+        ...
+        logs = monitor(step, inputs, target)     # {} on most steps, at no cost
+        if logs:
+            writer.add_scalars("equiv", logs, step)   # or wandb.log / self.log_dict
+
+On a monitored step it measures, under ``torch.no_grad``, the first ``ceil(fraction * B)``
+samples of the batch with K Haar-random rotations (:func:`fastequiv.equivariance_error`),
+and returns a flat dict ``{prefix + "total": ..., "mean", "equiv", "pct",
+"total_stderr", "mean_stderr", "equiv_stderr", "<head>/total", ...}``. The values are
+0-dim tensors on the model's device (no host sync: a logger that accepts tensors copies
+them when it flushes); ``materialize=True`` returns Python floats instead, with one host
+copy for all of them. On every other step it returns an empty dict without touching the
+device, so ``logs.update(monitor(step, ...))`` is always safe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from .groups import SEED_MAX
+from .spec import Spec
+from .twirl import equivariance_error
+
+__all__ = ["EquivarianceMonitor"]
+
+
+class EquivarianceMonitor:
+    """Measure the equivariance error of ``model`` every ``every`` steps (see module docs).
+
+    Args:
+        model: the model, called like in :func:`fastequiv.equivariance_error`.
+        spec: a :class:`fastequiv.Spec`.
+        every: measure on steps ``step % every == 0``.
+        fraction: share of the batch measured, ``0 < fraction <= 1`` (the first
+            ``ceil(fraction * B)`` samples; every tensor input and target is cut along
+            dim 0). Graph batches (a spec with a ``"batch"`` input) are measured whole.
+        samples: K rotations per sample (default 8; every element for a finite group).
+        prefix: prepended to every key, e.g. ``"equiv/"``.
+        materialize: return floats (one host sync) instead of 0-dim tensors.
+        eval_mode: put the model in eval mode while measuring (dropout and BatchNorm
+            statistics would otherwise count as equivariance error), then restore every
+            submodule's own mode.
+        seed: the rotations of step ``s`` are Philox stream ``seed + s``: reproducible,
+            and the training's random state is never touched.
+        sync: under ``torch.distributed``, report the union of every rank's measured
+            samples (:mod:`fastequiv.distributed`); every rank must call on the same steps.
+        process_group: the group for ``sync``.
+        **kwargs: passed on to :func:`fastequiv.equivariance_error` (``loss``,
+            ``loss_weights``, ``chunk_size``, ``backend``, ``mask``...). ``check_finite``
+            defaults to False here, since it syncs with the device.
+    """
+
+    def __init__(self, model: Callable, *, spec: Spec, every: int = 100, fraction: float = 0.125,
+                 samples: Optional[int] = None, prefix: str = "equiv/", materialize: bool = False,
+                 eval_mode: bool = True, seed: int = 0, sync: bool = False, process_group=None, **kwargs: Any):
+        if not isinstance(spec, Spec):
+            raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (steps between measurements), got {every!r}")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_MAX:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        for bad in ("seed", "generator", "spec", "samples", "sync", "process_group"):
+            if bad in kwargs:
+                raise ValueError(f"{bad}= is not an equivariance_error option the monitor forwards")
+        kwargs.setdefault("check_finite", False)
+        self.model, self.spec, self.every, self.fraction = model, spec, every, float(fraction)
+        self.samples, self.prefix, self.materialize, self.eval_mode = samples, prefix, materialize, eval_mode
+        self.seed, self.sync, self.process_group, self.kwargs = seed, sync, process_group, kwargs
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a monitored step."""
+        return step % self.every == 0
+
+    def __call__(self, step: int, inputs: Any, target: Any) -> dict:
+        """The logged values on a monitored step, ``{}`` on the others (see module docs)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if not self.due(step):
+            return {}
+        inputs, target, kwargs = self._subset(inputs, target)
+        module = self.model if isinstance(self.model, torch.nn.Module) else None
+        modes = [(m, m.training) for m in module.modules()] if module is not None and self.eval_mode else []
+        try:
+            if modes:
+                module.eval()
+            d = equivariance_error(self.model, inputs, target, spec=self.spec, samples=self.samples,
+                                   seed=(self.seed + step) % SEED_MAX, sync=self.sync,
+                                   process_group=self.process_group, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+        return self.values(d)
+
+    def values(self, d) -> dict:
+        """The flat dict of a :class:`fastequiv.Decomposition` (tensors, or floats with ``materialize``)."""
+        out = {}
+
+        def put(prefix, dec):
+            for name in ("total", "mean", "equiv", "pct"):
+                out[f"{prefix}{name}"] = getattr(dec, name)
+            for name in ("total", "mean", "equiv"):
+                out[f"{prefix}{name}_stderr"] = getattr(dec.stderr, name)
+            for head, h in dec.heads.items():
+                put(f"{prefix}{head}/", h)
+
+        put(self.prefix, d)
+        if self.materialize:
+            return dict(zip(out, torch.stack([v.reshape(()) for v in out.values()]).tolist()))
+        return out
+
+    def _subset(self, inputs, target):
+        kwargs = dict(self.kwargs)
+        if self.fraction >= 1 or _is_graph(self.spec):
+            return inputs, target, kwargs
+        B = _batch_size(inputs)
+        n = max(1, math.ceil(self.fraction * B))
+        if n >= B:
+            return inputs, target, kwargs
+        cut = lambda x: _cut(x, B, n)  # noqa: E731
+        if "mask" in kwargs:
+            kwargs["mask"] = cut(kwargs["mask"])
+        return cut(inputs), cut(target), kwargs
+
+
+def _is_graph(spec: Spec) -> bool:
+    return bool(getattr(spec, "graph", None))
+
+
+def _batch_size(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v.shape[0]
+    raise ValueError("inputs have no tensor with a batch dim to take a fraction of")
+
+
+def _cut(x, B: int, n: int):
+    if isinstance(x, torch.Tensor):
+        return x[:n] if x.dim() > 0 and x.shape[0] == B else x
+    if isinstance(x, dict):
+        return {k: _cut(v, B, n) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cut(v, B, n) for v in x)
+    return x
