@@ -18,6 +18,7 @@ from .spec import Spec
 from .twirl import Twirled, equivariance_error, twirl_loss
 from . import distributed
 from .monitor import EquivarianceMonitor
+from .lie import lie_derivative
 from .wigner import wigner_D
 from . import ops
 
@@ -39,6 +40,7 @@ __all__ = [
     "build_info",
     "equivariance_error",
     "group_elements",
+    "lie_derivative",
     "matrix_to_quaternion",
     "ops",
     "quaternion_to_matrix",
