@@ -119,6 +119,7 @@ def _recursion_terms(l: int) -> tuple[np.ndarray, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # tables built with numpy: constants to torch.compile
 def _recursion_tensors(l: int, device: torch.device, dtype: torch.dtype):
     """Torch form of :func:`_recursion_terms` for ``l`` on ``device``: flat indices."""
     r, c, coef, i, j, a, b = _recursion_terms(l)
@@ -203,6 +204,7 @@ def irreps_key(irreps: "o3.Irreps") -> tuple[tuple[int, int, int], ...]:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
     """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output of the
     irreps ``key`` (see :func:`irreps_key`).

@@ -46,8 +46,8 @@ def random_rotations_seeded(n: int, seed: torch.Tensor, group: str, dtype: torch
     if order is not None:
         # a finite-group draw is an index gather: nothing for a kernel to fuse
         words = groups._philox_words_tensor(n, seed, offset)
-        elements = groups.group_elements(group, device=seed.device, dtype=dtype)
-        return elements[words[..., 0] % order]
+        elements = groups._finite_group(group).to(seed.device)
+        return elements[words[..., 0] % order].to(dtype)
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     R = _library.call("random_rotations_seeded", backend, seed.device, seed, n, offset, group == "O3", work)
     return R.to(dtype)
