@@ -1,0 +1,108 @@
+"""Pieces shared by the Triton kernels of the row-level contract (``fastequiv/ops/_rows.py``).
+
+Rows ``x`` ``(N, d)`` are read as 2D tiles ``(BLOCK_N, BLOCK_D)`` (``BLOCK_D`` the next
+power of two of ``d``, masked to ``d``); the ``d x d`` matrix of every row's sample as a
+3D tile ``(BLOCK_N, BLOCK_D, BLOCK_D)`` indexed ``[row, i, j]``, so that ``M v`` is a sum
+over the last axis and ``M^T v`` a sum over the middle one. Matrices are gathered per row
+(``M[k, s(r)]``); rows of one sample hit the same cache lines.
+
+Launchers size their blocks for the GPU, or larger for Triton's CPU interpreter
+(``TRITON_INTERPRET=1``), where every program costs a Python-level pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of the per-program matrix tile (BLOCK_N * BLOCK_D**2): registers on a GPU,
+# numpy array size under the interpreter. 1024 with 4 warps keeps the d = 3 kernels near
+# 56 (rotate) and 105 (reduce) registers a thread on sm_90 (ptxas, no spills); 4096
+# reached 255 and spilled.
+_GPU_TILE = 1024
+_GPU_MAX_ROWS = 128
+_INTERPRETER_TILE = 1 << 16
+
+_ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def row_block(N: int, d: int) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_D)`` for a row kernel over ``N`` rows of ``d`` components."""
+    block_d = triton.next_power_of_2(max(d, 1))
+    if interpreting():
+        block_n = max(1, min(triton.next_power_of_2(max(N, 1)), _INTERPRETER_TILE // block_d**2))
+    else:
+        block_n = max(1, min(_GPU_MAX_ROWS, _GPU_TILE // block_d**2))
+    return block_n, block_d
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for the launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The contract says inputs arrive contiguous; a strided input is copied, not misread."""
+    return None if t is None else t.contiguous()
+
+
+def check_acc(M: torch.Tensor, name: str = "M") -> None:
+    if M.dtype not in _ACC_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64 (the accumulation dtype), got {M.dtype}")
+
+
+def check_rows(N: int, K: int, d: int) -> None:
+    """Row indices are int32 inside the kernels (int64 only for addresses)."""
+    if N >= 2**31 or K * d >= 2**31:
+        raise ValueError(f"rows: N={N} rows of d={d} with K={K} copies is past the int32 row index")
+
+
+def check_sample(sample: torch.Tensor | None, N: int, P: int, B: int | None = None) -> None:
+    if sample is None:
+        if P < 0 or (P == 0 and N > 0):
+            raise ValueError(f"P must be >= 1 in the dense layout (sample=None) with N={N} rows, got P={P}")
+        if B is not None and N != B * P:
+            raise ValueError(f"dense layout: N={N} rows must be B*P = {B}*{P}")
+        return
+    if sample.dtype != torch.int64 or tuple(sample.shape) != (N,):
+        raise ValueError(f"sample must be an int64 tensor of shape ({N},), got {sample.dtype} {tuple(sample.shape)}")
+
+
+@triton.jit
+def sample_of(rows, rmask, sample_ptr, P, GRAPH: tl.constexpr):
+    """The sample of every row: ``sample[r]`` (graph layout) or ``r // P`` (dense), int64."""
+    if GRAPH:
+        s = tl.load(sample_ptr + rows, mask=rmask, other=0)
+    else:
+        s = rows // P
+    return s.to(tl.int64)
+
+
+@triton.jit
+def load_matrices(M_ptr, mat, rmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tile ``[row, i, j] = M[mat[row], i, j]`` of the ``D x D`` matrices (``mat`` int64)."""
+    i = tl.arange(0, BLOCK_D)
+    offs = mat[:, None, None] * (D * D) + i[None, :, None] * D + i[None, None, :]
+    m = rmask[:, None, None] & (i[None, :, None] < D) & (i[None, None, :] < D)
+    return tl.load(M_ptr + offs, mask=m, other=0.0)
+
+
+@triton.jit
+def matvec(Mt, v):
+    """``M v`` per row: ``Mt`` ``(BLOCK_N, BLOCK_D, BLOCK_D)``, ``v`` ``(BLOCK_N, BLOCK_D)``."""
+    return tl.sum(Mt * v[:, None, :], axis=2)
+
+
+@triton.jit
+def matvec_t(Mt, v):
+    """``M^T v`` per row."""
+    return tl.sum(Mt * v[:, :, None], axis=1)

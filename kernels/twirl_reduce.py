@@ -1,0 +1,246 @@
+"""Triton kernels of ``twirl_reduce``: back-rotation, twirled mean and decomposition sums.
+
+Contract (``fastequiv/ops/_rows.py``):
+
+* :func:`reduce_rows` ``(out (K, N, d), M (K, B, d, d), target (N, d), sample, P, valid,
+  center (K, B, d) | None, B)`` -> ``(mean (N, d), sums (3, B))`` in ``M.dtype``, with
+  ``a_k = M[k, s]^T (out[k, r] - c[k, s]) + c[k, s]``, ``mean = abar = (1/K) sum_k a_k`` and
+  per sample, over its valid rows and their components, the sums of
+  ``(1/K) sum_k |a_k - y|^2`` (total), ``|abar - y|^2`` (bias) and
+  ``(1/K) sum_k |a_k - abar|^2`` (spread).
+* :func:`reduce_rows_backward` ``(grad_mean (N, d) | None, grad_sums (3, B), out, M,
+  target, sample, P, valid, center, mean)`` -> ``(K, N, d)`` in ``out.dtype``:
+  ``M[k, s] dL/da_k`` with ``dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) +
+  g_spread (a_k - abar)) + grad_mean / K``.
+
+Both are one pass over ``out``: a program owns a block of rows, loads its K copies one
+after the other (in their own dtype, fp16/bf16/fp32/fp64) and computes in ``M.dtype``.
+The forward keeps a running mean and the sum of squared deviations (Welford's update),
+so the spread is a sum of squares of deviations ``a_k - abar`` in registers, never the
+difference of two large sums.
+
+Per-sample sums: in the dense layout (row ``r`` in sample ``r // P``) a program covers
+``BLOCK_S`` whole samples of ``BLOCK_P >= P`` lanes each, or one chunk of ``BLOCK_P`` rows
+of one sample, and writes its partial sums to ``(3, B, chunks)``; a deterministic sum over
+the chunks finishes them. In the graph layout (``sample`` given) rows add into ``(3, B)``
+with atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (
+    check_acc,
+    check_rows,
+    check_sample,
+    contiguous,
+    device_guard,
+    load_matrices,
+    matvec,
+    matvec_t,
+    row_block,
+    sample_of,
+)
+
+
+@triton.jit
+def _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
+                 D: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(Mt, a_k)``: the matrix tile of copy ``k`` and ``M^T (out_k - c) + c`` in acc."""
+    acc_ty = M_ptr.dtype.element_ty
+    mat = k * B + s
+    Mt = load_matrices(M_ptr, mat, rmask, D, BLOCK_D)
+    o = tl.load(out_ptr + k * copy_stride + offs, mask=tmask, other=0.0).to(acc_ty)
+    if HAS_CENTER:
+        cols = tl.arange(0, BLOCK_D)
+        c = tl.load(center_ptr + mat[:, None] * D + cols[None, :], mask=tmask, other=0.0)
+        a = matvec_t(Mt, o - c) + c
+    else:
+        a = matvec_t(Mt, o)
+    return Mt, a
+
+
+@triton.jit
+def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, center_ptr, mean_ptr, sums_ptr,
+                        N, B, K, P, n_chunks,
+                        D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CENTER: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc_ty = M_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK_S * BLOCK_P)
+    if GRAPH:
+        rows = pid * (BLOCK_S * BLOCK_P) + lane
+        rmask = rows < N
+    else:
+        # lane -> (sample of this program, position in the sample's chunk)
+        s_dense = (pid // n_chunks) * BLOCK_S + lane // BLOCK_P
+        p = (pid % n_chunks) * BLOCK_P + lane % BLOCK_P
+        rmask = (s_dense < B) & (p < P)
+        rows = s_dense * P + p
+    s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
+    cols = tl.arange(0, BLOCK_D)
+    tmask = rmask[:, None] & (cols[None, :] < D)
+    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+    copy_stride = tl.cast(N, tl.int64) * D
+    y = tl.load(target_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
+
+    mean = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
+    m2 = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
+    tot = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
+    for k in range(K):
+        _, a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
+                            D, HAS_CENTER, BLOCK_D)
+        e = a - y
+        tot += e * e
+        delta = a - mean
+        mean += delta / (k + 1)
+        m2 += delta * (a - mean)
+    tl.store(mean_ptr + offs, mean, mask=tmask)
+
+    keep = rmask
+    if HAS_VALID:
+        keep = keep & (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0)
+    bias = mean - y
+    total_row = tl.where(keep, tl.sum(tot, axis=1) / K, 0.0)
+    bias_row = tl.where(keep, tl.sum(bias * bias, axis=1), 0.0)
+    spread_row = tl.where(keep, tl.sum(m2, axis=1) / K, 0.0)
+    if GRAPH:
+        tl.atomic_add(sums_ptr + s, total_row, mask=keep)
+        tl.atomic_add(sums_ptr + B + s, bias_row, mask=keep)
+        tl.atomic_add(sums_ptr + 2 * B + s, spread_row, mask=keep)
+    else:
+        sb = (pid // n_chunks) * BLOCK_S + tl.arange(0, BLOCK_S)
+        part = tl.cast(sb, tl.int64) * n_chunks + pid % n_chunks
+        pmask = sb < B
+        stride = tl.cast(B, tl.int64) * n_chunks
+        tl.store(sums_ptr + part, tl.sum(tl.reshape(total_row, (BLOCK_S, BLOCK_P)), axis=1), mask=pmask)
+        tl.store(sums_ptr + stride + part, tl.sum(tl.reshape(bias_row, (BLOCK_S, BLOCK_P)), axis=1), mask=pmask)
+        tl.store(sums_ptr + 2 * stride + part, tl.sum(tl.reshape(spread_row, (BLOCK_S, BLOCK_P)), axis=1),
+                 mask=pmask)
+
+
+@triton.jit
+def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr,
+                                 center_ptr, mean_ptr, grad_out_ptr, N, B, K, P,
+                                 D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr,
+                                 HAS_CENTER: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc_ty = M_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
+    cols = tl.arange(0, BLOCK_D)
+    tmask = rmask[:, None] & (cols[None, :] < D)
+    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+    copy_stride = tl.cast(N, tl.int64) * D
+
+    keep = rmask
+    if HAS_VALID:
+        keep = keep & (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0)
+    g_total = tl.load(grad_sums_ptr + s, mask=keep, other=0.0).to(acc_ty)
+    g_bias = tl.load(grad_sums_ptr + B + s, mask=keep, other=0.0).to(acc_ty)
+    g_spread = tl.load(grad_sums_ptr + 2 * B + s, mask=keep, other=0.0).to(acc_ty)
+    y = tl.load(target_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
+    mean = tl.load(mean_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
+    # the part of dL/da_k that is the same for every copy
+    common = g_bias[:, None] * (mean - y)
+    out_ty = grad_out_ptr.dtype.element_ty
+    for k in range(K):
+        Mt, a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
+                             D, HAS_CENTER, BLOCK_D)
+        ga = 2.0 * (g_total[:, None] * (a - y) + common + g_spread[:, None] * (a - mean)) / K
+        if HAS_GRAD_MEAN:
+            ga += tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(acc_ty) / K
+        tl.store(grad_out_ptr + k * copy_stride + offs, matvec(Mt, ga).to(out_ty), mask=tmask)
+
+
+def _check(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample, P: int, valid, center, B: int):
+    check_acc(M)
+    if out.dim() != 3:
+        raise ValueError(f"out must have shape (K, N, d), got {tuple(out.shape)}")
+    K, N, d = out.shape
+    if tuple(M.shape) != (K, B, d, d):
+        raise ValueError(f"M must have shape (K, B, d, d) = {(K, B, d, d)}, got {tuple(M.shape)}")
+    if tuple(target.shape) != (N, d):
+        raise ValueError(f"target must have shape (N, d) = {(N, d)}, got {tuple(target.shape)}")
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (N,)):
+        raise ValueError(f"valid must be a bool tensor of shape ({N},), got {valid.dtype} {tuple(valid.shape)}")
+    if center is not None and (center.dtype != M.dtype or tuple(center.shape) != (K, B, d)):
+        raise ValueError(f"center must be {M.dtype} of shape {(K, B, d)}, got {center.dtype} {tuple(center.shape)}")
+    check_sample(sample, N, P, None if sample is not None else B)
+    check_rows(N, K, d)
+    return K, N, d
+
+
+def _dense_blocks(P: int, block_n: int) -> tuple[int, int, int]:
+    """``(BLOCK_S, BLOCK_P, chunks)``: whole samples per program, or chunks of one sample."""
+    block_p = min(triton.next_power_of_2(P), block_n)
+    return block_n // block_p, block_p, triton.cdiv(P, block_p)
+
+
+def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
+                valid: Optional[torch.Tensor], center: Optional[torch.Tensor], B: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean (N, d), sums (3, B))`` in ``M.dtype``; see the module docs."""
+    K, N, d = _check(out, M, target, sample, P, valid, center, B)
+    acc = M.dtype
+    mean = torch.empty(N, d, dtype=acc, device=out.device)
+    if N * d == 0 or K == 0:
+        return mean.zero_(), torch.zeros(3, B, dtype=acc, device=out.device)
+    out, M, target, sample, center = (contiguous(t) for t in (out, M, target, sample, center))
+    valid_u8 = None if valid is None else contiguous(valid).view(torch.uint8)
+    block_n, block_d = row_block(N, d)
+    if sample is not None:
+        sums = torch.zeros(3, B, dtype=acc, device=out.device)
+        block_s, block_p, chunks, grid = 1, block_n, 1, triton.cdiv(N, block_n)
+    else:
+        block_s, block_p, chunks = _dense_blocks(P, block_n)
+        sums = torch.empty(3, B, chunks, dtype=acc, device=out.device)
+        grid = triton.cdiv(B, block_s) * chunks
+    with device_guard(out):
+        _reduce_rows_kernel[(grid,)](
+            out, M, target, sample if sample is not None else out, valid_u8 if valid_u8 is not None else out,
+            center if center is not None else M, mean, sums,
+            N, B, K, max(P, 1), chunks,
+            D=d, GRAPH=sample is not None, HAS_VALID=valid is not None, HAS_CENTER=center is not None,
+            BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_D=block_d,
+        )
+    if sample is None:
+        sums = sums[..., 0] if chunks == 1 else sums.sum(dim=-1)
+    return mean, sums
+
+
+def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Tensor, out: torch.Tensor,
+                         M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
+                         valid: Optional[torch.Tensor], center: Optional[torch.Tensor], mean: torch.Tensor
+                         ) -> torch.Tensor:
+    """``dL/dout`` ``(K, N, d)`` in ``out.dtype``; see the module docs."""
+    B = grad_sums.shape[-1] if grad_sums.dim() == 2 else -1
+    if grad_sums.dim() != 2 or grad_sums.shape[0] != 3 or M.dim() != 4 or M.shape[1] != B:
+        raise ValueError(f"grad_sums must have shape (3, B) with B = M.shape[1], got {tuple(grad_sums.shape)} "
+                         f"and M {tuple(M.shape)}")
+    K, N, d = _check(out, M, target, sample, P, valid, center, B)
+    for name, t in (("mean", mean), ("grad_mean", grad_mean)):
+        if t is not None and tuple(t.shape) != (N, d):
+            raise ValueError(f"{name} must have shape (N, d) = {(N, d)}, got {tuple(t.shape)}")
+    grad_out = torch.empty(K, N, d, dtype=out.dtype, device=out.device)
+    if grad_out.numel() == 0:
+        return grad_out
+    grad_mean, grad_sums, out, M, target, sample, center, mean = (
+        contiguous(t) for t in (grad_mean, grad_sums, out, M, target, sample, center, mean))
+    valid_u8 = None if valid is None else contiguous(valid).view(torch.uint8)
+    block_n, block_d = row_block(N, d)
+    with device_guard(out):
+        _reduce_rows_backward_kernel[(triton.cdiv(N, block_n),)](
+            grad_mean if grad_mean is not None else M, grad_sums, out, M, target,
+            sample if sample is not None else out, valid_u8 if valid_u8 is not None else out,
+            center if center is not None else M, mean, grad_out, N, B, K, max(P, 1),
+            D=d, GRAPH=sample is not None, HAS_VALID=valid is not None, HAS_CENTER=center is not None,
+            HAS_GRAD_MEAN=grad_mean is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        )
+    return grad_out
