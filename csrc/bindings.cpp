@@ -3,13 +3,16 @@
 // wrong ones raise ValueError naming the argument, what it got and what was expected.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "philox.cuh"
@@ -124,6 +127,427 @@ void random_rotations_cuda(Array out, uint64_t seed, uint64_t offset, bool impro
 }
 #endif
 
+// --- the row contract (fastequiv/ops/_rows.py) -------------------------------------------
+
+using OptArray = std::optional<Array>;
+
+// Where the arrays of one call must live, and which element types its kernels read.
+struct Target {
+    int device_type;
+    const char* device_name;
+    bool half_types;  // the CUDA kernels read float16/bfloat16; the CPU ones do not
+    int device_id = -1;
+
+    void on_device(const Array& a, const char* name) {
+        if (a.device_type() != device_type) {
+            throw nb::value_error((std::string(name) + ": expected an array on the " + device_name +
+                                   " (DLPack device type " + std::to_string(device_type) +
+                                   "), got DLPack device type " + std::to_string(a.device_type()))
+                                      .c_str());
+        }
+        if (device_type != nb::device::cpu::value) {
+            if (device_id < 0) device_id = a.device_id();
+            if (a.device_id() != device_id) {
+                throw nb::value_error((std::string(name) + ": expected an array on device " +
+                                       std::to_string(device_id) + " (as the other arrays), got device " +
+                                       std::to_string(a.device_id()))
+                                          .c_str());
+            }
+        }
+    }
+};
+
+fastequiv::Dtype float_dtype(const Array& a, const char* name, bool half_types) {
+    const auto dt = a.dtype();
+    if (dt == nb::dtype<float>()) return fastequiv::Dtype::f32;
+    if (dt == nb::dtype<double>()) return fastequiv::Dtype::f64;
+    if (half_types && dt.bits == 16) {
+        if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)) return fastequiv::Dtype::f16;
+        if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat)) return fastequiv::Dtype::bf16;
+    }
+    throw nb::value_error((std::string(name) + ": expected dtype " +
+                           (half_types ? "float16, bfloat16, float32 or float64" : "float32 or float64") +
+                           ", got " + describe_dtype(dt))
+                              .c_str());
+}
+
+// `a` must have shape `want` (named `labels`, e.g. "(K, N, d)") and be C-contiguous.
+void check_array(const Array& a, const char* name, const char* labels, const std::vector<int64_t>& want) {
+    bool ok = a.ndim() == want.size();
+    for (size_t i = 0; ok && i < want.size(); ++i) ok = static_cast<int64_t>(a.shape(i)) == want[i];
+    if (!ok) {
+        std::string w = "(";
+        for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+        w += want.size() == 1 ? ",)" : ")";
+        throw nb::value_error((std::string(name) + ": expected shape " + labels + " = " + w + ", got " +
+                               describe_shape(a))
+                                  .c_str());
+    }
+    int64_t expected = 1;
+    bool empty = false;
+    for (size_t i = 0; i < a.ndim(); ++i) empty |= a.shape(i) == 0;
+    for (size_t i = a.ndim(); i-- > 0 && !empty;) {
+        if (a.shape(i) != 1 && a.stride(i) != expected) {
+            throw nb::value_error((std::string(name) + ": expected a C-contiguous array").c_str());
+        }
+        expected *= static_cast<int64_t>(a.shape(i));
+    }
+}
+
+void check_dtype(const Array& a, const char* name, fastequiv::Dtype want, fastequiv::Dtype got,
+                 const char* why) {
+    if (want != got) {
+        throw nb::value_error((std::string(name) + ": expected the dtype of " + why + ", got " +
+                               describe_dtype(a.dtype()))
+                                  .c_str());
+    }
+}
+
+// The (K, B, d, d) matrices fix K, B, d and the accumulation dtype of a call.
+struct Blocks {
+    int64_t K, B;
+    int d;
+    fastequiv::Dtype acc;
+};
+
+Blocks check_matrices(Target& t, const Array& M) {
+    t.on_device(M, "M");
+    if (M.ndim() != 4 || M.shape(2) != M.shape(3)) {
+        throw nb::value_error(("M: expected shape (K, B, d, d), got " + describe_shape(M)).c_str());
+    }
+    const fastequiv::Dtype acc = float_dtype(M, "M", false);
+    Blocks b{static_cast<int64_t>(M.shape(0)), static_cast<int64_t>(M.shape(1)), static_cast<int>(M.shape(2)), acc};
+    check_array(M, "M", "(K, B, d, d)", {b.K, b.B, b.d, b.d});
+    return b;
+}
+
+// The sample of each of the N rows: the int64 array `sample` (graph layout), or r // P
+// (dense layout, sample None, P >= 1, every row in one of the B samples).
+fastequiv::RowLayout check_layout(Target& t, const Blocks& b, int64_t N, const OptArray& sample, int64_t P) {
+    fastequiv::RowLayout L{nullptr, P, b.K, N, b.B, b.d};
+    if (sample) {
+        t.on_device(*sample, "sample");
+        if (sample->dtype() != nb::dtype<int64_t>()) {
+            throw nb::value_error(("sample: expected dtype int64, got " + describe_dtype(sample->dtype())).c_str());
+        }
+        check_array(*sample, "sample", "(N,)", {N});
+        L.sample = static_cast<const int64_t*>(sample->data());
+        L.P = 0;
+    } else {
+        if (P < 1) {
+            throw nb::value_error(("P: expected P >= 1 rows per sample in the dense layout (sample None), got " +
+                                   std::to_string(P))
+                                      .c_str());
+        }
+        if (N > 0 && (N - 1) / P >= b.B) {
+            throw nb::value_error(("P: " + std::to_string(N) + " rows of " + std::to_string(P) +
+                                   " per sample need more than B = " + std::to_string(b.B) + " samples")
+                                      .c_str());
+        }
+    }
+    return L;
+}
+
+const uint8_t* check_valid(Target& t, const OptArray& valid, int64_t N) {
+    if (!valid) return nullptr;
+    t.on_device(*valid, "valid");
+    if (valid->dtype() != nb::dtype<bool>()) {
+        throw nb::value_error(("valid: expected dtype bool, got " + describe_dtype(valid->dtype())).c_str());
+    }
+    check_array(*valid, "valid", "(N,)", {N});
+    return static_cast<const uint8_t*>(valid->data());
+}
+
+// An array in the accumulation dtype with the given shape.
+const void* check_acc(Target& t, const Array& a, const char* name, const char* labels,
+                      const std::vector<int64_t>& want, fastequiv::Dtype acc) {
+    t.on_device(a, name);
+    check_dtype(a, name, acc, float_dtype(a, name, false), "M (the accumulation dtype)");
+    check_array(a, name, labels, want);
+    return a.data();
+}
+
+// The CPU kernels report bad argument values (an out-of-range sample index) as
+// "name: ..." messages: ValueError at this boundary.
+void raise_if(const char* err) {
+    if (err) throw nb::value_error(err);
+}
+
+fastequiv::RotateRowsArgs rotate_rows_args(Target& t, const Array& x, const Array& M, const OptArray& sample,
+                                           int64_t P, const Array& center, const Array& out) {
+    const Blocks b = check_matrices(t, M);
+    t.on_device(x, "x");
+    if (x.ndim() != 2) throw nb::value_error(("x: expected shape (N, d), got " + describe_shape(x)).c_str());
+    const int64_t N = static_cast<int64_t>(x.shape(0));
+    fastequiv::RotateRowsArgs a;
+    a.rows = check_layout(t, b, N, sample, P);
+    a.x_type = float_dtype(x, "x", t.half_types);
+    a.acc_type = b.acc;
+    check_array(x, "x", "(N, d)", {N, b.d});
+    a.x = x.data();
+    a.M = M.data();
+    a.center = check_acc(t, center, "center", "(B, d)", {b.B, b.d}, b.acc);
+    t.on_device(out, "out");
+    check_dtype(out, "out", a.x_type, float_dtype(out, "out", t.half_types), "x");
+    check_array(out, "out", "(K, N, d)", {b.K, N, b.d});
+    a.out = out.data();
+    return a;
+}
+
+fastequiv::RotateRowsBackwardArgs rotate_rows_backward_args(Target& t, const Array& grad, const Array& M,
+                                                            const OptArray& sample, int64_t P, const Array& out) {
+    const Blocks b = check_matrices(t, M);
+    t.on_device(grad, "grad");
+    if (grad.ndim() != 3) {
+        throw nb::value_error(("grad: expected shape (K, N, d), got " + describe_shape(grad)).c_str());
+    }
+    const int64_t N = static_cast<int64_t>(grad.shape(1));
+    fastequiv::RotateRowsBackwardArgs a;
+    a.rows = check_layout(t, b, N, sample, P);
+    a.grad_type = float_dtype(grad, "grad", t.half_types);
+    a.acc_type = b.acc;
+    check_array(grad, "grad", "(K, N, d)", {b.K, N, b.d});
+    a.grad = grad.data();
+    a.M = M.data();
+    a.out = const_cast<void*>(check_acc(t, out, "out", "(N, d)", {N, b.d}, b.acc));
+    return a;
+}
+
+// The arguments shared by reduce_rows and its backward.
+template <typename Args>
+void reduce_common(Target& t, Args& a, const Array& out, const Array& M, const Array& target,
+                   const OptArray& sample, int64_t P, const OptArray& valid, const Array& center, Blocks& b) {
+    b = check_matrices(t, M);
+    t.on_device(out, "out");
+    if (out.ndim() != 3) throw nb::value_error(("out: expected shape (K, N, d), got " + describe_shape(out)).c_str());
+    const int64_t N = static_cast<int64_t>(out.shape(1));
+    a.rows = check_layout(t, b, N, sample, P);
+    a.out_type = float_dtype(out, "out", t.half_types);
+    a.acc_type = b.acc;
+    check_array(out, "out", "(K, N, d)", {b.K, N, b.d});
+    t.on_device(target, "target");
+    a.target_type = float_dtype(target, "target", t.half_types);
+    check_array(target, "target", "(N, d)", {N, b.d});
+    a.out = out.data();
+    a.M = M.data();
+    a.target = target.data();
+    a.valid = check_valid(t, valid, N);
+    a.center = check_acc(t, center, "center", "(K, B, d)", {b.K, b.B, b.d}, b.acc);
+}
+
+fastequiv::ReduceRowsArgs reduce_rows_args(Target& t, const Array& out, const Array& M, const Array& target,
+                                           const OptArray& sample, int64_t P, const OptArray& valid,
+                                           const Array& center, const Array& mean, const Array& sums) {
+    fastequiv::ReduceRowsArgs a;
+    Blocks b;
+    reduce_common(t, a, out, M, target, sample, P, valid, center, b);
+    const int64_t N = a.rows.N;
+    a.mean = const_cast<void*>(check_acc(t, mean, "mean", "(N, d)", {N, b.d}, b.acc));
+    a.sums = const_cast<void*>(check_acc(t, sums, "sums", "(3, B)", {3, b.B}, b.acc));
+    return a;
+}
+
+fastequiv::ReduceRowsBackwardArgs reduce_rows_backward_args(Target& t, const OptArray& grad_mean,
+                                                            const Array& grad_sums, const Array& out,
+                                                            const Array& M, const Array& target,
+                                                            const OptArray& sample, int64_t P,
+                                                            const OptArray& valid, const Array& center,
+                                                            const Array& mean, const Array& grad_out) {
+    fastequiv::ReduceRowsBackwardArgs a;
+    Blocks b;
+    reduce_common(t, a, out, M, target, sample, P, valid, center, b);
+    const int64_t N = a.rows.N;
+    a.grad_mean = grad_mean ? check_acc(t, *grad_mean, "grad_mean", "(N, d)", {N, b.d}, b.acc) : nullptr;
+    a.grad_sums = check_acc(t, grad_sums, "grad_sums", "(3, B)", {3, b.B}, b.acc);
+    a.mean = check_acc(t, mean, "mean", "(N, d)", {N, b.d}, b.acc);
+    t.on_device(grad_out, "grad_out");
+    check_dtype(grad_out, "grad_out", a.out_type, float_dtype(grad_out, "grad_out", t.half_types), "out");
+    check_array(grad_out, "grad_out", "(K, N, d)", {b.K, N, b.d});
+    a.grad_out = grad_out.data();
+    a.work = nullptr;
+    return a;
+}
+
+fastequiv::WignerBlocksArgs wigner_blocks_args(Target& t, const Array& R, int lmax, const Array& term_index,
+                                               const Array& term_coef, const Array& term_start,
+                                               const Array& out) {
+    if (lmax < 0) throw nb::value_error(("lmax: expected lmax >= 0, got " + std::to_string(lmax)).c_str());
+    t.on_device(R, "R");
+    if (R.ndim() != 3) throw nb::value_error(("R: expected shape (n, 3, 3), got " + describe_shape(R)).c_str());
+    fastequiv::WignerBlocksArgs a;
+    a.n = static_cast<int64_t>(R.shape(0));
+    a.type = float_dtype(R, "R", false);
+    a.lmax = lmax;
+    check_array(R, "R", "(n, 3, 3)", {a.n, 3, 3});
+    for (const auto* idx : {&term_index, &term_start}) {
+        const char* name = idx == &term_index ? "term_index" : "term_start";
+        t.on_device(*idx, name);
+        if (idx->dtype() != nb::dtype<int32_t>()) {
+            throw nb::value_error((std::string(name) + ": expected dtype int32, got " + describe_dtype(idx->dtype())).c_str());
+        }
+    }
+    check_array(term_start, "term_start", "(lmax + 2,)", {lmax + 2});
+    if (term_index.ndim() != 2) {
+        throw nb::value_error(("term_index: expected shape (T, 3), got " + describe_shape(term_index)).c_str());
+    }
+    const int64_t T = static_cast<int64_t>(term_index.shape(0));
+    check_array(term_index, "term_index", "(T, 3)", {T, 3});
+    t.on_device(term_coef, "term_coef");
+    check_dtype(term_coef, "term_coef", a.type, float_dtype(term_coef, "term_coef", false), "R");
+    check_array(term_coef, "term_coef", "(T,)", {T});
+    const int64_t S = (lmax + 1) * (2 * lmax + 1) * (2 * lmax + 3) / 3;
+    t.on_device(out, "out");
+    check_dtype(out, "out", a.type, float_dtype(out, "out", false), "R");
+    check_array(out, "out", "(n, S)", {a.n, S});
+    a.R = R.data();
+    a.term_index = static_cast<const int32_t*>(term_index.data());
+    a.term_coef = term_coef.data();
+    a.term_start = static_cast<const int32_t*>(term_start.data());
+    a.out = out.data();
+    return a;
+}
+
+Target cpu_target() { return Target{nb::device::cpu::value, "CPU", false}; }
+
+void rotate_rows_cpu(Array x, Array M, OptArray sample, int64_t P, Array center, Array out) {
+    Target t = cpu_target();
+    const auto a = rotate_rows_args(t, x, M, sample, P, center, out);
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = fastequiv::rotate_rows_cpu(a);
+    }
+    raise_if(err);
+}
+
+void rotate_rows_backward_cpu(Array grad, Array M, OptArray sample, int64_t P, Array out) {
+    Target t = cpu_target();
+    const auto a = rotate_rows_backward_args(t, grad, M, sample, P, out);
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = fastequiv::rotate_rows_backward_cpu(a);
+    }
+    raise_if(err);
+}
+
+void reduce_rows_cpu(Array out, Array M, Array target, OptArray sample, int64_t P, OptArray valid, Array center,
+                     Array mean, Array sums) {
+    Target t = cpu_target();
+    const auto a = reduce_rows_args(t, out, M, target, sample, P, valid, center, mean, sums);
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = fastequiv::reduce_rows_cpu(a);
+    }
+    raise_if(err);
+}
+
+void reduce_rows_backward_cpu(OptArray grad_mean, Array grad_sums, Array out, Array M, Array target,
+                              OptArray sample, int64_t P, OptArray valid, Array center, Array mean,
+                              Array grad_out) {
+    Target t = cpu_target();
+    const auto a = reduce_rows_backward_args(t, grad_mean, grad_sums, out, M, target, sample, P, valid, center,
+                                             mean, grad_out);
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = fastequiv::reduce_rows_backward_cpu(a);
+    }
+    raise_if(err);
+}
+
+void wigner_blocks_cpu(Array R, int lmax, Array term_index, Array term_coef, Array term_start, Array out) {
+    Target t = cpu_target();
+    const auto a = wigner_blocks_args(t, R, lmax, term_index, term_coef, term_start, out);
+    nb::gil_scoped_release release;
+    fastequiv::wigner_blocks_cpu(a);
+}
+
+#if defined(FASTEQUIV_WITH_CUDA)
+Target cuda_target() { return Target{nb::device::cuda::value, "CUDA device", true}; }
+
+// Runs a launcher without the GIL and turns its error string into an exception.
+template <typename Args, typename Launch>
+void launch_cuda(const Args& a, int device, uintptr_t stream, Launch launch, const char* what) {
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = launch(a, device, reinterpret_cast<void*>(stream));
+    }
+    if (err) throw std::runtime_error(std::string(what) + ": " + err);
+}
+
+void rotate_rows_cuda(Array x, Array M, OptArray sample, int64_t P, Array center, Array out, uintptr_t stream) {
+    Target t = cuda_target();
+    const auto a = rotate_rows_args(t, x, M, sample, P, center, out);
+    launch_cuda(a, t.device_id, stream, fastequiv::launch_rotate_rows, "rotate_rows_cuda");
+}
+
+void rotate_rows_backward_cuda(Array grad, Array M, OptArray sample, int64_t P, Array out, uintptr_t stream) {
+    Target t = cuda_target();
+    const auto a = rotate_rows_backward_args(t, grad, M, sample, P, out);
+    launch_cuda(a, t.device_id, stream, fastequiv::launch_rotate_rows_backward, "rotate_rows_backward_cuda");
+}
+
+void reduce_rows_cuda(Array out, Array M, Array target, OptArray sample, int64_t P, OptArray valid, Array center,
+                      Array mean, Array sums, uintptr_t stream) {
+    Target t = cuda_target();
+    const auto a = reduce_rows_args(t, out, M, target, sample, P, valid, center, mean, sums);
+    launch_cuda(a, t.device_id, stream, fastequiv::launch_reduce_rows, "reduce_rows_cuda");
+}
+
+void reduce_rows_backward_cuda(OptArray grad_mean, Array grad_sums, Array out, Array M, Array target,
+                               OptArray sample, int64_t P, OptArray valid, Array center, Array mean,
+                               Array grad_out, OptArray work, uintptr_t stream) {
+    Target t = cuda_target();
+    auto a = reduce_rows_backward_args(t, grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean,
+                                       grad_out);
+    const int d = a.rows.d;
+    if (d != 1 && d != 3) {
+        if (!work) throw nb::value_error("work: expected an (N, d) scratch array in the accumulation dtype for d not 1 or 3, got None");
+        a.work = const_cast<void*>(check_acc(t, *work, "work", "(N, d)", {a.rows.N, d}, a.acc_type));
+    }
+    launch_cuda(a, t.device_id, stream, fastequiv::launch_reduce_rows_backward, "reduce_rows_backward_cuda");
+}
+
+void wigner_blocks_cuda(Array R, int lmax, Array term_index, Array term_coef, Array term_start, Array out,
+                        uintptr_t stream) {
+    Target t = cuda_target();
+    const auto a = wigner_blocks_args(t, R, lmax, term_index, term_coef, term_start, out);
+    launch_cuda(a, t.device_id, stream, fastequiv::launch_wigner_blocks, "wigner_blocks_cuda");
+}
+
+// Rotations offset .. offset + n - 1 of the stream keyed by the int64 0-dim device array
+// `seed`, read by the kernel (no host sync).
+void random_rotations_seeded_cuda(Array out, Array seed, uint64_t offset, bool improper, uintptr_t stream) {
+    check_rotations_out(out, nb::device::cuda::value, "CUDA device");
+    Target t = cuda_target();
+    t.on_device(out, "out");
+    t.on_device(seed, "seed");
+    if (seed.dtype() != nb::dtype<int64_t>() || seed.ndim() != 0) {
+        throw nb::value_error(("seed: expected a 0-dim int64 array, got " + describe_dtype(seed.dtype()) + " " +
+                               describe_shape(seed))
+                                  .c_str());
+    }
+    const int64_t n = static_cast<int64_t>(out.shape(0));
+    const auto* s = static_cast<const int64_t*>(seed.data());
+    void* st = reinterpret_cast<void*>(stream);
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        if (out.dtype() == nb::dtype<float>()) {
+            err = fastequiv::launch_random_rotations_seeded(static_cast<float*>(out.data()), n, s, offset, improper,
+                                                            t.device_id, st);
+        } else {
+            err = fastequiv::launch_random_rotations_seeded(static_cast<double*>(out.data()), n, s, offset,
+                                                            improper, t.device_id, st);
+        }
+    }
+    if (err) throw std::runtime_error(std::string("random_rotations_seeded_cuda: ") + err);
+}
+#endif
+
 // "80;90" (CMAKE_CUDA_ARCHITECTURES) -> ["80", "90"].
 nb::list cuda_archs() {
     nb::list archs;
@@ -197,5 +621,53 @@ NB_MODULE(_C, m) {
           "As random_rotations_cpu, for a CUDA array (e.g. a torch CUDA tensor via DLPack), "
           "launched on `stream` (a cudaStream_t as an int, e.g. "
           "torch.cuda.current_stream().cuda_stream); asynchronous.");
+#endif
+
+    // The row contract (fastequiv/ops/_rows.py). Outputs are preallocated, C-contiguous;
+    // `center` is always given (zeros for none); M (K, B, d, d) sets the accumulation
+    // dtype, which center, mean, sums, grad_mean and grad_sums share.
+    m.def("rotate_rows_cpu", &rotate_rows_cpu, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),
+          nb::arg("P"), nb::arg("center"), nb::arg("out"),
+          "out[k, r] = M[k, s] (x[r] - center[s]) + center[s] with s the sample of row r "
+          "(sample[r], or r // P when sample is None); x, out float32/float64.");
+    m.def("rotate_rows_backward_cpu", &rotate_rows_backward_cpu, nb::arg("grad"), nb::arg("M"),
+          nb::arg("sample").none(), nb::arg("P"), nb::arg("out"),
+          "out[r] = sum_k M[k, s]^T grad[k, r] (N, d) in M's dtype.");
+    m.def("reduce_rows_cpu", &reduce_rows_cpu, nb::arg("out"), nb::arg("M"), nb::arg("target"),
+          nb::arg("sample").none(), nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"),
+          nb::arg("sums"),
+          "Back-rotate the K copies `out` (K, N, d) and write the twirled mean (N, d) and the per-sample "
+          "sums (3, B) = (total, bias, spread) of the valid rows (sums is overwritten).");
+    m.def("reduce_rows_backward_cpu", &reduce_rows_backward_cpu, nb::arg("grad_mean").none(),
+          nb::arg("grad_sums"), nb::arg("out"), nb::arg("M"), nb::arg("target"), nb::arg("sample").none(),
+          nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"), nb::arg("grad_out"),
+          "Gradient of reduce_rows with respect to `out`, written to grad_out (K, N, d) in out's dtype.");
+    m.def("wigner_blocks_cpu", &wigner_blocks_cpu, nb::arg("R"), nb::arg("lmax"), nb::arg("term_index"),
+          nb::arg("term_coef"), nb::arg("term_start"), nb::arg("out"),
+          "Packed Wigner-D blocks D_0 .. D_lmax (e3nn basis) of proper rotations R (n, 3, 3) into out (n, S), "
+          "from the Ivanic-Ruedenberg term table (see kernels/wigner.cuh).");
+#if defined(FASTEQUIV_WITH_CUDA)
+    m.def("rotate_rows_cuda", &rotate_rows_cuda, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),
+          nb::arg("P"), nb::arg("center"), nb::arg("out"), nb::arg("stream") = 0,
+          "As rotate_rows_cpu on CUDA arrays (x also float16/bfloat16), launched on `stream`.");
+    m.def("rotate_rows_backward_cuda", &rotate_rows_backward_cuda, nb::arg("grad"), nb::arg("M"),
+          nb::arg("sample").none(), nb::arg("P"), nb::arg("out"), nb::arg("stream") = 0,
+          "As rotate_rows_backward_cpu on CUDA arrays, launched on `stream`.");
+    m.def("reduce_rows_cuda", &reduce_rows_cuda, nb::arg("out"), nb::arg("M"), nb::arg("target"),
+          nb::arg("sample").none(), nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"),
+          nb::arg("sums"), nb::arg("stream") = 0,
+          "As reduce_rows_cpu on CUDA arrays; `sums` must be zero on entry (the kernel adds to it).");
+    m.def("reduce_rows_backward_cuda", &reduce_rows_backward_cuda, nb::arg("grad_mean").none(),
+          nb::arg("grad_sums"), nb::arg("out"), nb::arg("M"), nb::arg("target"), nb::arg("sample").none(),
+          nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"), nb::arg("grad_out"),
+          nb::arg("work").none() = nb::none(), nb::arg("stream") = 0,
+          "As reduce_rows_backward_cpu on CUDA arrays; for d not 1 or 3, `work` is an (N, d) scratch array.");
+    m.def("wigner_blocks_cuda", &wigner_blocks_cuda, nb::arg("R"), nb::arg("lmax"), nb::arg("term_index"),
+          nb::arg("term_coef"), nb::arg("term_start"), nb::arg("out"), nb::arg("stream") = 0,
+          "As wigner_blocks_cpu on CUDA arrays, launched on `stream`.");
+    m.def("random_rotations_seeded_cuda", &random_rotations_seeded_cuda, nb::arg("out"), nb::arg("seed"),
+          nb::arg("offset") = 0, nb::arg("improper") = false, nb::arg("stream") = 0,
+          "As random_rotations_cuda, with the seed read by the kernel from the 0-dim int64 CUDA array `seed` "
+          "(no host sync: capturable in a CUDA graph).");
 #endif
 }

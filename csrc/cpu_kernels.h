@@ -4,10 +4,20 @@
 
 #include <cstdint>
 
+#include "rows.h"
+
 namespace fastequiv {
 
 // out[9j .. 9j+9) = rotation number offset + j of the stream `seed` (row-major 3x3).
 template <typename T>
 void random_rotations_cpu(T* out, int64_t n, uint64_t seed, uint64_t offset, bool improper);
+
+// The row contract (fastequiv/ops/_rows.py) on the CPU, for f32/f64 arrays. Each returns
+// nullptr on success or a message naming the bad argument (an out-of-range sample index).
+const char* rotate_rows_cpu(const RotateRowsArgs& args);
+const char* rotate_rows_backward_cpu(const RotateRowsBackwardArgs& args);
+const char* reduce_rows_cpu(const ReduceRowsArgs& args);
+const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& args);
+void wigner_blocks_cpu(const WignerBlocksArgs& args);
 
 }  // namespace fastequiv

@@ -32,6 +32,18 @@ extern "C" __global__ void fe_random_rotations_f64(double* out, long long n,
     random_rotations_body<double>(out, n, seed, offset, improper);
 }
 
+// The same, keyed by the int64 seed at `seed` in device memory: no host sync, so the launch
+// can be captured in a CUDA graph and replayed with whatever seed the array then holds.
+extern "C" __global__ void fe_random_rotations_seeded_f32(float* out, long long n, const long long* seed,
+                                                          unsigned long long offset, bool improper) {
+    random_rotations_body<float>(out, n, static_cast<unsigned long long>(*seed), offset, improper);
+}
+
+extern "C" __global__ void fe_random_rotations_seeded_f64(double* out, long long n, const long long* seed,
+                                                          unsigned long long offset, bool improper) {
+    random_rotations_body<double>(out, n, static_cast<unsigned long long>(*seed), offset, improper);
+}
+
 #if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
 
@@ -67,9 +79,34 @@ const char* launch(Kernel kernel, T* out, int64_t n, uint64_t seed, uint64_t off
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+template <typename T, typename Kernel>
+const char* launch_seeded(Kernel kernel, T* out, int64_t n, const int64_t* seed, uint64_t offset,
+                          bool improper, int device, void* stream) {
+    if (n == 0) return nullptr;
+    DeviceGuard guard(device);
+    const int threads = 256;
+    const long long wanted = (n + threads - 1) / threads;
+    const int blocks = static_cast<int>(wanted < 65535 * 32 ? wanted : 65535 * 32);
+    kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        out, static_cast<long long>(n), reinterpret_cast<const long long*>(seed),
+        static_cast<unsigned long long>(offset), improper);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 }  // namespace
 
 namespace fastequiv {
+
+const char* launch_random_rotations_seeded(float* out, int64_t n, const int64_t* seed, uint64_t offset,
+                                           bool improper, int device, void* stream) {
+    return launch_seeded(fe_random_rotations_seeded_f32, out, n, seed, offset, improper, device, stream);
+}
+
+const char* launch_random_rotations_seeded(double* out, int64_t n, const int64_t* seed, uint64_t offset,
+                                           bool improper, int device, void* stream) {
+    return launch_seeded(fe_random_rotations_seeded_f64, out, n, seed, offset, improper, device, stream);
+}
 
 const char* launch_random_rotations(float* out, int64_t n, uint64_t seed, uint64_t offset,
                                     bool improper, int device, void* stream) {

@@ -1,0 +1,248 @@
+// CPU kernels of the row contract: rotate_rows, rotate_rows_backward, reduce_rows and
+// reduce_rows_backward. Each loops over rows (OpenMP, static schedule) and calls the
+// per-row functions of kernels/twirl_math.cuh that the CUDA kernels call, with the row
+// size fixed at compile time for d = 1 and d = 3.
+//
+// reduce_rows sums per sample: every thread adds its rows into its own (3, B) partial
+// sums (in double), then the partials are added in thread order, so the result does not
+// depend on timing.
+#include <algorithm>
+#include <vector>
+
+#if defined(FASTEQUIV_OPENMP)
+#include <omp.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "twirl_math.cuh"
+
+namespace fastequiv {
+namespace {
+
+int max_threads() {
+#if defined(FASTEQUIV_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int thread_id() {
+#if defined(FASTEQUIV_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// Below this many elements the threads cost more than they save.
+constexpr int64_t kParallelElements = 1 << 15;
+
+// Calls fn(float{}) or fn(double{}) for an f32 or f64 array.
+template <typename Fn>
+void with_float_type(Dtype t, Fn&& fn) {
+    if (t == Dtype::f64) {
+        fn(double{});
+    } else {
+        fn(float{});
+    }
+}
+
+// Calls fn(std::integral_constant<int, D>) with D = d for d = 1 or 3, else D = 0 (run time).
+template <int D>
+struct RowDim {
+    static constexpr int value = D;
+};
+template <typename Fn>
+void with_row_dim(int d, Fn&& fn) {
+    if (d == 3) {
+        fn(RowDim<3>{});
+    } else if (d == 1) {
+        fn(RowDim<1>{});
+    } else {
+        fn(RowDim<0>{});
+    }
+}
+
+const char* check_sample_indices(const RowLayout& L) {
+    if (!L.sample) return nullptr;
+    int64_t bad = 0;
+    const bool parallel = L.N >= kParallelElements;
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (parallel)
+#endif
+    for (int64_t r = 0; r < L.N; ++r) bad += (L.sample[r] < 0) | (L.sample[r] >= L.B);
+    (void)parallel;
+    return bad ? "sample: expected every index in [0, B) (B = M.shape[1])" : nullptr;
+}
+
+template <int D, typename TX, typename Acc>
+void rotate_rows_impl(const RotateRowsArgs& a) {
+    const RowLayout L = a.rows;
+    const int d = L.d;
+    const TX* x = static_cast<const TX*>(a.x);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    const Acc* c = static_cast<const Acc*>(a.center);
+    TX* out = static_cast<TX*>(a.out);
+    const bool parallel = L.K * L.N * d >= kParallelElements;
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+    for (int64_t r = 0; r < L.N; ++r) {
+        const int64_t s = row_sample(r, L.sample, L.P);
+        for (int64_t k = 0; k < L.K; ++k) {
+            rotate_row<D>(x + r * d, M + (k * L.B + s) * d * d, c + s * d, d, out + (k * L.N + r) * d);
+        }
+    }
+    (void)parallel;
+}
+
+template <int D, typename TG, typename Acc>
+void rotate_rows_backward_impl(const RotateRowsBackwardArgs& a) {
+    const RowLayout L = a.rows;
+    const int d = L.d;
+    const TG* grad = static_cast<const TG*>(a.grad);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    Acc* out = static_cast<Acc*>(a.out);
+    const bool parallel = L.K * L.N * d >= kParallelElements;
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+    for (int64_t r = 0; r < L.N; ++r) {
+        const int64_t s = row_sample(r, L.sample, L.P);
+        rotate_row_backward<D>(grad + r * d, L.N * d, M + s * d * d, L.B * d * d, static_cast<int>(L.K), d,
+                               out + r * d);
+    }
+    (void)parallel;
+}
+
+template <int D, typename TO, typename TY, typename Acc>
+void reduce_rows_impl(const ReduceRowsArgs& a) {
+    const RowLayout L = a.rows;
+    const int d = L.d;
+    const int64_t B = L.B;
+    const TO* out = static_cast<const TO*>(a.out);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    const TY* y = static_cast<const TY*>(a.target);
+    const Acc* c = static_cast<const Acc*>(a.center);
+    Acc* mean = static_cast<Acc*>(a.mean);
+    Acc* sums = static_cast<Acc*>(a.sums);
+    const bool parallel = L.K * L.N * d >= kParallelElements;
+    const int nt = parallel ? max_threads() : 1;
+    std::vector<double> partial(static_cast<size_t>(nt) * 3 * B, 0.0);
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel num_threads(nt) if (parallel)
+#endif
+    {
+        double* local = partial.data() + static_cast<size_t>(thread_id()) * 3 * B;
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < L.N; ++r) {
+            const int64_t s = row_sample(r, L.sample, L.P);
+            Acc terms[3];
+            reduce_row<D>(out + r * d, L.N * d, M + s * d * d, B * d * d, c + s * d, B * d, y + r * d,
+                          static_cast<int>(L.K), d, mean + r * d, terms);
+            if (!a.valid || a.valid[r]) {
+                local[s] += terms[0];
+                local[B + s] += terms[1];
+                local[2 * B + s] += terms[2];
+            }
+        }
+    }
+    for (int64_t q = 0; q < 3 * B; ++q) {
+        double v = 0.0;
+        for (int t = 0; t < nt; ++t) v += partial[static_cast<size_t>(t) * 3 * B + q];
+        sums[q] = static_cast<Acc>(v);
+    }
+}
+
+template <int D, typename TO, typename TY, typename Acc>
+void reduce_rows_backward_impl(const ReduceRowsBackwardArgs& a) {
+    const RowLayout L = a.rows;
+    const int d = L.d;
+    const int64_t B = L.B;
+    const TO* out = static_cast<const TO*>(a.out);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    const TY* y = static_cast<const TY*>(a.target);
+    const Acc* c = static_cast<const Acc*>(a.center);
+    const Acc* mean = static_cast<const Acc*>(a.mean);
+    const Acc* gm = static_cast<const Acc*>(a.grad_mean);
+    const Acc* gs = static_cast<const Acc*>(a.grad_sums);
+    TO* go = static_cast<TO*>(a.grad_out);
+    const bool parallel = L.K * L.N * d >= kParallelElements;
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel if (parallel)
+#endif
+    {
+        std::vector<Acc> work(D > 0 ? 1 : d);
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < L.N; ++r) {
+            const int64_t s = row_sample(r, L.sample, L.P);
+            const bool ok = !a.valid || a.valid[r];
+            const Acc g0 = ok ? gs[s] : Acc(0), g1 = ok ? gs[B + s] : Acc(0), g2 = ok ? gs[2 * B + s] : Acc(0);
+            reduce_row_backward<D>(out + r * d, L.N * d, M + s * d * d, B * d * d, c + s * d, B * d, y + r * d,
+                                   mean + r * d, gm ? gm + r * d : nullptr, g0, g1, g2, static_cast<int>(L.K), d,
+                                   work.data(), go + r * d);
+        }
+    }
+    (void)parallel;
+}
+
+}  // namespace
+
+const char* rotate_rows_cpu(const RotateRowsArgs& a) {
+    if (const char* err = check_sample_indices(a.rows)) return err;
+    with_float_type(a.x_type, [&](auto tx) {
+        with_float_type(a.acc_type, [&](auto acc) {
+            with_row_dim(a.rows.d, [&](auto D) {
+                rotate_rows_impl<decltype(D)::value, decltype(tx), decltype(acc)>(a);
+            });
+        });
+    });
+    return nullptr;
+}
+
+const char* rotate_rows_backward_cpu(const RotateRowsBackwardArgs& a) {
+    if (const char* err = check_sample_indices(a.rows)) return err;
+    with_float_type(a.grad_type, [&](auto tg) {
+        with_float_type(a.acc_type, [&](auto acc) {
+            with_row_dim(a.rows.d, [&](auto D) {
+                rotate_rows_backward_impl<decltype(D)::value, decltype(tg), decltype(acc)>(a);
+            });
+        });
+    });
+    return nullptr;
+}
+
+const char* reduce_rows_cpu(const ReduceRowsArgs& a) {
+    if (const char* err = check_sample_indices(a.rows)) return err;
+    with_float_type(a.out_type, [&](auto to) {
+        with_float_type(a.target_type, [&](auto ty) {
+            with_float_type(a.acc_type, [&](auto acc) {
+                with_row_dim(a.rows.d, [&](auto D) {
+                    reduce_rows_impl<decltype(D)::value, decltype(to), decltype(ty), decltype(acc)>(a);
+                });
+            });
+        });
+    });
+    return nullptr;
+}
+
+const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& a) {
+    if (const char* err = check_sample_indices(a.rows)) return err;
+    with_float_type(a.out_type, [&](auto to) {
+        with_float_type(a.target_type, [&](auto ty) {
+            with_float_type(a.acc_type, [&](auto acc) {
+                with_row_dim(a.rows.d, [&](auto D) {
+                    reduce_rows_backward_impl<decltype(D)::value, decltype(to), decltype(ty), decltype(acc)>(a);
+                });
+            });
+        });
+    });
+    return nullptr;
+}
+
+}  // namespace fastequiv
