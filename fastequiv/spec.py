@@ -11,21 +11,24 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .graph import as_role, graph_roles
 from .groups import GROUPS
 from .reps import Rep, as_rep
 
 __all__ = ["Spec"]
 
 
-def _parse(struct, name: str):
+def _parse(struct, name: str, roles: bool = False):
+    # inputs may also name graph roles ("batch", "index", "num_graphs"): see fastequiv.graph
+    entry = (lambda v, n: as_role(v) or as_rep(v, n)) if roles else as_rep
     if isinstance(struct, dict):
         if not struct:
             raise ValueError(f"{name} is an empty dict")
-        return {k: as_rep(v, f"{name}[{k!r}]") for k, v in struct.items()}
+        return {k: entry(v, f"{name}[{k!r}]") for k, v in struct.items()}
     if isinstance(struct, (tuple, list)):
         if not struct:
             raise ValueError(f"{name} is an empty tuple")
-        return tuple(as_rep(v, f"{name}[{i}]") for i, v in enumerate(struct))
+        return tuple(entry(v, f"{name}[{i}]") for i, v in enumerate(struct))
     return as_rep(struct, name)
 
 
@@ -37,6 +40,9 @@ class Spec:
             arguments) or a dict of reps (keyword arguments). A rep is ``"scalar"``,
             ``"pseudoscalar"``, ``"vector"``, ``"pseudovector"``, ``"position"``, an
             e3nn irreps string or an ``e3nn.o3.Irreps`` (see :mod:`fastequiv.reps`).
+            A graph batch (PyG style) names its structure inputs by role instead:
+            ``"batch"`` (the graph of each node), ``"index"`` (node indices such as
+            ``edge_index``) and optionally ``"num_graphs"`` (see :mod:`fastequiv.graph`).
         output: rep(s) of the model's output, likewise: a rep, a tuple or a dict.
         group: ``"SO3"`` (default), ``"O3"``, ``"octahedral"`` or ``"icosahedral"``.
         mask: name (dict inputs) or index (tuple inputs) of an input that is the
@@ -53,7 +59,8 @@ class Spec:
     def __init__(self, inputs: Any, output: Any, *, group: str = "SO3", mask: Optional[Union[str, int]] = None):
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-        self.inputs = _parse(inputs, "spec.inputs")
+        self.inputs = _parse(inputs, "spec.inputs", roles=True)
+        self.graph = graph_roles(self.inputs)  # {} for the dense layout
         self.output = _parse(output, "spec.output")
         self.group = group
         if mask is not None:

@@ -13,12 +13,13 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from . import distributed, groups
+from . import distributed, graph, groups
 from .estimators import Decomposition, combine, decompose
 from .ops import rotate_copies, twirl_reduce
 from .ops._masks import mask_for, per_sample_sum, valid_count
 from .ops.random_rotations import random_rotations_seeded, seed_tensor
 from .ops.twirl_reduce import accumulate_dtype, back_rotate
+from .reps import Rep
 from .spec import Spec, _describe
 
 __all__ = ["equivariance_error", "twirl_loss", "Twirled"]
@@ -53,21 +54,32 @@ class _Stacked:
 
     def __init__(self, model, inputs, spec: Spec, K: int, exhaustive: bool, *, mask, seed, generator,
                  chunk_size, backend, check_finite):
+        obj = inputs if graph.is_object_input(inputs, spec) else None  # e.g. a PyG Batch
+        if obj is not None:
+            inputs = graph.object_leaves(obj, spec)
         leaves = spec.input_leaves(inputs)
-        tensors = [(n, v) for n, v, r in leaves if r is not None]
-        sizes = {n: v.shape[0] for n, v in tensors}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"every input needs the same batch size in dim 0, got {sizes}")
-        B = next(iter(sizes.values()))
-        if B == 0:
-            raise ValueError("inputs have batch size 0: there is no sample to decompose")
+        tensors = [(n, v) for n, v, r in leaves if isinstance(r, Rep)]
+        layout = graph.GraphLayout(leaves, spec.graph, obj) if spec.graph else None
+        if layout is not None:
+            if chunk_size is not None:
+                raise ValueError(f"chunk_size={chunk_size!r}: chunking supports the dense layout only, "
+                                 "not a graph batch (pass a smaller batch instead)")
+            B, rows = layout.B, layout.N
+        else:
+            sizes = {n: v.shape[0] for n, v in tensors}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(f"every input needs the same batch size in dim 0, got {sizes}")
+            B = rows = next(iter(sizes.values()))
+            if B == 0:
+                raise ValueError("inputs have batch size 0: there is no sample to decompose")
         spec_mask = spec.mask_of(inputs)
         if spec_mask is not None and mask is not None:
             raise ValueError("pass mask= or name a mask input in the Spec, not both")
         mask = spec_mask if spec_mask is not None else mask
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[0] != B:
-                raise ValueError(f"mask must be a bool tensor of shape (B={B}, ...), got {_describe(mask)}")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[0] != rows:
+                what = f"N={rows} nodes" if layout is not None else f"B={B}"
+                raise ValueError(f"mask must be a bool tensor of shape ({what}, ...), got {_describe(mask)}")
         floats = [v for _, v in tensors if v.is_floating_point()]
         device = tensors[0][1].device
         dtype = accumulate_dtype(*floats) if floats else torch.float32
@@ -82,18 +94,30 @@ class _Stacked:
         names, values = [], []
         for name, value, rep in leaves:
             names.append(name)
-            values.append(value if rep is None else rotate_copies(value, R, rep, mask, backend=backend))
-        out = _call_chunked(model, spec, names, values, K * B, chunk_size)
-        self.heads = []
+            if layout is not None:
+                values.append(layout.stack(name, value, rep, R, mask, backend, rotate_copies))
+            else:
+                values.append(value if rep is None else rotate_copies(value, R, rep, mask, backend=backend))
+        if obj is not None:
+            out = model(graph.rebuild_object(obj, dict(zip(names, values)), layout, K))
+        else:
+            out = _call_chunked(model, spec, names, values, K * B, chunk_size)
+        # per head: its output (K, rows, ...), and the batch index and mask it is reduced with
+        self.heads, self.batch_of, self.mask_of = [], {}, {}
         for name, value, rep in spec.output_leaves(out):
-            if value.shape[0] != K * B:
+            if layout is not None and value.shape[0] == K * layout.N:
+                n, self.batch_of[name], self.mask_of[name] = layout.N, layout.batch, mask
+            elif value.shape[0] == K * B:  # per sample (dense), or per graph
+                n, self.batch_of[name], self.mask_of[name] = B, None, mask if layout is None else None
+            else:
+                what = f"{K * layout.N} (per node) or {K * B} (per graph)" if layout is not None else f"{K * B}"
                 raise ValueError(
-                    f"model output {name!r} has {value.shape[0]} rows in dim 0 but the model was called on "
-                    f"{K * B} rows ({K} copies x batch {B}); the model must keep the batch size"
+                    f"model output {name!r} has {value.shape[0]} rows in dim 0 but expected {what}: the model "
+                    f"was called on {K} stacked copies of a batch of {B}; the model must keep the batch size"
                 )
             if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"model output {name!r} has non-finite values (NaN or inf) on the rotated copies")
-            self.heads.append((name, value.reshape((K, B) + tuple(value.shape[1:])), rep))
+            self.heads.append((name, value.reshape((K, n) + tuple(value.shape[1:])), rep))
         self.R, self.mask, self.K, self.B, self.exhaustive = R, mask, K, B, exhaustive
 
 
@@ -145,7 +169,7 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
             raise ValueError(f"{where} has shape {tuple(y.shape)}, but the model's output for it has shape "
                              f"{tuple(out.shape[1:])} (batch {st.B})")
         if loss == "mse":
-            s = twirl_reduce(out, st.R, y, rep, st.mask, backend=backend)
+            s = twirl_reduce(out, st.R, y, rep, st.mask_of[name], batch=st.batch_of[name], backend=backend)
             d = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
             count = s.count
         else:
@@ -170,7 +194,10 @@ def _sync(d: Decomposition, head_valid: dict, sync: bool, process_group) -> Deco
 
 
 def _jensen_gap(loss, out, st: _Stacked, y, rep, name):
-    m = mask_for(st.mask, y.shape, "target")
+    if st.batch_of[name] is not None:
+        raise ValueError(f"loss= callables support the dense layout and per-graph outputs; output {name!r} is "
+                         "per node of a graph batch (use loss='mse')")
+    m = mask_for(st.mask_of[name], y.shape, "target")
     acc = accumulate_dtype(out, y)
     a = back_rotate(out, st.R, rep, m, acc)
     y = y.to(acc)
@@ -324,7 +351,10 @@ class Twirled(nn.Module):
         self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
 
     def forward(self, *args, **kwargs):
-        if isinstance(self.spec.inputs, dict):
+        if isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs \
+                and graph.is_object_input(args[0], self.spec):
+            inputs = args[0]  # an object holding the inputs, e.g. a PyG Batch
+        elif isinstance(self.spec.inputs, dict):
             if args:
                 raise TypeError("this Twirled model's spec has dict inputs: call it with keyword arguments")
             inputs = kwargs
@@ -337,7 +367,12 @@ class Twirled(nn.Module):
                       check_finite=self.check_finite)
         means = []
         for name, out, rep in st.heads:
-            m = mask_for(st.mask, out.shape[1:], f"output {name!r}")
+            if st.batch_of[name] is not None:  # per node of a graph batch: the op's twirled mean
+                s = twirl_reduce(out, st.R, torch.zeros_like(out[0]), rep, st.mask_of[name], batch=st.batch_of[name],
+                                 backend=self.backend)
+                means.append(s.mean.to(out.dtype))
+                continue
+            m = mask_for(st.mask_of[name], out.shape[1:], f"output {name!r}")
             means.append(back_rotate(out, st.R, rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
         return self.spec.build_output(means)
 

@@ -1,0 +1,198 @@
+"""The graph layout (PyG style): flat node tensors, a batch index and edge indices.
+
+A graph batch is ``N`` nodes of ``B`` graphs in flat tensors ``(N, ...)``, with the graph
+of each node in ``batch`` ``(N,)`` (int64) and node indices such as ``edge_index``
+``(2, E)``. The spec names these inputs by role instead of a rep::
+
+    spec = fe.Spec(inputs={"pos": "position", "z": "scalar",
+                           "batch": "batch", "edge_index": "index"},
+                   output={"energy": "scalar", "forces": "vector"})
+
+======================  =============================================================
+role                    the K stacked copies (one model call)
+======================  =============================================================
+``"batch"``             ``cat_k (batch + k * B)``: copy ``k`` of graph ``b`` is graph ``k * B + b``
+``"index"``             ``cat_k (index + k * N)`` along the last dim (``(2, K * E)`` for ``edge_index``)
+``"num_graphs"``        ``K * B`` (an int, or a tensor like the input)
+======================  =============================================================
+
+Every tensor with a rep is stacked along dim 0 by its level, told by its size:
+
+* ``N`` rows: per node. Copy ``k`` of node ``i`` is row ``k * N + i``, rotated by rotation
+  number ``k * B + batch[i]``; positions turn about their graph's centroid.
+* otherwise ``B`` rows: per graph (e.g. a cell, a total charge): row ``k * B + b``.
+* otherwise ``E`` rows (the last dim of the first ``"index"`` input): per edge (e.g.
+  edge vectors), rotated with the graph of the edge's first node (``index[0]``).
+
+(If two of these sizes coincide, the first level listed wins.) Outputs are per node
+(``K * N`` rows, reduced per graph with the batch index: a graph's loss is the mean over
+its nodes' elements) or per graph (``K * B`` rows, e.g. energies). So the decomposition of
+a graph batch equals that of the same graphs padded into a dense batch with a mask,
+rotation for rotation.
+
+The number of graphs ``B`` comes from a ``"num_graphs"`` input if there is one, else
+from ``inputs.num_graphs`` for an object input (a PyG ``Batch``), else from
+``batch.max() + 1``, which copies one number to the host.
+
+Object inputs. When the inputs are one object whose attributes the spec names (a
+``torch_geometric.data.Batch``, or any object with those attributes), the model is
+called with a shallow copy (``copy.copy``) whose attributes are the stacked copies; its
+``ptr`` (``(B + 1,)`` node offsets) and ``_num_graphs`` are updated when present.
+torch_geometric is never imported.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["ROLES", "Role", "GraphLayout", "is_object_input", "object_leaves", "rebuild_object"]
+
+ROLES = ("batch", "index", "num_graphs")
+
+
+class Role:
+    """An input that describes the graph structure rather than transforming under rotations."""
+
+    dim = None
+
+    def __init__(self, kind: str):
+        if kind not in ROLES:
+            raise ValueError(f"graph role must be one of {ROLES}, got {kind!r}")
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"Role({self.kind!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Role) and other.kind == self.kind
+
+    def __hash__(self) -> int:
+        return hash(("role", self.kind))
+
+    def check(self, x, name: str) -> None:
+        if self.kind == "num_graphs":
+            if isinstance(x, bool) or not (isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1)):
+                raise ValueError(f"{name} is the number of graphs: an int or a one-element tensor, got {_describe(x)}")
+            return
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
+            raise ValueError(f"{name} is a graph {self.kind} input and must be an int64 tensor, got {_describe(x)}")
+        if self.kind == "batch" and x.dim() != 1:
+            raise ValueError(f"{name} is the batch index and must have shape (N,), got {tuple(x.shape)}")
+        if self.kind == "index" and x.dim() < 1:
+            raise ValueError(f"{name} is a node index and needs at least one dim (e.g. (2, E)), got a 0-dim tensor")
+
+
+def as_role(value) -> Optional[Role]:
+    """The role named by ``value`` (or ``value`` itself if a Role), or None if it names none."""
+    if isinstance(value, Role):
+        return value
+    return Role(value) if isinstance(value, str) and value in ROLES else None
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def graph_roles(struct) -> dict:
+    """``{"batch": name, "index": [names], "num_graphs": name}`` from parsed spec inputs ({} if none)."""
+    items = struct.items() if isinstance(struct, dict) else enumerate(struct) if isinstance(struct, tuple) else ()
+    roles: dict = {}
+    for name, r in items:
+        if isinstance(r, Role):
+            if r.kind == "index":
+                roles.setdefault("index", []).append(name)
+            elif r.kind in roles:
+                raise ValueError(f"spec.inputs names two {r.kind!r} inputs: {roles[r.kind]!r} and {name!r}")
+            else:
+                roles[r.kind] = name
+    if roles and "batch" not in roles:
+        raise ValueError(f"spec.inputs has graph inputs {roles} but no \"batch\" input (the graph of each node)")
+    return roles
+
+
+def is_object_input(inputs, spec) -> bool:
+    """An object (e.g. a PyG Batch) whose attributes are the spec's dict inputs."""
+    return (isinstance(spec.inputs, dict) and not isinstance(inputs, (dict, tuple, list, torch.Tensor))
+            and all(hasattr(inputs, k) for k in spec.inputs))
+
+
+def object_leaves(obj, spec) -> dict:
+    return {k: getattr(obj, k) for k in spec.inputs}
+
+
+def rebuild_object(obj, values: dict, layout: "GraphLayout", K: int):
+    """A shallow copy of ``obj`` holding the stacked ``values``, with ``ptr``/``_num_graphs`` updated."""
+    new = copy.copy(obj)
+    for k, v in values.items():
+        setattr(new, k, v)
+    ptr = getattr(obj, "ptr", None)
+    if isinstance(ptr, torch.Tensor) and "ptr" not in values and ptr.dim() == 1 and ptr.numel() == layout.B + 1:
+        shifted = [ptr[:-1] + k * layout.N for k in range(K)] + [ptr[-1:] + (K - 1) * layout.N]
+        setattr(new, "ptr", torch.cat(shifted))
+    if "_num_graphs" in getattr(obj, "__dict__", {}):
+        new.__dict__["_num_graphs"] = K * layout.B
+    return new
+
+
+class GraphLayout:
+    """The sizes of a graph batch and how each of its inputs is stacked (see module docs)."""
+
+    def __init__(self, leaves: list, roles: dict, obj: Any = None):
+        values = {name: value for name, value, _ in leaves}
+        self.batch = values[roles["batch"]]
+        self.N = self.batch.shape[0]
+        self.index_names = roles.get("index", [])
+        first = values[self.index_names[0]] if self.index_names else None
+        self.E = first.shape[-1] if first is not None else None
+        self.edge_batch = self.batch[first[0]] if first is not None and first.dim() == 2 and self.E else None
+        self.num_graphs_name = roles.get("num_graphs")
+        if self.num_graphs_name is not None:
+            self.B = int(values[self.num_graphs_name])
+        elif obj is not None and isinstance(getattr(obj, "num_graphs", None), int):
+            self.B = obj.num_graphs
+        elif self.N:
+            self.B = int(self.batch.max()) + 1  # one host copy; name a "num_graphs" input to avoid it
+        else:
+            self.B = 0
+        if self.B <= 0:
+            raise ValueError("the graph batch has no graph (batch size 0): there is nothing to decompose")
+
+    def level(self, rows: int, name: str) -> str:
+        if rows == self.N:
+            return "node"
+        if rows == self.B:
+            return "graph"
+        if self.E is not None and rows == self.E:
+            return "edge"
+        edges = f", E = {self.E} edges" if self.E is not None else ""
+        raise ValueError(f"{name} has {rows} rows in dim 0; a graph batch has N = {self.N} nodes, "
+                         f"B = {self.B} graphs{edges}")
+
+    def stack(self, name: str, value, rep, R: torch.Tensor, mask, backend: str, rotate_copies):
+        """The K stacked copies of one input (``rep`` a Rep or a Role, or None: passed through)."""
+        K = R.shape[0]
+        if rep is None:
+            return value
+        if isinstance(rep, Role):
+            if rep.kind == "batch":
+                return (value[None] + self.B * torch.arange(K, device=value.device)[:, None]).reshape(K * self.N)
+            if rep.kind == "index":
+                off = self.N * torch.arange(K, device=value.device).reshape((K,) + (1,) * value.dim())
+                return torch.cat(list(value[None] + off), dim=-1)
+            return K * value if isinstance(value, torch.Tensor) else K * self.B
+        level = self.level(value.shape[0], name)
+        if level == "node":
+            return rotate_copies(value, R, rep, mask, batch=self.batch, backend=backend)
+        if level == "graph":
+            return rotate_copies(value, R, rep, None, backend=backend)
+        if rep.kind == "position":
+            raise ValueError(f"{name} is a per-edge input with rep position: edges have no centroid to turn "
+                             "about; give edge vectors (rep vector) instead")
+        if self.edge_batch is None:
+            raise ValueError(f"{name} is per edge but the index input {self.index_names[0]!r} is not (2, E)")
+        return rotate_copies(value, R, rep, None, batch=self.edge_batch, backend=backend)
