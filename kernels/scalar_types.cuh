@@ -7,7 +7,8 @@
 //
 // - nvcc: the 16-bit types are cuda_fp16.h's __half and cuda_bf16.h's __nv_bfloat16.
 // - NVRTC (the CuPy backend) may run without the toolkit's headers, so there they are
-//   2-byte structs converted with the same PTX instructions the headers use.
+//   2-byte structs converted with the same PTX instructions the headers use (nvcc compiles
+//   this path too with -DFE_NO_CUDA_FP16_HEADERS, which is how it is checked without NVRTC).
 // - The host C++ build (csrc/) has no 16-bit types: the Python wrapper converts fp16/bf16
 //   to float32 before calling the CPU kernels.
 #pragma once
@@ -20,7 +21,11 @@
 #endif
 #endif
 
-#if defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+#if defined(__CUDACC_RTC__) && !defined(FE_NO_CUDA_FP16_HEADERS)
+#define FE_NO_CUDA_FP16_HEADERS 1
+#endif
+
+#if defined(__CUDACC__) && !defined(FE_NO_CUDA_FP16_HEADERS)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -41,7 +46,7 @@ struct FromAcc {
 template <typename T, typename Acc>
 FE_HOST_DEVICE T from_acc(Acc v) { return FromAcc<T>::convert(v); }
 
-#if defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+#if defined(__CUDACC__) && !defined(FE_NO_CUDA_FP16_HEADERS)
 
 typedef __half half_t;
 typedef __nv_bfloat16 bfloat16_t;
@@ -62,7 +67,7 @@ struct FromAcc<__nv_bfloat16> {
     static __device__ inline __nv_bfloat16 convert(double v) { return __double2bfloat16(v); }
 };
 
-#elif defined(__CUDACC_RTC__)
+#elif defined(__CUDACC__)
 
 // Bit-compatible stand-ins for __half and __nv_bfloat16 (2 bytes, 2-byte aligned).
 struct __align__(2) half_t { unsigned short bits; };
