@@ -1,4 +1,4 @@
-"""Command line: ``fastequiv example`` (or ``python -m fastequiv example``) and ``fastequiv info``."""
+"""Command line: ``fastequiv demo``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def example(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    from . import demo as _demo
+
+    return _demo.main(args)
+
+
 def info(args) -> int:
     import fastequiv as fe
 
@@ -66,6 +72,12 @@ def info(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastequiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from .demo import add_arguments
+
+    dm = sub.add_parser("demo", help="train a point-cloud transformer on cluster forces; log, CSV and plot of "
+                                     "the share of its loss due to equivariance error")
+    add_arguments(dm)
+    dm.set_defaults(func=demo)
     ex = sub.add_parser("example", help="train a small model and print its loss decomposition")
     ex.add_argument("--steps", type=int, default=400)
     ex.add_argument("--samples", type=int, default=2, help="K, rotated copies per sample in the training loss")
