@@ -178,7 +178,7 @@ def test_batch_index_is_checked():
 
 def test_seeded_rotations_follow_the_public_stream():
     for group in ("SO3", "O3", "octahedral"):
-        got = random_rotations_seeded(40, torch.tensor(2**40 + 5), group, torch.float64, offset=3)
+        got = random_rotations_seeded(40, torch.tensor(2**40 + 5), group, torch.float64, offset=3, backend="torch")
         expected = fe.random_rotations(40, seed=2**40 + 5, offset=3, group=group, dtype=torch.float64, backend="torch")
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 

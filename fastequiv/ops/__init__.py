@@ -6,8 +6,11 @@
 * :func:`wigner_D`: real Wigner-D matrices in e3nn's basis.
 
 The ``"torch"`` implementation of each op is the reference every other backend is
-checked against.
+checked against. Each compiled backend registers its kernels for the row-level contract
+of :mod:`fastequiv.ops._rows` on import (cheaply: triton and cupy are imported on first use).
 """
+
+from .. import _cupy, _native, _triton  # noqa: F401  (register the compiled backends)
 
 from ..wigner import wigner_D
 from .rotate_copies import rotate_copies
