@@ -131,7 +131,7 @@ def _eval_steps(steps: int, every: int) -> list[int]:
 
 
 def run(steps: int = 1500, samples: int = 2, equiv_weight: float = 0.0, device: str = "cpu", seed: int = 0,
-        out: str = "fastequiv-demo", batch_size: int = 32, eval_every: int = 100, held_out: int = 256,
+        out: str = "fastequiv-out", batch_size: int = 32, eval_every: int = 100, held_out: int = 256,
         lr: float = 2e-3, progress: bool = True, plot: bool = True) -> dict:
     """Train the demo model and write its log; returns the paths and the held-out curve.
 
@@ -264,7 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--equiv-weight", type=float, default=0.0, help="weight of L_equiv added to the loss")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="fastequiv-demo", help="folder for log.csv and decomposition.png")
+    parser.add_argument("--out", default="fastequiv-out", help="folder for log.csv and decomposition.png")
     parser.add_argument("--batch-size", type=int, default=32, help="clusters per training step")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     parser.add_argument("--held-out", type=int, default=256, help="clusters in the held-out set")
