@@ -21,6 +21,8 @@ from .monitor import EquivarianceMonitor
 from .lie import lie_derivative
 from .wigner import wigner_D
 from . import ops
+from . import voxels
+from .voxels import Voxels
 
 try:
     from importlib.metadata import version as _version
@@ -37,6 +39,7 @@ __all__ = [
     "Spec",
     "Terms",
     "Twirled",
+    "Voxels",
     "build_info",
     "equivariance_error",
     "group_elements",
@@ -47,5 +50,6 @@ __all__ = [
     "random_quaternions",
     "random_rotations",
     "twirl_loss",
+    "voxels",
     "wigner_D",
 ]

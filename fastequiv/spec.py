@@ -44,7 +44,9 @@ class Spec:
             ``"batch"`` (the graph of each node), ``"index"`` (node indices such as
             ``edge_index``) and optionally ``"num_graphs"`` (see :mod:`fastequiv.graph`).
         output: rep(s) of the model's output, likewise: a rep, a tuple or a dict.
-        group: ``"SO3"`` (default), ``"O3"``, ``"octahedral"`` or ``"icosahedral"``.
+        group: ``"SO3"``, ``"O3"``, ``"octahedral"``, ``"octahedral_O3"`` or
+            ``"icosahedral"``. Default: ``"SO3"``, or ``"octahedral"`` (the 24 rotations
+            of the cube, exact on a grid) when any rep is a voxel grid.
         mask: name (dict inputs) or index (tuple inputs) of an input that is the
             bool mask of valid elements, shape ``(B, *inner)``, e.g. ``(B, atoms)``. It is
             passed to the model like any scalar input and also removes padded elements
@@ -56,12 +58,17 @@ class Spec:
                        output={"energy": "scalar", "forces": "vector"})
     """
 
-    def __init__(self, inputs: Any, output: Any, *, group: str = "SO3", mask: Optional[Union[str, int]] = None):
-        if group not in GROUPS:
+    def __init__(self, inputs: Any, output: Any, *, group: Optional[str] = None, mask: Optional[Union[str, int]] = None):
+        if group is not None and group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
         self.inputs = _parse(inputs, "spec.inputs", roles=True)
         self.graph = graph_roles(self.inputs)  # {} for the dense layout
         self.output = _parse(output, "spec.output")
+        if group is None:
+            # a grid is twirled exactly by the cube's rotations (no interpolation); else SO(3)
+            reps = [r for s in (self.inputs, self.output)
+                    for r in (s.values() if isinstance(s, dict) else s if isinstance(s, tuple) else (s,))]
+            group = "octahedral" if any(r.kind == "voxels" for r in reps) else "SO3"
         self.group = group
         if mask is not None:
             keys = self.inputs.keys() if isinstance(self.inputs, dict) else range(len(self.inputs)) if isinstance(self.inputs, tuple) else ()

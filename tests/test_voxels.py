@@ -1,0 +1,374 @@
+"""Voxel grids: the cube groups, the exact and trilinear actions against their definitions
+(coordinates, torch.rot90, grid_sample), the Triton kernels against the torch reference
+(run by Triton's CPU interpreter in CI), and the API on grid models."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastequiv as fe
+from fastequiv import voxels as V
+
+BACKENDS = ["torch", "triton"]
+CUBE = ["octahedral", "octahedral_O3"]
+
+
+def _field(n, dtype=torch.float64):
+    """Coordinates ``p = (i, j, k) - c`` of every voxel, ``(n, n, n, 3)``."""
+    idx = torch.arange(n, dtype=dtype) - (n - 1) / 2
+    return torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), dim=-1)
+
+
+def _f(p):
+    """A scalar function of the coordinates with no symmetry at all."""
+    x, y, z = p.unbind(-1)
+    return 1 + x + 2 * y * y - 0.5 * z * y + 0.3 * x * y * z + 0.1 * x ** 3
+
+
+def _v(p):
+    """A vector function of the coordinates with no symmetry: ``(..., 3)``."""
+    x, y, z = p.unbind(-1)
+    return torch.stack([1 + y, x * z - 2, 0.5 * x + y * y], dim=-1)
+
+
+def _grids(rng, shape, dtype=torch.float64):
+    return torch.randn(shape, generator=rng, dtype=dtype)
+
+
+# -- the groups ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group,order", [("octahedral", 24), ("octahedral_O3", 48)])
+def test_cube_groups_are_distinct_signed_permutations_closed_under_composition(group, order):
+    G = fe.group_elements(group, dtype=torch.float64)
+    assert G.shape == (order, 3, 3) and fe.groups.group_order(group) == order
+    torch.testing.assert_close(G[0], torch.eye(3, dtype=torch.float64))
+    assert torch.equal(G, G.round()) and torch.equal(G.abs().sum(-1), torch.ones(order, 3, dtype=torch.float64))
+    keys = {tuple(g.flatten().tolist()) for g in G}
+    assert len(keys) == order
+    for a, b in itertools.product(G, G):
+        assert tuple((a @ b).flatten().tolist()) in keys
+    det = torch.linalg.det(G).round()
+    assert (det == 1).sum() == 24 and (det == -1).sum() == order - 24
+
+
+def test_octahedral_O3_is_the_rotations_then_the_rotations_times_the_inversion():
+    G = fe.group_elements("octahedral", dtype=torch.float64)
+    H = fe.group_elements("octahedral_O3", dtype=torch.float64)
+    assert torch.equal(H[:24], G) and torch.equal(H[24:], -G)
+    R = fe.random_rotations(300, seed=3, group="octahedral_O3", dtype=torch.float64)
+    keys = {tuple(h.flatten().tolist()) for h in H}
+    assert all(tuple(r.flatten().tolist()) in keys for r in R)
+
+
+# -- the exact action ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [4, 5])
+@pytest.mark.parametrize("group", CUBE)
+def test_cube_action_is_the_matrix_action_on_coordinates(group, n, backend):
+    """A field sampled on the grid and moved by index gathers equals the rotated field
+    ``(R f)(p) = D(R) f(R^-1 p)`` sampled on the grid, for odd and even sides."""
+    p = _field(n)
+    G = fe.group_elements(group, dtype=torch.float64)
+    x = torch.cat([_f(p)[None], _v(p).permute(3, 0, 1, 2)])  # 1 scalar + 1 vector channel
+    xs = x[None].expand(len(G), 4, n, n, n)
+    got = V.rotate(xs, G, fe.Voxels(scalars=1, vectors=1), backend=backend)
+    for g, R in enumerate(G):
+        src = p @ R  # R^-1 p = R^T p, as row vectors
+        want = torch.cat([_f(src)[None], (_v(src) @ R.T).permute(3, 0, 1, 2)])
+        torch.testing.assert_close(got[g], want, rtol=0, atol=0)
+    back = V.rotate(got, G, "voxels(scalars=1, vectors=1)", inverse=True, backend=backend)
+    torch.testing.assert_close(back, xs, rtol=0, atol=0)
+
+
+def _rot90_orbit(x):
+    """The 24 rotations of a grid ``(..., n, n, n)`` by torch.rot90 alone."""
+    dims = (-3, -2, -1)
+    out = []
+    faces = [x, torch.rot90(x, 1, (dims[0], dims[2])), torch.rot90(x, 2, (dims[0], dims[2])),
+             torch.rot90(x, 3, (dims[0], dims[2])), torch.rot90(x, 1, (dims[0], dims[1])),
+             torch.rot90(x, 3, (dims[0], dims[1]))]
+    for f in faces:  # each face to the front, then the four turns about that axis
+        for q in range(4):
+            out.append(torch.rot90(f, q, (dims[1], dims[2])))
+    return out
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_cube_copies_are_the_rot90_orbit(n):
+    rng = torch.Generator().manual_seed(0)
+    x = _grids(rng, (2, 3, n, n, n))
+    G = fe.group_elements("octahedral", dtype=torch.float64)
+    copies = V.rotate_copies(x, G[:, None].expand(24, 2, 3, 3)).reshape(24, 2, 3, n, n, n)
+    orbit = _rot90_orbit(x)
+    assert len({c.numpy().tobytes() for c in orbit}) == 24
+    mine = {c.numpy().tobytes() for c in copies}
+    assert mine == {c.numpy().tobytes() for c in orbit}
+
+
+# -- the trilinear action --------------------------------------------------------------------
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("n", [5, 6])
+def test_trilinear_reference_is_grid_sample(n, align_corners):
+    """Scalar channels: ``F.grid_sample(F.affine_grid([P R^T P | 0]))``, ``P`` reversing the axis
+    order (grid_sample's grid is ``(W, H, D)``); either align_corners on a cubic grid."""
+    rng = torch.Generator().manual_seed(1)
+    x = _grids(rng, (3, 2, n, n, n))
+    R = fe.random_rotations(3, seed=2, dtype=torch.float64)
+    got = V.rotate(x, R, backend="torch")
+    P = torch.eye(3, dtype=torch.float64).flip(0)
+    theta = torch.cat([P @ R.transpose(1, 2) @ P, torch.zeros(3, 3, 1, dtype=torch.float64)], dim=2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=align_corners)
+    want = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_trilinear_is_exact_on_linear_fields_inside_and_at_cube_elements():
+    n = 7
+    p = _field(n)
+    x = (p @ torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64) + 0.5)[None, None]
+    R = fe.random_rotations(1, seed=5, dtype=torch.float64)
+    got = V.rotate(x, R, backend="torch")[0, 0]
+    want = (p @ R[0]) @ torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64) + 0.5
+    inside = (p @ R[0]).abs().amax(-1) <= (n - 1) / 2  # source points that stay on the grid
+    torch.testing.assert_close(got[inside], want[inside])
+    # forced onto the trilinear path, cube elements still move voxels exactly
+    G = fe.group_elements("octahedral_O3", dtype=torch.float64)
+    xs = _grids(torch.Generator().manual_seed(2), (48, 4, 4, 4, 4))
+    vec = torch.tensor([1], dtype=torch.int32)
+    for backend in BACKENDS:
+        impl = fe._backend.resolve("voxels_resample", backend, "cpu")[1]
+        torch.testing.assert_close(impl(xs, G, vec, False), impl(xs, G, vec, True), rtol=0, atol=0)
+
+
+# -- Triton against the reference ------------------------------------------------------------
+
+REPS = [fe.Voxels(), fe.Voxels(scalars=1, vectors=2), fe.Voxels(scalars=0, vectors=1)]
+
+
+@pytest.mark.parametrize("group", ["SO3", "octahedral_O3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rep", REPS, ids=str)
+@pytest.mark.parametrize("K,B,n", [(3, 2, 5), (2, 1, 4), (1, 3, 3)])
+def test_triton_rotate_copies_matches_reference(K, B, n, rep, dtype, group):
+    rng = torch.Generator().manual_seed(K * 100 + n)
+    C = 7 if rep.scalars is None and rep.vectors == 0 else (rep.scalars or 0) + 3 * rep.vectors
+    x = _grids(rng, (B, C, n, n, n)).to(dtype)
+    R = fe.random_rotations(K * B, seed=n, group=group, dtype=torch.float64).reshape(K, B, 3, 3)
+    want = V.rotate_copies(x, R, rep, backend="torch")
+    got = V.rotate_copies(x, R, rep, backend="triton")
+    assert got.dtype == dtype and got.shape == (K * B, C, n, n, n)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotate_copies_non_contiguous_extra_dims_and_empty(backend):
+    rng = torch.Generator().manual_seed(4)
+    base = _grids(rng, (5, 2, 3, 5, 5, 5), dtype=torch.float32)
+    x = base.transpose(0, 1)[:, ::2]  # (2, 3, 3, 5, 5, 5): non-contiguous, one extra dim
+    rep = fe.Voxels(vectors=1)
+    R = fe.random_rotations(4, seed=1, dtype=torch.float32).reshape(2, 2, 3, 3)
+    got = V.rotate_copies(x, R, rep, backend=backend)
+    want = torch.stack([V.rotate(x[b:b + 1], R[k, b:b + 1], rep, backend="torch")[0]
+                        for k in range(2) for b in range(2)])
+    torch.testing.assert_close(got, want)
+    empty = V.rotate_copies(x[:0], R[:, :0], rep, backend=backend)
+    assert empty.shape == (0, 3, 3, 5, 5, 5)
+
+
+def _masks(B, C, n):
+    g = torch.Generator().manual_seed(7)
+    return [None, torch.tensor([True, False, True])[:B], torch.rand(B, C, generator=g) > 0.3,
+            torch.rand(B, C, n, n, n, generator=g) > 0.5]
+
+
+@pytest.mark.parametrize("mask_kind", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group", ["SO3", "octahedral"])
+@pytest.mark.parametrize("K,n", [(3, 5), (2, 4)])
+def test_triton_twirl_reduce_matches_reference(K, n, group, dtype, mask_kind):
+    B, rep = 3, fe.Voxels(scalars=2, vectors=1)
+    C = 5
+    rng = torch.Generator().manual_seed(n + K)
+    out, y = _grids(rng, (K, B, C, n, n, n)).to(dtype), _grids(rng, (B, C, n, n, n)).to(dtype)
+    R = fe.random_rotations(K * B, seed=K, group=group, dtype=dtype).reshape(K, B, 3, 3)
+    mask = _masks(B, C, n)[mask_kind]
+    ref = fe.ops.twirl_reduce(out, R, y, rep, mask, backend="torch")  # the definition, through Rep.act
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for backend in BACKENDS:
+        got = V.twirl_reduce(out, R, y, rep, mask, backend=backend)
+        for name, a, b in zip(ref._fields, got, ref):
+            assert a.shape == b.shape, name
+            torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol, msg=name)
+    torch.testing.assert_close(got.total, got.bias + got.spread)
+
+
+def test_triton_twirl_reduce_bf16_and_empty():
+    rng = torch.Generator().manual_seed(0)
+    out, y = _grids(rng, (2, 2, 3, 5, 5, 5)).bfloat16(), _grids(rng, (2, 3, 5, 5, 5)).bfloat16()
+    R = fe.random_rotations(4, seed=0).reshape(2, 2, 3, 3)
+    a, b = (V.twirl_reduce(out, R, y, fe.Voxels(vectors=1), backend=be) for be in BACKENDS)
+    for x1, x2 in zip(a, b):
+        assert x1.dtype == torch.float32
+        torch.testing.assert_close(x1, x2, rtol=1e-5, atol=1e-5)
+    e = V.twirl_reduce(out[:, :0], R[:, :0], y[:0], backend="triton")
+    assert e.mean.shape == (0, 3, 5, 5, 5) and e.total.shape == (0,)
+
+
+def test_triton_gradients_are_the_reference_gradients():
+    rng = torch.Generator().manual_seed(3)
+    rep = fe.Voxels(scalars=1, vectors=1)
+    x = _grids(rng, (2, 4, 5, 5, 5))
+    R = fe.random_rotations(6, seed=9, dtype=torch.float64).reshape(3, 2, 3, 3)
+    w = _grids(rng, (6, 4, 5, 5, 5))
+    out = _grids(rng, (3, 2, 4, 5, 5, 5))
+    y = _grids(rng, (2, 4, 5, 5, 5))
+    grads = []
+    for backend in BACKENDS:
+        xr, o, t = x.clone().requires_grad_(), out.clone().requires_grad_(), y.clone().requires_grad_()
+        s = V.twirl_reduce(o, R, t, rep, backend=backend)
+        loss = (V.rotate_copies(xr, R, rep, backend=backend) * w).sum() + s.total.sum() + 2 * s.spread.sum() \
+            + (s.mean * y).sum()
+        loss.backward()
+        grads.append((xr.grad, o.grad, t.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # the reference's own gradients (the Triton path's backward recomputes through it)
+    small = x[:1, :, :3, :3, :3].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: V.rotate(v, R[0, :1], rep, backend="torch"), (small,))
+
+
+# -- the API on grid models ------------------------------------------------------------------
+
+class Mixer(nn.Module):
+    """A pointwise mix of scalar channels: equivariant on any grid, for any rotation."""
+
+    def __init__(self, cin=3, cout=2):
+        super().__init__()
+        self.lin = nn.Conv3d(cin, cout, 1).double()
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+def _blur():
+    """A separable [1, 2, 1] blur with zero padding: commutes with every symmetry of the cube."""
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) / 4
+    kernel = (k[:, None, None] * k[None, :, None] * k[None, None, :])[None, None]
+    return lambda x: F.conv3d(x.reshape(-1, 1, *x.shape[-3:]), kernel, padding=1).reshape(x.shape)
+
+
+def _gradient(x):
+    """Central differences of a one-channel grid (zero outside): a vector field (x, y, z)."""
+    p = F.pad(x, (1, 1, 1, 1, 1, 1))
+    return torch.cat([(p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) / 2,
+                      (p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]) / 2,
+                      (p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]) / 2], dim=1)
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_equivariant_grid_models_have_zero_equiv_under_the_cube_group(n):
+    torch.manual_seed(0)
+    rng = torch.Generator().manual_seed(1)
+    x = _grids(rng, (3, 3, n, n, n))
+    mixer = Mixer()
+    spec = fe.Spec(inputs="voxels", output="voxels")
+    assert spec.group == "octahedral"  # the default for grids
+    d = fe.equivariance_error(mixer, x, _grids(rng, (3, 2, n, n, n)), spec=spec)
+    assert d.exhaustive and d.samples == 24
+    assert d.equiv.abs() < 1e-28 and d.total > 0.1
+
+    d = fe.equivariance_error(_blur(), x, _grids(rng, (3, 3, n, n, n)), spec=spec)
+    assert d.equiv.abs() < 1e-28 and d.total > 0.1
+
+    vspec = fe.Spec(inputs="voxels(scalars=1)", output=fe.Voxels(vectors=1), group="octahedral_O3")
+    d = fe.equivariance_error(_gradient, x[:, :1], _grids(rng, (3, 3, n, n, n)), spec=vspec)
+    assert d.samples == 48 and d.equiv.abs() < 1e-28 and d.total > 0.1
+    # the same model read with scalar outputs is not equivariant: the components must rotate
+    d = fe.equivariance_error(_gradient, x[:, :1], _grids(rng, (3, 3, n, n, n)),
+                              spec=fe.Spec(inputs="voxels", output="voxels"))
+    assert d.equiv > 1e-3
+
+
+def test_a_random_cnn_is_not_equivariant_and_its_twirl_is():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1)).double()
+    rng = torch.Generator().manual_seed(2)
+    x, y = _grids(rng, (2, 2, 5, 5, 5)), _grids(rng, (2, 2, 5, 5, 5))
+    spec = fe.Spec(inputs="voxels", output="voxels")
+    d = fe.equivariance_error(cnn, x, y, spec=spec)
+    assert d.equiv > 1e-4 * d.total and torch.allclose(d.total, d.mean + d.equiv)
+
+    twirled = fe.Twirled(cnn, spec=spec)
+    G = fe.group_elements("octahedral", dtype=torch.float64)
+    R = G[5:6].expand(2, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(twirled(V.rotate(x, R)), V.rotate(twirled(x), R))
+        d = fe.equivariance_error(twirled, x, y, spec=spec)
+    assert d.equiv < 1e-26
+
+    loss, d = fe.twirl_loss(cnn, x, y, spec=spec, equiv_weight=1.0)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn.parameters())
+
+
+def test_interpolation_floor_is_zero_for_the_cube_and_positive_for_SO3():
+    rng = torch.Generator().manual_seed(5)
+    x = F.avg_pool3d(_grids(rng, (2, 2, 9, 9, 9)), 3, stride=1, padding=1)  # smooth-ish fields
+    cube = V.interpolation_floor(x, group="octahedral")
+    assert cube.total == 0 and cube.equiv < 1e-30  # 0 up to the rounding of a mean of 24 equal values
+    floor = V.interpolation_floor(x, group="SO3", samples=4, seed=11)
+    assert floor.equiv > 0 and floor.total > 0
+    # the identity model's L_equiv under the same rotations is the floor, by definition
+    d = fe.equivariance_error(lambda v: v, x, x, spec=fe.Spec("voxels", "voxels", group="SO3"), samples=4, seed=11)
+    torch.testing.assert_close(d.equiv, floor.equiv)
+    # a blur is equivariant too, and its L_equiv under SO(3) is of the floor's order, not 0
+    d = fe.equivariance_error(_blur(), x, _blur()(x), spec=fe.Spec("voxels", "voxels", group="SO3"),
+                              samples=4, seed=11)
+    assert 0 < d.equiv < 10 * floor.equiv
+
+
+# -- reps and errors -------------------------------------------------------------------------
+
+def test_voxel_rep_parsing_and_equality():
+    assert fe.reps.as_rep("voxels") == fe.Voxels()
+    assert fe.reps.as_rep("voxels(scalars=4, vectors=2)") == fe.Voxels(scalars=4, vectors=2)
+    assert fe.reps.as_rep("voxels(vectors=1)") == fe.Voxels(vectors=1) != fe.Voxels()
+    assert fe.reps.as_rep(repr(fe.Voxels(scalars=4, vectors=2)).lower()) == fe.Voxels(scalars=4, vectors=2)
+    assert len({fe.Voxels(), fe.Voxels(1, 1), fe.Voxels(1, 1)}) == 2
+    assert fe.Spec("voxels", "vector").group == "octahedral"
+    assert fe.Spec("voxels", "voxels", group="SO3").group == "SO3"
+    assert fe.Spec("vector", "vector").group == "SO3"
+    for bad in ["voxels(scalar=1)", "voxels(vectors=x)", "voxels(vectors=1, vectors=2)", "voxelsx"]:
+        with pytest.raises(ValueError, match="voxel"):
+            fe.reps.as_rep(bad)
+    with pytest.raises(ValueError, match="at least one channel"):
+        fe.Voxels(scalars=0)
+
+
+def test_voxel_errors_name_the_argument():
+    R = torch.eye(3)[None]
+    with pytest.raises(ValueError, match=r"x has grid \(4, 5, 5\).*cubic"):
+        V.rotate(torch.zeros(1, 1, 4, 5, 5), R)
+    with pytest.raises(ValueError, match="x has 4 channels.*needs 3 channels"):
+        V.rotate(torch.zeros(1, 4, 3, 3, 3), R, fe.Voxels(scalars=0, vectors=1))
+    with pytest.raises(ValueError, match="x must have shape"):
+        V.rotate(torch.zeros(1, 3, 3, 3), R)
+    with pytest.raises(ValueError, match="floating"):
+        V.rotate(torch.zeros(1, 1, 3, 3, 3, dtype=torch.int64), R)
+    with pytest.raises(ValueError, match=r"R must be a floating tensor of shape \(1, 3, 3\)"):
+        V.rotate(torch.zeros(1, 1, 3, 3, 3), torch.eye(3))
+    with pytest.raises(ValueError, match="out must have shape"):
+        V.twirl_reduce(torch.zeros(2, 1, 1, 3, 3, 3), torch.eye(3).expand(2, 1, 3, 3), torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="rep must be a voxel rep"):
+        V.rotate(torch.zeros(1, 1, 3, 3, 3), R, "vector")
+    with pytest.raises(fe.BackendUnavailableError, match="voxels_resample"):
+        V.rotate(torch.zeros(1, 1, 3, 3, 3), R, backend="cuda")
+    spec = fe.Spec("voxels", "voxels")
+    with pytest.raises(ValueError, match="inputs has grid"):
+        fe.equivariance_error(lambda v: v, torch.zeros(2, 1, 3, 3, 4), torch.zeros(2, 1, 3, 3, 4), spec=spec)
