@@ -23,7 +23,7 @@ Per-sample sums: in the dense layout (row ``r`` in sample ``r // P``) a program 
 ``BLOCK_S`` whole samples of ``BLOCK_P >= P`` lanes each, or one chunk of ``BLOCK_P`` rows
 of one sample, and writes its partial sums to ``(3, B, chunks)``; a deterministic sum over
 the chunks finishes them. In the graph layout (``sample`` given) rows add into ``(3, B)``
-with atomics.
+with atomics, one per row, or one per program when all its valid rows share a sample.
 """
 
 from __future__ import annotations
@@ -110,9 +110,17 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
     bias_row = tl.where(keep, tl.sum(bias * bias, axis=1), 0.0)
     spread_row = tl.where(keep, tl.sum(m2, axis=1) / K, 0.0)
     if GRAPH:
-        tl.atomic_add(sums_ptr + s, total_row, mask=keep)
-        tl.atomic_add(sums_ptr + B + s, bias_row, mask=keep)
-        tl.atomic_add(sums_ptr + 2 * B + s, spread_row, mask=keep)
+        # a block inside one sample (sorted batches of large graphs) adds its sums once
+        s_lo = tl.min(tl.where(keep, s, B), axis=0)
+        s_hi = tl.max(tl.where(keep, s, -1), axis=0)
+        if s_lo == s_hi:
+            tl.atomic_add(sums_ptr + s_lo, tl.sum(total_row, axis=0))
+            tl.atomic_add(sums_ptr + B + s_lo, tl.sum(bias_row, axis=0))
+            tl.atomic_add(sums_ptr + 2 * B + s_lo, tl.sum(spread_row, axis=0))
+        else:
+            tl.atomic_add(sums_ptr + s, total_row, mask=keep)
+            tl.atomic_add(sums_ptr + B + s, bias_row, mask=keep)
+            tl.atomic_add(sums_ptr + 2 * B + s, spread_row, mask=keep)
     else:
         sb = (pid // n_chunks) * BLOCK_S + tl.arange(0, BLOCK_S)
         part = tl.cast(sb, tl.int64) * n_chunks + pid % n_chunks

@@ -342,6 +342,22 @@ def test_reduce_rows_dense_blocking(P):
     torch.testing.assert_close(sums, ref_sums, **tol(torch.float64))
 
 
+@pytest.mark.parametrize("d", [3, 9])
+def test_reduce_rows_graph_block_inside_one_sample(d):
+    """Every valid row in one sample (the one-atomic-per-program path), with a partial
+    last block at d = 9, and a block whose only other-sample rows are masked."""
+    B, N = 3, 300
+    sample = torch.full((N,), 1, dtype=torch.int64, device=DEVICE)
+    sample[:4] = 2
+    valid = sample == 1
+    out, target = rand(2, N, d, seed=80), rand(N, d, seed=81)
+    args = (out, mats(2, B, d, torch.float32), target, sample, 0, valid, None)
+    mean, sums = triton_op("reduce_rows")(*args, B)
+    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    torch.testing.assert_close(mean, ref_mean, **tol(torch.float32))
+    torch.testing.assert_close(sums, ref_sums, **tol(torch.float32))
+
+
 def test_reduce_rows_dense_is_deterministic():
     args = reduce_inputs(3, 5, 40, 3, torch.float32, False, masked=True, with_center=True, seed=30)
     first = triton_op("reduce_rows")(*args, 5)
