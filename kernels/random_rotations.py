@@ -13,7 +13,10 @@ The seed is read from device memory inside the kernel (a 0-dim int64 tensor), ne
 synced to the host, so the launch can be captured in a CUDA graph.
 
 Layout: output ``(n, 3, 3)`` row-major; one program per block of ``BLOCK`` rotations,
-one lane per rotation. Computes in the output dtype (float32 or float64).
+one lane per rotation. Computes in float64 for float64 output, else in float32. In
+float32 the angles are reduced to a quadrant in integer arithmetic and the diagonal uses
+``a^2 + b^2 = 1`` exactly, which keeps every entry within 3e-7 of the float64 stream
+(1e6 draws, interpreter); the textbook formulas reached 6e-7.
 """
 
 from __future__ import annotations

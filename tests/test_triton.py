@@ -464,7 +464,7 @@ def rotate_rows_seeded_reference(x, seed, offset, K, B, sample, P, center, impro
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [1, 3, 8])
+@pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("improper,pseudo", [(False, False), (True, False), (True, True)])
 def test_rotate_rows_seeded_matches_sampling_then_rotating(dtype, K, graph, improper, pseudo):
