@@ -42,7 +42,8 @@ left the grid and blurs the rest. Under SO(3) even the identity model then has
 ``L_equiv > 0``. :func:`interpolation_floor` measures that floor on the same inputs and
 rotations; report it next to a model's ``L_equiv`` (under the cube group it is 0).
 
-Backends: ``"torch"`` (the reference, gathers in plain torch) and ``"triton"``
+Backends: ``"torch"`` (the reference: ``torch.permute``/``torch.flip`` for cube elements,
+one batched ``F.grid_sample`` call otherwise) and ``"triton"``
 (``kernels/voxels.py``: K rotated copies written in one pass, and the back-resampling of
 the outputs fused with the twirl reduction). ``"auto"`` uses Triton on CUDA tensors. The
 Triton kernels have no backward of their own: gradients are those of the torch reference,
@@ -57,6 +58,7 @@ import re
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend
 from .ops._masks import mask_for, valid_count
@@ -183,17 +185,6 @@ def _is_cube_element(R: torch.Tensor) -> bool:
 # -- the torch reference ---------------------------------------------------------------------
 
 
-def _source_points(M: torch.Tensor, n: int) -> torch.Tensor:
-    """``p = M^T (q - c) + c`` ``(rows, n^3, 3)`` for every voxel ``q`` of the grid, in ``M.dtype``."""
-    idx = torch.arange(n, device=M.device, dtype=M.dtype)
-    q = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), dim=-1).reshape(-1, 3) - (n - 1) / 2
-    return torch.matmul(q, M) + (n - 1) / 2  # row vectors: q @ M == (M^T q)^T
-
-
-def _flat(c: torch.Tensor, n: int) -> torch.Tensor:
-    return (c[..., 0] * n + c[..., 1]) * n + c[..., 2]
-
-
 def _resample_torch(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bool) -> torch.Tensor:
     """``out[r, ch, q] = (M_r x_b)[ch](M_r^T (q - c) + c)``, ``b = r mod B``.
 
@@ -201,7 +192,8 @@ def _resample_torch(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: 
         x: ``(B, C', n, n, n)`` any float dtype (``C'`` flattened channels).
         M: ``(rows, 3, 3)`` in acc; ``rows`` a multiple of ``B``.
         vec: int32 ``(G,)`` first channel of each vector.
-        exact: gather from the nearest voxel (the points are integers for cube elements).
+        exact: every ``M`` is a signed permutation: move axes (permute and flip), no
+            interpolation. Otherwise trilinear, by ``F.affine_grid`` + ``F.grid_sample``.
     Returns:
         ``(rows, C', n, n, n)`` in ``x.dtype``.
     """
@@ -211,33 +203,55 @@ def _resample_torch(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: 
 def _resample_acc(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bool) -> torch.Tensor:
     """:func:`_resample_torch` before the cast back: ``(rows, C', n, n, n)`` in ``M.dtype``."""
     B, Cp, n = x.shape[0], x.shape[1], x.shape[-1]
-    rows, V = M.shape[0], n ** 3
-    acc = M.dtype
-    src = x.reshape(B, Cp, V).to(acc)
-    if rows != B:
-        src = src.unsqueeze(0).expand(rows // B, B, Cp, V).reshape(rows, Cp, V)
-    p = _source_points(M, n)
+    rows, acc = M.shape[0], M.dtype
+    src = x.to(acc)
+    if rows == 0 or src.numel() == 0:
+        return src.new_zeros((rows,) + tuple(src.shape[1:]))
     if exact:
-        c = p.round().long()
-        out = src.gather(2, _flat(c, n)[:, None, :].expand(rows, Cp, V))
+        out = _permute_flip(src, M)
     else:
-        lo = p.floor()
-        f = p - lo
-        lo = lo.long()
-        out = torch.zeros(rows, Cp, V, dtype=acc, device=x.device)
-        for corner in range(8):
-            d = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=x.device)
-            c = lo + d
-            inside = ((c >= 0) & (c < n)).all(-1)
-            w = torch.where(d.bool(), f, 1 - f).prod(-1)
-            g = src.gather(2, _flat(c.clamp(0, n - 1), n)[:, None, :].expand(rows, Cp, V))
-            # where, not a product with 0: a value beyond the grid never leaks in, even inf
-            out = out + torch.where(inside[:, None, :], w[:, None, :] * g, torch.zeros((), dtype=acc, device=x.device))
+        if rows != B:
+            src = src.unsqueeze(0).expand((rows // B,) + tuple(src.shape)).reshape((rows,) + tuple(src.shape[1:]))
+        # grid_sample orders its grid (W, H, D): the map in its coordinates is P M^T P
+        P = torch.eye(3, dtype=acc, device=x.device).flip(0)
+        theta = torch.cat([P @ M.transpose(1, 2) @ P, M.new_zeros(rows, 3, 1)], dim=2)
+        grid = F.affine_grid(theta, [rows, Cp, n, n, n], align_corners=True)
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if vec.numel():
         chans = (vec.long()[:, None] + torch.arange(3, device=x.device)).reshape(-1)
-        v = out[:, chans].reshape(rows, vec.numel(), 3, V)
-        out = out.index_copy(1, chans, torch.einsum("rab,rgbv->rgav", M, v).reshape(rows, 3 * vec.numel(), V))
-    return out.reshape(rows, Cp, n, n, n)
+        v = out[:, chans].reshape(rows, vec.numel(), 3, n, n, n)
+        mixed = torch.einsum("rab,rgbijk->rgaijk", M, v).reshape(rows, 3 * vec.numel(), n, n, n)
+        out = out.index_copy(1, chans, mixed)
+    return out
+
+
+def _permute_flip(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[r mod B]`` moved by the signed permutation ``M[r]`` (channels unmixed).
+
+    ``out[q] = x[M^T (q - c) + c]``: if row ``a`` of ``M`` has its entry ``s_a = +-1`` in
+    column ``pi(a)``, output axis ``a`` is input axis ``pi(a)``, reversed where ``s_a = -1``.
+    Rows that share an element are moved together (at most 48 groups); reading the
+    elements costs one copy of ``M`` to the host.
+    """
+    B, rows = x.shape[0], M.shape[0]
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    keys = M.detach().round().to(device="cpu", dtype=torch.int64).reshape(rows, 9)
+    elements, which = torch.unique(keys, dim=0, return_inverse=True)
+    for u, m in enumerate(elements.reshape(-1, 3, 3).tolist()):
+        idx = torch.nonzero(which == u).reshape(-1)
+        perm = [next(j for j in range(3) if m[a][j]) for a in range(3)]
+        flips = [2 + a for a in range(3) if m[a][perm[a]] < 0]
+        start = int(idx[0])
+        whole = len(idx) == B and start % B == 0 and int(idx[-1]) == start + B - 1
+        # copy k of a twirl (rows k B .. k B + B - 1, one element): move the batch in place
+        src = x if whole else x.index_select(0, (idx % B).to(x.device))
+        moved = src.permute(0, 1, *(2 + j for j in perm))
+        moved = moved.flip(flips) if flips else moved
+        if whole:
+            out[start:start + B] = moved
+        else:
+            out.index_copy_(0, idx.to(x.device), moved)
+    return out
 
 
 def _reduce_torch(out: torch.Tensor, M: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], vec: torch.Tensor,
@@ -252,7 +266,8 @@ def _reduce_torch(out: torch.Tensor, M: torch.Tensor, y: torch.Tensor, w: Option
     Cp, n = out.shape[2], out.shape[-1]
     acc = M.dtype
     # in acc throughout: a bf16 output is back-rotated without rounding to bf16 again
-    a = _resample_acc(out.reshape(K * B, Cp, n, n, n), M.reshape(K * B, 3, 3), vec, exact).reshape(K, B, Cp, n ** 3)
+    a = _resample_acc(out.reshape(K * B, Cp, n, n, n), M.reshape(K * B, 3, 3), vec, exact)
+    a = a.reshape(K, B, Cp, n ** 3)
     yy = y.to(acc).reshape(B, Cp, n ** 3)
     abar = a.mean(0)
     per = torch.stack([((a - yy) ** 2).mean(0), (abar - yy) ** 2, ((a - abar) ** 2).mean(0)])

@@ -111,20 +111,40 @@ def test_cube_copies_are_the_rot90_orbit(n):
 
 # -- the trilinear action --------------------------------------------------------------------
 
-@pytest.mark.parametrize("align_corners", [True, False])
+def _trilinear_by_definition(x, R):
+    """``out[q] = sum over the 8 voxels around p = R^T (q - c) + c`` of the trilinear weights
+    times their values, zero outside the grid: scalar channels, written out voxel by voxel."""
+    N, C, n = x.shape[0], x.shape[1], x.shape[-1]
+    p = _field(n, R.dtype).reshape(-1, 3) @ R + (n - 1) / 2  # (N, V, 3): row vectors, q @ R = R^T q
+    lo = p.floor()
+    f, lo = p - lo, lo.long()
+    out = torch.zeros(N, C, n ** 3, dtype=R.dtype)
+    for d in itertools.product((0, 1), repeat=3):
+        c = lo + torch.tensor(d)
+        inside = ((c >= 0) & (c < n)).all(-1)
+        w = torch.where(torch.tensor(d).bool(), f, 1 - f).prod(-1) * inside
+        flat = ((c.clamp(0, n - 1) * torch.tensor([n * n, n, 1])).sum(-1))
+        out += w[:, None] * x.reshape(N, C, -1).gather(2, flat[:, None].expand(N, C, n ** 3))
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [5, 6])
-def test_trilinear_reference_is_grid_sample(n, align_corners):
-    """Scalar channels: ``F.grid_sample(F.affine_grid([P R^T P | 0]))``, ``P`` reversing the axis
-    order (grid_sample's grid is ``(W, H, D)``); either align_corners on a cubic grid."""
+def test_trilinear_is_its_definition_and_grid_sample(n, backend):
+    """Scalar channels: the explicit trilinear sum, and ``F.grid_sample(F.affine_grid([P R^T P | 0]))``
+    with ``P`` reversing the axis order (grid_sample's grid is ``(W, H, D)``), for either
+    align_corners on a cubic grid."""
     rng = torch.Generator().manual_seed(1)
     x = _grids(rng, (3, 2, n, n, n))
     R = fe.random_rotations(3, seed=2, dtype=torch.float64)
-    got = V.rotate(x, R, backend="torch")
+    got = V.rotate(x, R, backend=backend)
+    torch.testing.assert_close(got, _trilinear_by_definition(x, R), rtol=1e-10, atol=1e-10)
     P = torch.eye(3, dtype=torch.float64).flip(0)
     theta = torch.cat([P @ R.transpose(1, 2) @ P, torch.zeros(3, 3, 1, dtype=torch.float64)], dim=2)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=align_corners)
-    want = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for align_corners in (True, False):
+        grid = F.affine_grid(theta, list(x.shape), align_corners=align_corners)
+        want = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_trilinear_is_exact_on_linear_fields_inside_and_at_cube_elements():
@@ -136,13 +156,15 @@ def test_trilinear_is_exact_on_linear_fields_inside_and_at_cube_elements():
     want = (p @ R[0]) @ torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64) + 0.5
     inside = (p @ R[0]).abs().amax(-1) <= (n - 1) / 2  # source points that stay on the grid
     torch.testing.assert_close(got[inside], want[inside])
-    # forced onto the trilinear path, cube elements still move voxels exactly
+    # forced onto the trilinear path, cube elements move voxels too: exactly in the kernel,
+    # which computes the source points in voxel units, to rounding through grid_sample's
+    # normalised coordinates
     G = fe.group_elements("octahedral_O3", dtype=torch.float64)
     xs = _grids(torch.Generator().manual_seed(2), (48, 4, 4, 4, 4))
     vec = torch.tensor([1], dtype=torch.int32)
-    for backend in BACKENDS:
+    for backend, tol in (("torch", 1e-14), ("triton", 0)):
         impl = fe._backend.resolve("voxels_resample", backend, "cpu")[1]
-        torch.testing.assert_close(impl(xs, G, vec, False), impl(xs, G, vec, True), rtol=0, atol=0)
+        torch.testing.assert_close(impl(xs, G, vec, False), impl(xs, G, vec, True), rtol=0, atol=tol)
 
 
 # -- Triton against the reference ------------------------------------------------------------
