@@ -117,7 +117,7 @@ class Voxels(Rep):
             kwargs[km.group(1)] = int(km.group(2))
         return cls(**kwargs)
 
-    def channels(self, C: int) -> int:
+    def n_scalars(self, C: int) -> int:
         """The number of scalar channels in a grid of ``C`` channels (checked by :meth:`check`)."""
         return C - 3 * self.vectors
 
@@ -151,12 +151,8 @@ class Voxels(Rep):
 
     def _vector_starts(self, lead: int, C: int, device) -> torch.Tensor:
         """First channel of every vector in the ``lead * C`` flattened channels: int32 ``(G,)``."""
-        first = self.channels(C) + 3 * torch.arange(self.vectors, device=device, dtype=torch.int32)
+        first = self.n_scalars(C) + 3 * torch.arange(self.vectors, device=device, dtype=torch.int32)
         return (first[None, :] + C * torch.arange(lead, device=device, dtype=torch.int32)[:, None]).reshape(-1)
-
-    def _scalar_channels(self, lead: int, C: int, device) -> torch.Tensor:
-        s = torch.arange(self.channels(C), device=device, dtype=torch.int32)
-        return (s[None, :] + C * torch.arange(lead, device=device, dtype=torch.int32)[:, None]).reshape(-1)
 
 
 def as_voxels(rep) -> Voxels:

@@ -230,9 +230,10 @@ def test_triton_twirl_reduce_matches_reference(K, n, group, dtype, mask_kind):
     torch.testing.assert_close(got.total, got.bias + got.spread)
 
 
-def test_triton_twirl_reduce_bf16_and_empty():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_triton_twirl_reduce_half_inputs_and_empty(half):
     rng = torch.Generator().manual_seed(0)
-    out, y = _grids(rng, (2, 2, 3, 5, 5, 5)).bfloat16(), _grids(rng, (2, 3, 5, 5, 5)).bfloat16()
+    out, y = _grids(rng, (2, 2, 3, 5, 5, 5)).to(half), _grids(rng, (2, 3, 5, 5, 5)).to(half)
     R = fe.random_rotations(4, seed=0).reshape(2, 2, 3, 3)
     a, b = (V.twirl_reduce(out, R, y, fe.Voxels(vectors=1), backend=be) for be in BACKENDS)
     for x1, x2 in zip(a, b):
@@ -263,6 +264,22 @@ def test_triton_gradients_are_the_reference_gradients():
     # the reference's own gradients (the Triton path's backward recomputes through it)
     small = x[:1, :, :3, :3, :3].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda v: V.rotate(v, R[0, :1], rep, backend="torch"), (small,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU counterparts above run Triton's interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("group", ["SO3", "octahedral_O3"])
+def test_triton_on_gpu_matches_reference(group, dtype):
+    rng = torch.Generator().manual_seed(0)
+    rep, K, B, n = fe.Voxels(scalars=2, vectors=1), 3, 2, 17
+    x = _grids(rng, (B, 5, n, n, n)).to(device="cuda", dtype=dtype)
+    out = _grids(rng, (K, B, 5, n, n, n)).to(device="cuda", dtype=dtype)
+    R = fe.random_rotations(K * B, seed=1, group=group, device="cuda").reshape(K, B, 3, 3)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(V.rotate_copies(x, R, rep, backend="triton"), V.rotate_copies(x, R, rep, backend="torch"),
+                               rtol=tol, atol=tol)
+    for a, b in zip(V.twirl_reduce(out, R, x, rep, backend="triton"), V.twirl_reduce(out, R, x, rep, backend="torch")):
+        torch.testing.assert_close(a, b, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
 
 
 # -- the API on grid models ------------------------------------------------------------------
