@@ -37,6 +37,10 @@ Two ways to evaluate ``x[R^T (q - c) + c]``
   scale the three axes alike. Trilinear resampling at the integer points of a cube
   element is itself exact, so both paths agree there.
 
+Which path runs is read from the values of ``R`` (integer entries: a cube element). On a
+GPU that is one host sync per call; inside ``torch.compile`` the trilinear path is taken,
+which agrees with the exact one to rounding.
+
 Interpolation is not a group action: rotating by ``R`` and back loses the corners that
 left the grid and blurs the rest. Under SO(3) even the identity model then has
 ``L_equiv > 0``. :func:`interpolation_floor` measures that floor on the same inputs and
