@@ -41,10 +41,7 @@ def _impl(name: str, backend: str, device: torch.device):
 
 def _segment_sum(values: Tensor, sample: Optional[Tensor], P: int, B: int) -> Tensor:
     """``(..., B, d)`` sums over the rows of each sample of ``values`` ``(..., N, d)``."""
-    N = values.shape[-2]
-    s = _rows.sample_index(N, P, sample, values.device)
-    out = values.new_zeros(values.shape[:-2] + (B, values.shape[-1]))
-    return out.index_add_(values.dim() - 2, s, values)
+    return _rows.segment_sum(values, sample, P, B)
 
 
 # --- rotate_rows ---------------------------------------------------------------------------

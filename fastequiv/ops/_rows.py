@@ -5,9 +5,10 @@ reduce every representation to the same primitive before calling a kernel:
 
 * A tensor with a representation is a stack of **rows** ``x`` of shape ``(N, d)``:
   ``N`` points (atoms, nodes, ...) of ``d`` components each.
-* Row ``r`` belongs to sample ``s(r)``. In the dense layout every sample has ``P`` rows
-  and ``s(r) = r // P`` (pass ``sample=None`` and ``P``); in the graph layout ``s`` is a
-  batch index vector (pass ``sample``, an int64 tensor ``(N,)``, and ``P=0``).
+* Row ``r`` belongs to sample ``s(r)``. In the dense layout ``s(r) = r // P`` (pass
+  ``sample=None`` and ``P``; the ops pass ``N = B * P`` rows, and the kernels accept a
+  short last sample); in the graph layout ``s`` is a batch index vector (pass ``sample``,
+  an int64 tensor ``(N,)``, and ``P=0``).
 * The group element of copy ``k`` of sample ``b`` acts by a ``d x d`` matrix
   ``M[k, b]`` (``M``: ``(K, B, d, d)``, contiguous, in the accumulation dtype): ``R``
   for vectors, ``det(R) R`` for pseudovectors, ``det(R)`` for pseudoscalars (``d = 1``),
@@ -40,6 +41,21 @@ def sample_index(N: int, P: int, sample: Optional[torch.Tensor], device) -> torc
     return torch.arange(N, device=device) // max(P, 1)
 
 
+def _by_sample(M: torch.Tensor, v: torch.Tensor, sample: Optional[torch.Tensor], P: int, transpose: bool) -> torch.Tensor:
+    """``M[k, s(r)] v[k, r]`` (``M^T`` with ``transpose``) for ``v`` ``(K, N, d)`` -> ``(K, N, d)``.
+
+    The dense layout is a batched matmul over ``(K, B)``; the graph layout gathers ``M``.
+    """
+    K, N, d = v.shape
+    B = M.shape[1]
+    if sample is None and N == B * P:
+        rows = v.reshape(K, B, P, d)
+        # rows are row vectors: (M v)^T = v^T M^T
+        return (rows @ (M if transpose else M.transpose(-1, -2))).reshape(K, N, d)
+    Ms = M[:, sample_index(N, P, sample, v.device)]
+    return torch.einsum("knji,knj->kni" if transpose else "knij,knj->kni", Ms, v)
+
+
 def rotate_rows(x: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor], P: int,
                 center: Optional[torch.Tensor]) -> torch.Tensor:
     """K rotated copies of the rows.
@@ -53,22 +69,30 @@ def rotate_rows(x: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor]
         ``(K, N, d)`` in ``x.dtype``: ``out[k, r] = M[k, s] (x[r] - c[s]) + c[s]``, ``s = s(r)``.
     """
     K, N = M.shape[0], x.shape[0]
-    s = sample_index(N, P, sample, x.device)
     xa = x.to(M.dtype)
     if center is not None:
-        xa = xa - center[s]
-    y = torch.einsum("knij,nj->kni", M[:, s], xa)
+        c = center[sample_index(N, P, sample, x.device)]
+        xa = xa - c
+    y = _by_sample(M, xa.expand(K, N, x.shape[1]), sample, P, transpose=False)
     if center is not None:
-        y = y + center[s]
+        y = y + c
     return y.to(x.dtype).contiguous()
 
 
 def rotate_rows_backward(grad: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor], P: int) -> torch.Tensor:
     """``sum_k M[k, s]^T grad[k, r]`` ``(N, d)`` in acc: the gradient of :func:`rotate_rows`
     with respect to ``x`` for a fixed centre (the op layer adds the centre's part)."""
-    N = grad.shape[1]
-    s = sample_index(N, P, sample, grad.device)
-    return torch.einsum("knji,knj->ni", M[:, s], grad.to(M.dtype)).contiguous()
+    return _by_sample(M, grad.to(M.dtype), sample, P, transpose=True).sum(0).contiguous()
+
+
+def _back_rotated(out, M, sample, P, center):
+    """``a_k = M[k, s]^T (out[k, r] - c[k, s]) + c[k, s]`` in acc ``(K, N, d)``."""
+    o = out.to(M.dtype)
+    if center is not None:
+        c = center[:, sample_index(out.shape[1], P, sample, out.device)]
+        o = o - c
+    a = _by_sample(M, o, sample, P, transpose=True)
+    return a + c if center is not None else a
 
 
 def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
@@ -93,15 +117,8 @@ def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample
         The spread is formed from the deviations ``a_k - abar``, never as a difference of
         large sums, so it has no cancellation.
     """
-    K, N = out.shape[:2]
     acc = M.dtype
-    s = sample_index(N, P, sample, out.device)
-    o = out.to(acc)
-    if center is not None:
-        o = o - center[:, s]
-    a = torch.einsum("knji,knj->kni", M[:, s], o)
-    if center is not None:
-        a = a + center[:, s]
+    a = _back_rotated(out, M, sample, P, center)
     y = target.to(acc)
     abar = a.mean(dim=0)
     per_row = torch.stack([
@@ -111,8 +128,7 @@ def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample
     ])
     if valid is not None:
         per_row = per_row * valid.to(acc)
-    sums = torch.zeros(3, B, dtype=acc, device=out.device).index_add_(1, s, per_row)
-    return abar.contiguous(), sums
+    return abar.contiguous(), segment_sum(per_row.t(), sample, P, B).t().contiguous()
 
 
 def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Tensor, out: torch.Tensor,
@@ -137,21 +153,24 @@ def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Ten
     """
     K, N = out.shape[:2]
     acc = M.dtype
-    s = sample_index(N, P, sample, out.device)
-    o = out.to(acc)
-    if center is not None:
-        o = o - center[:, s]
-    a = torch.einsum("knji,knj->kni", M[:, s], o)
-    if center is not None:
-        a = a + center[:, s]
+    a = _back_rotated(out, M, sample, P, center)
     y = target.to(acc)
-    g = grad_sums.to(acc)[:, s]
+    g = grad_sums.to(acc)[:, sample_index(N, P, sample, out.device)]
     if valid is not None:
         g = g * valid.to(acc)
     ga = (2.0 / K) * (g[0, :, None] * (a - y) + g[1, :, None] * (mean - y) + g[2, :, None] * (a - mean))
     if grad_mean is not None:
         ga = ga + grad_mean.to(acc) / K
-    return torch.einsum("knij,knj->kni", M[:, s], ga).to(out.dtype).contiguous()
+    return _by_sample(M, ga, sample, P, transpose=False).to(out.dtype).contiguous()
+
+
+def segment_sum(v: torch.Tensor, sample: Optional[torch.Tensor], P: int, B: int) -> torch.Tensor:
+    """``(..., B, d)``: the rows of ``v`` ``(..., N, d)`` summed per sample (no host sync)."""
+    N = v.shape[-2]
+    if sample is None and N == B * P:
+        return v.reshape(v.shape[:-2] + (B, P, v.shape[-1])).sum(-2)
+    out = v.new_zeros(v.shape[:-2] + (B, v.shape[-1]))
+    return out.index_add_(v.dim() - 2, sample_index(N, P, sample, v.device), v)
 
 
 def random_rotations_seeded(seed: torch.Tensor, n: int, offset: int, improper: bool, dtype: torch.dtype) -> torch.Tensor:
