@@ -62,6 +62,10 @@ def _rotate_copies_rows(x, R, rep, mask, batch, backend):
     if batch is None and R.shape[1] != x.shape[0]:
         raise ValueError(f"R must have shape (K, B={x.shape[0]}, 3, 3), got {tuple(R.shape)}")
     check_batch(batch, x.shape[0], "x")
+    if rep.kind == "voxels" and batch is None:
+        from ..voxels import rotate_copies as rotate_grids  # one fused resampling pass
+
+        return rotate_grids(x, R, rep, backend=backend)
     mask = mask_for(mask, x.shape, "x")
     rows = rows_of(x.shape, rep, mask, batch)
     if rows is None:

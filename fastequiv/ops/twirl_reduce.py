@@ -100,6 +100,10 @@ def _twirl_reduce_rows(out, R, target, rep, mask, batch, backend):
     if target.shape != out.shape[1:]:
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} (the output per copy)")
     check_batch(batch, target.shape[0], "target")
+    if rep.kind == "voxels" and batch is None:
+        from ..voxels import twirl_reduce as reduce_grids  # one fused back-resampling pass
+
+        return reduce_grids(out, R, target, rep, mask, backend=backend)
     mask = mask_for(mask, target.shape, "target")
     K, B = R.shape[:2]
     rows = rows_of(target.shape, rep, mask, batch)
