@@ -298,3 +298,36 @@ def test_unknown_backend_and_unavailable_backend_errors():
     if not GPU:
         with pytest.raises(_backend.BackendUnavailableError, match="cuda"):
             fe.ops.rotate_copies(torch.randn(3, 3), R, as_rep("vector"), backend="cuda")
+
+
+# --- arrays of other frameworks ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_public_ops_take_and_return_numpy_arrays(backend):
+    K, B, n = 2, 3, 4
+    R = _rotations(K, B)
+    x, out, y = _data("position", (B, n), torch.float64), _data("vector", (K, B, n), torch.float64, 1), \
+        _data("vector", (B, n), torch.float64, 2)
+    mask = torch.rand(B, n, generator=torch.Generator().manual_seed(3)) > 0.3
+    copies = fe.ops.rotate_copies(x.numpy(), R.numpy(), as_rep("position"), mask.numpy(), backend=backend)
+    assert type(copies).__module__ == "numpy"
+    torch.testing.assert_close(torch.from_numpy(copies), fe.ops.rotate_copies(x, R, as_rep("position"), mask))
+    sums = fe.ops.twirl_reduce(out.numpy(), R.numpy(), y.numpy(), as_rep("vector"), mask.numpy(), backend=backend)
+    expected = fe.ops.twirl_reduce(out, R, y, as_rep("vector"), mask)
+    assert isinstance(sums, fe.ops.TwirlSums) and type(sums.total).__module__ == "numpy"
+    for a, b in zip(sums, expected):
+        torch.testing.assert_close(torch.from_numpy(a), b)
+
+
+@pytest.mark.skipif(not GPU, reason="CuPy arrays live on a GPU")
+def test_public_ops_take_and_return_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    K, B, n = 2, 3, 4
+    R = _rotations(K, B, dtype=torch.float32).cuda()
+    out, y = _data("vector", (K, B, n), torch.float32, 1).cuda(), _data("vector", (B, n), torch.float32, 2).cuda()
+    sums = fe.ops.twirl_reduce(cupy.from_dlpack(out), cupy.from_dlpack(R), cupy.from_dlpack(y), as_rep("vector"),
+                               backend="cupy")
+    assert isinstance(sums.total, cupy.ndarray)
+    expected = fe.ops.twirl_reduce(out, R, y, as_rep("vector"), backend="torch")
+    for a, b in zip(sums, expected):
+        torch.testing.assert_close(torch.from_dlpack(a), b, rtol=1e-5, atol=1e-5)

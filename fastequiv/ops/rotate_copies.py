@@ -14,6 +14,7 @@ import torch
 
 from ..reps import Rep
 from . import _library
+from ._interop import accepts_arrays
 from ._layout import action_matrices, centroids, rows_of
 from ._masks import check_batch, mask_for, tile
 from .twirl_reduce import accumulate_dtype
@@ -27,6 +28,7 @@ def _rotate_copies_act(x: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optiona
     return rep.act(copies, R.reshape(K * B, 3, 3), mask=tile(mask, K))
 
 
+@accepts_arrays
 def rotate_copies(
     x: torch.Tensor,
     R: torch.Tensor,
@@ -47,6 +49,8 @@ def rotate_copies(
             rotate about the centroid of their valid points.
         batch: optional int64 ``(N,)``, the sample of each node (graph layout).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
+            CuPy (or NumPy) arrays in any tensor argument are taken without a copy
+            (DLPack) and the results come back as arrays of the same kind.
     Returns:
         ``(K * B, *inner, d)`` (``(K * N, *inner, d)``) in ``x.dtype``.
     """

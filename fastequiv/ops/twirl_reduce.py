@@ -12,6 +12,7 @@ import torch
 
 from ..reps import Rep
 from . import _library
+from ._interop import accepts_arrays
 from ._layout import action_matrices, centroids, rows_of
 from ._masks import check_batch, mask_for, per_sample_sum, tile, valid_count
 
@@ -62,6 +63,7 @@ def _twirl_reduce_act(out, R, target, rep, mask) -> TwirlSums:
     return TwirlSums(abar, total, bias, spread, count)
 
 
+@accepts_arrays
 def twirl_reduce(
     out: torch.Tensor,
     R: torch.Tensor,
@@ -86,6 +88,8 @@ def twirl_reduce(
         mask: optional bool ``(B, *inner)`` (``(N, *inner)``), a prefix of the target's shape.
         batch: optional int64 ``(N,)``, the sample of each node (graph layout).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
+            CuPy (or NumPy) arrays in any tensor argument are taken without a copy
+            (DLPack) and the results come back as arrays of the same kind.
     """
     # the math runs in float32/float64 whatever autocast region the caller is in
     with torch.autocast(out.device.type, enabled=False):
