@@ -14,6 +14,15 @@ steps (and at a few early steps, for the log axes) a fixed held-out set is decom
 :func:`fastequiv.equivariance_error`, K=8. At the end the demo writes ``log.csv`` (every
 logged value) and ``decomposition.png`` (share of the held-out loss due to equivariance
 error vs step, and the loss curves) into ``--out``.
+
+What to expect with the defaults (1000 steps, under a minute on two idle CPU cores): the
+untrained model owes about 12% of its held-out loss to equivariance error; augmentation
+brings that to about 2% within a few dozen steps and below 1% by the end, while the loss
+itself falls to under half. At a higher learning rate (``--lr 2e-3``, ``--steps 1500``)
+the model goes on to learn the pair interactions (held-out loss about 0.03-0.04 by step
+1500), and the share rises to 20-30% while it does so, then falls back slowly (12-19% at
+step 1500): once the invariant part is fitted, much of what is left is error that
+changes with the orientation.
 """
 
 from __future__ import annotations
@@ -130,9 +139,9 @@ def _eval_steps(steps: int, every: int) -> list[int]:
     return sorted({0, steps, *early, *range(every, steps, every)} & set(range(steps + 1)))
 
 
-def run(steps: int = 1500, samples: int = 2, equiv_weight: float = 0.0, device: str = "cpu", seed: int = 0,
+def run(steps: int = 1000, samples: int = 2, equiv_weight: float = 0.0, device: str = "cpu", seed: int = 0,
         out: str = "fastequiv-out", batch_size: int = 32, eval_every: int = 100, held_out: int = 256,
-        lr: float = 2e-3, progress: bool = True, plot: bool = True) -> dict:
+        lr: float = 5e-4, progress: bool = True, plot: bool = True) -> dict:
     """Train the demo model and write its log; returns the paths and the held-out curve.
 
     Returns:
@@ -259,7 +268,7 @@ def _plot(rows: list, path: str, samples: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     parser.add_argument("--samples", type=int, default=2, help="K, rotated copies per cluster in the training loss")
     parser.add_argument("--equiv-weight", type=float, default=0.0, help="weight of L_equiv added to the loss")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -268,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="clusters per training step")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     parser.add_argument("--held-out", type=int, default=256, help="clusters in the held-out set")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warmup then cosine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -283,9 +292,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'step':>6} {'L_total':>9} {'L_mean':>9} {'L_equiv':>9} {'pct':>7}   (held-out)")
     for step, total, mean, equiv, pct in res["heldout"]:
         print(f"{step:>6} {total:>9.4f} {mean:>9.4f} {equiv:>9.5f} {100 * pct:>6.2f}%")
-    below: Optional[int] = next((s for s, *_, p in res["heldout"] if s > 0 and p < 0.05), None)
+    # the first evaluation after which pct stays below 5% up to the end
+    below: Optional[int] = None
+    for step, *_, pct in res["heldout"]:
+        below = (step if below is None else below) if pct < 0.05 else None
     if below is not None:
-        print(f"the equivariance error is below 5% of the held-out loss from step {below} on")
+        print(f"the equivariance error stays below 5% of the held-out loss from step {below} on")
+    else:
+        print("the equivariance error is not yet below 5% of the held-out loss at the end (try more --steps)")
     print(f"done in {res['seconds']:.0f} s; wrote {os.path.abspath(res['csv'])}")
     if res["png"]:
         print(f"plot: {os.path.abspath(res['png'])}")
