@@ -44,7 +44,8 @@ def test_random_rotations(benchmark, backend):
 
 
 @pytest.mark.benchmark(group="twirl_reduce K=4, 1e6 elements")
-def test_twirl_reduce_torch(benchmark):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_twirl_reduce(benchmark, backend):
     K, B, N = 4, 64, 1302  # K * B * N * 3 ~ 1e6 elements
     out = torch.randn(K, B, N, 3)
     R = fe.random_rotations(K * B, seed=2).reshape(K, B, 3, 3)
@@ -52,7 +53,9 @@ def test_twirl_reduce_torch(benchmark):
     rep = as_rep("vector")
     benchmark.extra_info["elements"] = out.numel()
     benchmark.extra_info["bytes"] = (out.numel() + y.numel()) * 4
-    benchmark(twirl_reduce, out, R, y, rep, backend="torch")
+    if backend not in fe.build_info()["backends"]:
+        pytest.skip(f"backend {backend!r} is not available in this install")
+    benchmark(twirl_reduce, out, R, y, rep, backend=backend)
 
 
 @pytest.mark.benchmark(group="twirl_reduce K=4, 1e6 elements")
