@@ -126,3 +126,35 @@ def test_wigner_blocks(benchmark, impl, lmax):
     R = fe.random_rotations(n, seed=1, device="cuda", dtype=torch.float32)
     S = (lmax + 1) * (2 * lmax + 1) * (2 * lmax + 3) // 3
     _run(benchmark, _impl("wigner_blocks", impl), (R, lmax), n * (9 + S) * 4, n=n)
+
+
+def test_wigner_e3nn(benchmark):
+    """The peer of test_wigner_blocks at l <= 4: e3nn's D_from_matrix on the same rotations."""
+    from e3nn import o3
+
+    n = 100_000
+    benchmark.group = "wigner_blocks l<=4 1e5 float32"
+    R = fe.random_rotations(n, seed=1, device="cuda", dtype=torch.float32)
+    irreps = o3.Irreps("0e + 1o + 2e + 3o + 4e")
+    _run(benchmark, irreps.D_from_matrix, (R,), n * (9 + irreps.dim ** 2) * 4, n=n)
+
+
+@pytest.mark.parametrize("K", [2, 8])
+def test_reduce_plain_loop(benchmark, K):
+    """The peer of test_reduce_rows (dense, d = 3, float32): what users write today, a
+    Python loop over the K copies that back-rotates each one and reduces with torch."""
+    d, dtype = 3, torch.float32
+    benchmark.group = f"reduce_rows K={K} d={d} {dtype} dense 1e7 elements"
+    N, B, (out, M, target, sample, P, valid, center) = _reduce_inputs(K, d, dtype, graph=False)
+    o = out.reshape(K, B, P, d)
+    y = target.reshape(B, P, d)
+
+    def loop():
+        a = [o[k] @ M[k] for k in range(K)]
+        abar = sum(a) / K
+        total = sum(((ak - y) ** 2).sum((1, 2)) for ak in a) / K
+        spread = sum(((ak - abar) ** 2).sum((1, 2)) for ak in a) / K
+        return abar, total, spread
+
+    moved = (K + 1) * N * d * size_of(dtype) + N * d * 4
+    _run(benchmark, loop, (), moved, N=N, K=K)
