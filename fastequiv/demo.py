@@ -24,7 +24,9 @@ initial value) by step 2000, and the share rises to 15-25% while it does so and 
 to about 8% in the low-learning-rate end of the schedule. It does not reach 5%: with other
 seeds the end value is 8-16%, and longer or larger runs, wider or deeper models, or larger
 batches leave it at 8-15% while the loss goes lower still: of what this model still gets
-wrong, a tenth or more changes with the orientation.
+wrong, a tenth or more changes with the orientation. Training against it, with
+``--equiv-weight 1`` (the loss ``L_total + L_equiv`` from the same forward pass), ends at
+3.6% of a held-out loss of 0.026 (seed 0; below 5% from step 1750 on).
 """
 
 from __future__ import annotations
