@@ -116,6 +116,103 @@ void rotate_rows_backward_impl(const RotateRowsBackwardArgs& a) {
     (void)parallel;
 }
 
+// reduce_rows for dense rows of three components, in tiles of rows of one sample: the K
+// matrices are fixed across a tile and the loops over its rows vectorise. The arithmetic
+// per row and copy is the shared back_rotate_component; the K copies are back-rotated
+// twice (for the mean, then for the deviations), from a tile that stays in cache.
+template <typename TO, typename TY, typename Acc>
+void reduce_rows_dense3(const ReduceRowsArgs& a) {
+    constexpr int T = 128;
+    const RowLayout L = a.rows;
+    const int64_t N = L.N, P = L.P, B = L.B, K = L.K;
+    const TO* out = static_cast<const TO*>(a.out);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    const TY* y = static_cast<const TY*>(a.target);
+    const Acc* c = static_cast<const Acc*>(a.center);
+    Acc* mean = static_cast<Acc*>(a.mean);
+    Acc* sums = static_cast<Acc*>(a.sums);
+    const int64_t per_sample = (P + T - 1) / T;
+    const int64_t samples = std::min(B, (N + P - 1) / P);
+    const int64_t tiles = samples * per_sample;
+    const bool parallel = K * N * 3 >= kParallelElements;
+    const int nt = parallel ? max_threads() : 1;
+    std::vector<double> partial(static_cast<size_t>(nt) * 3 * B, 0.0);
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel num_threads(nt) if (parallel)
+#endif
+    {
+        double* local = partial.data() + static_cast<size_t>(thread_id()) * 3 * B;
+        Acc abar[3][T], yt[3][T], total[T], spread[T];
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t s = t / per_sample;
+            const int64_t r0 = s * P + (t % per_sample) * T;
+            const int n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+            for (int j = 0; j < n; ++j) {
+                for (int i = 0; i < 3; ++i) {
+                    abar[i][j] = 0;
+                    yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
+                }
+                total[j] = 0;
+                spread[j] = 0;
+            }
+            for (int64_t k = 0; k < K; ++k) {
+                const Acc* mk = M + (k * B + s) * 9;
+                const Acc* ck = c + (k * B + s) * 3;
+                const TO* ok = out + (k * N + r0) * 3;
+                for (int j = 0; j < n; ++j) {
+                    Acc e2 = 0;
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc v = back_rotate_component<3>(ok + j * 3, mk, ck, 3, i);
+                        abar[i][j] += v;
+                        e2 += (v - yt[i][j]) * (v - yt[i][j]);
+                    }
+                    total[j] += e2;
+                }
+            }
+            const Acc inv_k = Acc(1) / static_cast<Acc>(K);
+            for (int j = 0; j < n; ++j) {
+                for (int i = 0; i < 3; ++i) {
+                    abar[i][j] *= inv_k;
+                    mean[(r0 + j) * 3 + i] = abar[i][j];
+                }
+            }
+            for (int64_t k = 0; k < K; ++k) {
+                const Acc* mk = M + (k * B + s) * 9;
+                const Acc* ck = c + (k * B + s) * 3;
+                const TO* ok = out + (k * N + r0) * 3;
+                for (int j = 0; j < n; ++j) {
+                    Acc e2 = 0;
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc e = back_rotate_component<3>(ok + j * 3, mk, ck, 3, i) - abar[i][j];
+                        e2 += e * e;
+                    }
+                    spread[j] += e2;
+                }
+            }
+            double t_sum = 0, b_sum = 0, s_sum = 0;
+            for (int j = 0; j < n; ++j) {
+                if (a.valid && !a.valid[r0 + j]) continue;
+                Acc bias = 0;
+                for (int i = 0; i < 3; ++i) bias += (abar[i][j] - yt[i][j]) * (abar[i][j] - yt[i][j]);
+                t_sum += total[j] * inv_k;
+                b_sum += bias;
+                s_sum += spread[j] * inv_k;
+            }
+            local[s] += t_sum;
+            local[B + s] += b_sum;
+            local[2 * B + s] += s_sum;
+        }
+    }
+    for (int64_t q = 0; q < 3 * B; ++q) {
+        double v = 0.0;
+        for (int t = 0; t < nt; ++t) v += partial[static_cast<size_t>(t) * 3 * B + q];
+        sums[q] = static_cast<Acc>(v);
+    }
+}
+
 template <int D, typename TO, typename TY, typename Acc>
 void reduce_rows_impl(const ReduceRowsArgs& a) {
     const RowLayout L = a.rows;
@@ -222,6 +319,10 @@ const char* reduce_rows_cpu(const ReduceRowsArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
+                if (a.rows.d == 3 && !a.rows.sample && a.rows.P > 0) {  // dense (P = 0: graph)
+                    reduce_rows_dense3<decltype(to), decltype(ty), decltype(acc)>(a);
+                    return;
+                }
                 with_row_dim(a.rows.d, [&](auto D) {
                     reduce_rows_impl<decltype(D)::value, decltype(to), decltype(ty), decltype(acc)>(a);
                 });

@@ -383,3 +383,22 @@ def test_cuda_seeded_rotations_replay_in_a_cuda_graph(C):
     graph.replay()
     want = _rows.random_rotations_seeded(torch.tensor(99), 64, 0, False, torch.float64)
     close(out.cpu(), want, 2e-6, "replayed rotations")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_dense_rows_of_three_across_tiles(C, dtype):
+    """The tiled CPU path for dense rows of three components: samples spanning several tiles
+    of 128 rows, a short last sample, masks and centres."""
+    g = torch.Generator().manual_seed(5)
+    K, B, P = 3, 3, 300
+    N = B * P - 7
+    M = fe.random_rotations(K * B, seed=1, dtype=dtype).reshape(K, B, 3, 3)
+    out = torch.randn(K, N, 3, generator=g, dtype=dtype) + 50.0
+    y = torch.randn(N, 3, generator=g, dtype=dtype) + 50.0
+    valid = torch.rand(N, generator=g) > 0.2
+    center = torch.randn(K, B, 3, generator=g, dtype=dtype)
+    for v, c in ((None, None), (valid, center)):
+        mean, sums = impl("reduce_rows")(out, M, y, None, P, v, c, B)
+        want_mean, want_sums = _rows.reduce_rows(out, M, y, None, P, v, c, B)
+        torch.testing.assert_close(mean, want_mean, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(sums, want_sums, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
