@@ -1,7 +1,8 @@
 // CPU kernels of the row contract: rotate_rows, rotate_rows_backward, reduce_rows and
 // reduce_rows_backward. Each loops over rows (OpenMP, static schedule) and calls the
 // per-row functions of kernels/twirl_math.cuh that the CUDA kernels call, with the row
-// size fixed at compile time for d = 1 and d = 3.
+// size fixed at compile time for d = 1 and d = 3; reduce_rows on dense rows of three goes
+// in tiles of rows of one sample instead (reduce_rows_dense3), where the loops vectorise.
 //
 // reduce_rows sums per sample: every thread adds its rows into its own (3, B) partial
 // sums (in double), then the partials are added in thread order, so the result does not
