@@ -102,17 +102,13 @@ def resolve_seed(seed: Optional[int] = None, generator: Optional[torch.Generator
     return int(torch.randint(0, SEED_MAX, (), generator=generator, device=device))
 
 
-def _philox_words(n: int, seed: int, offset: int, device) -> torch.Tensor:
+def _philox_words(n: int, seed, offset: int, device=None) -> torch.Tensor:
+    """Philox words ``(n, 4)`` of rotations ``offset .. offset + n - 1``, keyed by ``seed``:
+    a Python int, or an int64 0-dim tensor read where it lives (no host sync, so it works
+    under CUDA-graph capture and ``torch.compile``; the words are made on its device)."""
+    if isinstance(seed, torch.Tensor):
+        device = seed.device
     idx = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
-    zeros = torch.zeros_like(idx)
-    counter = torch.stack([idx & _MASK32, idx >> 32, zeros, zeros], dim=-1)
-    return philox4x32_10(counter, (seed & _MASK32, seed >> 32))
-
-
-def _philox_words_tensor(n: int, seed: torch.Tensor, offset: int) -> torch.Tensor:
-    """:func:`_philox_words` keyed by an int64 0-dim ``seed`` tensor, read where it lives
-    (no host sync, so it works under CUDA-graph capture and ``torch.compile``)."""
-    idx = torch.arange(offset, offset + n, device=seed.device, dtype=torch.int64)
     zeros = torch.zeros_like(idx)
     counter = torch.stack([idx & _MASK32, idx >> 32, zeros, zeros], dim=-1)
     return philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
@@ -285,19 +281,22 @@ def group_elements(group: str, *, device=None, dtype: Optional[torch.dtype] = No
     return _finite_group(group).to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
-@_backend.register("random_rotations", "torch")
-def _random_rotations_torch(n: int, seed: int, offset: int, group: str, device, dtype) -> torch.Tensor:
-    words = _philox_words(n, seed, offset, device)
+def _elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
+    """The group elements ``(n, 3, 3)`` (float64) drawn by Philox words ``(n, 4)``: the one
+    definition of a draw that every torch-side sampler uses."""
     if group in _FINITE_ORDERS:
         # uniform element index from the first word (bias < order / 2^32, far below any test)
-        elements = _finite_group(group).to(device)
-        R = elements[words[..., 0] % _FINITE_ORDERS[group]]
-    else:
-        R = quaternion_to_matrix(_shoemake(words))
-        if group == "O3":
-            improper = (words[..., 3] & 1).bool()
-            R = torch.where(improper[:, None, None], -R, R)
-    return R.to(dtype)
+        return _finite_group(group).to(words.device)[words[..., 0] % _FINITE_ORDERS[group]]
+    R = quaternion_to_matrix(_shoemake(words))
+    if group == "O3":
+        improper = (words[..., 3] & 1).bool()
+        R = torch.where(improper[:, None, None], -R, R)
+    return R
+
+
+@_backend.register("random_rotations", "torch")
+def _random_rotations_torch(n: int, seed: int, offset: int, group: str, device, dtype) -> torch.Tensor:
+    return _elements_from_words(_philox_words(n, seed, offset, device), group).to(dtype)
 
 
 def _native_available(kind: str):

@@ -177,13 +177,9 @@ def random_rotations_seeded(seed: torch.Tensor, n: int, offset: int, improper: b
     """Rotations ``offset .. offset + n - 1`` of the Philox stream keyed by the int64
     0-dim tensor ``seed`` (read on the device, never synced to the host): ``(n, 3, 3)``.
     ``improper`` draws from O(3) (bit 0 of the fourth Philox word flips ``R`` to ``-R``)."""
-    from ..groups import _philox_words_tensor, _shoemake, quaternion_to_matrix
+    from ..groups import _elements_from_words, _philox_words
 
-    words = _philox_words_tensor(n, seed, offset)
-    R = quaternion_to_matrix(_shoemake(words))
-    if improper:
-        R = torch.where((words[..., 3] & 1).bool()[:, None, None], -R, R)
-    return R.to(dtype)
+    return _elements_from_words(_philox_words(n, seed, offset), "O3" if improper else "SO3").to(dtype)
 
 
 def wigner_blocks(R: torch.Tensor, lmax: int) -> torch.Tensor:

@@ -42,12 +42,9 @@ def random_rotations_seeded(n: int, seed: torch.Tensor, group: str, dtype: torch
     ``group`` is ``"SO3"``, ``"O3"`` or a finite group (a uniform element index from the
     first Philox word, as in :func:`fastequiv.random_rotations`).
     """
-    order = groups.group_order(group)
-    if order is not None:
+    if groups.is_finite_group(group):
         # a finite-group draw is an index gather: nothing for a kernel to fuse
-        words = groups._philox_words_tensor(n, seed, offset)
-        elements = groups._finite_group(group).to(seed.device)
-        return elements[words[..., 0] % order].to(dtype)
+        return groups._elements_from_words(groups._philox_words(n, seed, offset), group).to(dtype)
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     R = _library.call("random_rotations_seeded", backend, seed.device, seed, n, offset, group == "O3", work)
     return R.to(dtype)
