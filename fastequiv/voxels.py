@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from .ops._masks import mask_for, valid_count
+from .ops._masks import mask_for, tile, valid_count
 from .ops.twirl_reduce import TwirlSums, accumulate_dtype
 from .reps import Rep
 
@@ -211,7 +211,7 @@ def _resample_acc(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bo
         out = _permute_flip(src, M)
     else:
         if rows != B:
-            src = src.unsqueeze(0).expand((rows // B,) + tuple(src.shape)).reshape((rows,) + tuple(src.shape[1:]))
+            src = tile(src, rows // B)
         # grid_sample orders its grid (W, H, D): the map in its coordinates is P M^T P
         P = torch.eye(3, dtype=acc, device=x.device).flip(0)
         theta = torch.cat([P @ M.transpose(1, 2) @ P, M.new_zeros(rows, 3, 1)], dim=2)

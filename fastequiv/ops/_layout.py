@@ -17,7 +17,7 @@ import torch
 
 from ..groups import orientation
 from ..reps import Rep
-from . import _library
+from . import _rows
 
 ROW_KINDS = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "irreps")
 
@@ -76,6 +76,6 @@ def action_matrices(rep: Rep, R: torch.Tensor, backend: str) -> torch.Tensor:
 def centroids(x: torch.Tensor, rows: Rows, B: int) -> torch.Tensor:
     """Per-sample centroid of the valid rows of ``x`` ``(..., N, 3)`` -> ``(..., B, 3)``."""
     w = torch.ones(rows.N, dtype=x.dtype, device=x.device) if rows.valid is None else rows.valid.to(x.dtype)
-    total = _library._segment_sum(x * w[:, None], rows.sample, rows.P, B)
-    count = _library._segment_sum(w[:, None], rows.sample, rows.P, B)
+    total = _rows.segment_sum(x * w[:, None], rows.sample, rows.P, B)
+    count = _rows.segment_sum(w[:, None], rows.sample, rows.P, B)
     return total / count.clamp_min(1)

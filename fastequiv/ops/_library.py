@@ -39,11 +39,6 @@ def _impl(name: str, backend: str, device: torch.device):
     return _backend.resolve(name, backend, device)[1]
 
 
-def _segment_sum(values: Tensor, sample: Optional[Tensor], P: int, B: int) -> Tensor:
-    """``(..., B, d)`` sums over the rows of each sample of ``values`` ``(..., N, d)``."""
-    return _rows.segment_sum(values, sample, P, B)
-
-
 # --- rotate_rows ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fastequiv::rotate_rows", mutates_args=())
@@ -78,9 +73,9 @@ def _rotate_backward(ctx, grad):
     B = M.shape[1]
     gx = rotate_rows_backward(grad.contiguous(), M, sample, ctx.P, ctx.backend)
     gc = None
-    if ctx.has_center:
+    if ctx.has_center and ctx.needs_input_grad[4]:
         # out = M (x - c) + c: dc = sum over rows and copies of (g - M^T g)
-        gc = _segment_sum(grad.to(M.dtype).sum(0), sample, ctx.P, B) - _segment_sum(gx, sample, ctx.P, B)
+        gc = _rows.segment_sum(grad.to(M.dtype).sum(0), sample, ctx.P, B) - _rows.segment_sum(gx, sample, ctx.P, B)
     return gx.to(ctx.x_dtype), None, None, None, gc, None
 
 
@@ -128,16 +123,17 @@ def _reduce_backward(ctx, grad_mean, grad_sums):
     grad_out = reduce_rows_backward(grad_mean, grad_sums.contiguous(), out, M, target, sample, ctx.P, valid,
                                     center, mean, ctx.backend)
     acc = M.dtype
-    s = _rows.sample_index(out.shape[1], ctx.P, sample, out.device)
-    g = grad_sums.to(acc)[:, s]
-    if valid is not None:
-        g = g * valid.to(acc)
-    # total and bias are the only sums that see y: d/dy = -2 (g_total + g_bias) (abar - y)
-    grad_target = (-2.0 * (g[0] + g[1])[:, None] * (mean - target.to(acc))).to(ctx.target_dtype)
-    grad_center = None
-    if center is not None:
+    grad_target = grad_center = None
+    if ctx.needs_input_grad[2]:
+        s = _rows.sample_index(out.shape[1], ctx.P, sample, out.device)
+        g = grad_sums.to(acc)[:, s]
+        if valid is not None:
+            g = g * valid.to(acc)
+        # total and bias are the only sums that see y: d/dy = -2 (g_total + g_bias) (abar - y)
+        grad_target = (-2.0 * (g[0] + g[1])[:, None] * (mean - target.to(acc))).to(ctx.target_dtype)
+    if center is not None and ctx.needs_input_grad[6]:
         # a = M^T (o - c) + c: dc = sum over rows of (I - M^T) dL/da, and dL/do = M dL/da
-        S = _segment_sum(grad_out.to(acc), sample, ctx.P, B)
+        S = _rows.segment_sum(grad_out.to(acc), sample, ctx.P, B)
         grad_center = torch.einsum("kbji,kbj->kbi", M, S) - S
     return grad_out, None, grad_target, None, None, None, grad_center, None, None
 

@@ -29,7 +29,8 @@ def mask_for(mask: Optional[torch.Tensor], shape: torch.Size, name: str) -> Opti
 
 
 def tile(mask: Optional[torch.Tensor], K: int) -> Optional[torch.Tensor]:
-    """A per-sample mask ``(B, ...)`` repeated for K stacked copies ``(K * B, ...)``."""
+    """A per-sample tensor ``(B, ...)`` (a mask, or the scalars of an input) repeated for
+    K stacked copies, copy-major: ``(K * B, ...)``; None stays None."""
     if mask is None:
         return None
     return mask.unsqueeze(0).expand((K,) + tuple(mask.shape)).reshape((K * mask.shape[0],) + tuple(mask.shape[1:]))

@@ -24,8 +24,7 @@ def _rotate_copies_act(x: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optiona
     """The definition, through ``Rep.act`` (dense layout): the reference the row kernels are
     tested against, and the path for reps that are not rows (voxel grids)."""
     K, B = R.shape[:2]
-    copies = x.unsqueeze(0).expand((K,) + tuple(x.shape)).reshape((K * B,) + tuple(x.shape[1:]))
-    return rep.act(copies, R.reshape(K * B, 3, 3), mask=tile(mask, K))
+    return rep.act(tile(x, K), R.reshape(K * B, 3, 3), mask=tile(mask, K))
 
 
 @accepts_arrays
@@ -77,7 +76,7 @@ def _rotate_copies_rows(x, R, rep, mask, batch, backend):
             raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
         return _rotate_copies_act(x, R, rep, mask)
     if rep.kind == "scalar":
-        return x.unsqueeze(0).expand((K,) + tuple(x.shape)).reshape((K * x.shape[0],) + tuple(x.shape[1:]))
+        return tile(x, K)
     R = R.to(accumulate_dtype(x, R))
     M = action_matrices(rep, R, backend)
     xr = x.reshape(rows.N, rows.d)

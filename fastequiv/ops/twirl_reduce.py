@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..reps import Rep
-from . import _library
+from . import _library, _rows
 from ._interop import accepts_arrays
 from ._layout import action_matrices, centroids, rows_of
 from ._masks import check_batch, mask_for, per_sample_sum, tile, valid_count
@@ -127,6 +127,6 @@ def _twirl_reduce_rows(out, R, target, rep, mask, batch, backend):
     per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
     if rows.valid is not None:
         per_row = per_row * rows.valid
-    count = _library._segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
+    count = _rows.segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
     n = count.clamp_min(1)
     return TwirlSums(mean.reshape(target.shape), sums[0] / n, sums[1] / n, sums[2] / n, count)
