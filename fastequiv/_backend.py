@@ -77,6 +77,12 @@ def implemented_anywhere() -> set[str]:
     return {name for impls in _REGISTRY.values() for name in impls}
 
 
+def runnable(op: str, device: torch.device | str) -> list[str]:
+    """Backends whose implementation of ``op`` can run on ``device`` now, in registration order."""
+    device = torch.device(device)
+    return [name for name, (_, available) in _REGISTRY.get(op, {}).items() if available(device) is None]
+
+
 def implemented(op: str) -> list[str]:
     """Backends that have an implementation of ``op`` (whether or not they can run here)."""
     return sorted(_REGISTRY.get(op, {}))
