@@ -1,0 +1,452 @@
+"""The benchmark cases: every fused op, its pure-torch reference and the tools it replaces.
+
+A :class:`Case` is one implementation of one op at one size on one device. Cases that
+compute the same thing on the same inputs share a :attr:`Case.group`; inside a group the
+``reference`` case (fastequiv's pure-torch implementation, the ground truth the kernels are
+tested against) is the baseline of every ratio, and ``peer`` cases are what a user would
+run without fastequiv: e3nn (``Irreps.D_from_matrix``, ``o3.rand_matrix``), or the plain
+PyTorch loop over the K rotations (``torch.rot90`` / ``grid_sample`` loops for voxels).
+
+Each case also states the memory traffic its op cannot avoid (``bytes``: compulsory reads
+and writes of one call, so ``bytes / time`` is the bandwidth a roofline compares with the
+device's peak) and, where the op has arithmetic worth counting, its ``flops``.
+
+The same cases drive ``pytest benchmarks/ --benchmark-only`` and ``fastequiv bench``;
+:func:`cases` selects them by mode (``smoke``: tiny sizes, every code path; ``quick``: two
+sizes per public op; ``full``: a sweep of sizes plus the row-level kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+import fastequiv as fe
+from fastequiv import _backend
+from fastequiv.ops import _rows, rotate_copies, twirl_reduce
+from fastequiv.reps import as_rep
+
+__all__ = ["Case", "cases", "SIZES", "IRREPS_L4"]
+
+IRREPS_L4 = "0e + 1o + 2e + 3o + 4e"
+VECTOR = as_rep("vector")
+K_COPIES = 4  # copies per sample in the row ops (twirl_loss uses 2, monitors 8)
+SAMPLES = 64  # samples per batch in the dense row ops
+VOXEL_BATCH, VOXEL_CHANNELS, VOXEL_COPIES = 2, 4, 8
+
+# Sizes per (device type, mode). "elements": of the stacked K-copy tensor (what a
+# twirl_reduce reads); "rotations": matrices drawn or converted; "side": voxels per edge.
+SIZES = {
+    "cpu": {
+        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6]},
+        "quick": {"elements": [100_000, 1_000_000], "rotations": [10_000, 100_000], "wigner": [1_000, 10_000],
+                  "side": [16, 24]},
+        "full": {"elements": [10_000, 100_000, 1_000_000, 4_000_000], "rotations": [1_000, 10_000, 100_000, 1_000_000],
+                 "wigner": [100, 1_000, 10_000, 100_000], "side": [16, 24, 32]},
+    },
+    "cuda": {
+        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6]},
+        "quick": {"elements": [1_000_000, 10_000_000], "rotations": [100_000, 10_000_000], "wigner": [10_000, 100_000],
+                  "side": [32, 64]},
+        "full": {"elements": [100_000, 1_000_000, 10_000_000, 100_000_000],
+                 "rotations": [10_000, 100_000, 1_000_000, 10_000_000], "wigner": [1_000, 10_000, 100_000, 1_000_000],
+                 "side": [32, 64, 96, 128]},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One implementation of one op at one size (see module docs)."""
+
+    op: str
+    impl: str
+    device: str
+    size: int
+    unit: str
+    setup: Callable[[], Callable[[], object]] = field(compare=False, repr=False)
+    bytes: int = 0
+    flops: int = 0
+    params: tuple = ()
+    role: str = "fastequiv"  # "reference" | "fastequiv" | "peer"
+    level: str = "op"  # "op": public API; "kernel": a row-level primitive
+    # whether a call returns what the group's reference returns (tests compare them); False
+    # for peers that draw other random numbers or order their copies differently
+    check: bool = True
+
+    @property
+    def group(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.op} {extra} {self.size:,} {self.unit} {self.device}".replace("  ", " ")
+
+    @property
+    def name(self) -> str:
+        return f"{self.group} | {self.impl}"
+
+    def info(self) -> dict:
+        """What a report records next to the time."""
+        return dict(op=self.op, impl=self.impl, device=self.device, size=self.size, unit=self.unit, bytes=self.bytes,
+                    flops=self.flops, role=self.role, level=self.level, **dict(self.params))
+
+
+def _backends(kernel: str, device: str) -> list[str]:
+    """Compiled backends of ``kernel`` that run on ``device``; the Triton interpreter on CPU
+    is a test harness, not something to time."""
+    return [b for b in _backend.runnable(kernel, device) if b != "torch" and not (b == "triton" and device == "cpu")]
+
+
+def _gen(device, seed=0):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _randn(shape, device, dtype=torch.float32, seed=0):
+    return torch.randn(shape, generator=_gen(device, seed), dtype=dtype).to(device)
+
+
+def _fe(backend: str) -> tuple[str, str]:
+    """(impl label, role) of a fastequiv backend."""
+    return (f"fastequiv {backend} (reference)", "reference") if backend == "torch" else (f"fastequiv {backend}", "fastequiv")
+
+
+# ---------------------------------------------------------------------------- public ops
+
+
+def _dense_shape(elements: int, copies: int, d: int = 3) -> tuple[int, int]:
+    rows = max(1, elements // (copies * d))
+    B = min(SAMPLES, rows)
+    return B, max(1, rows // B)
+
+
+def _rotate_copies_cases(device, sizes) -> Iterator[Case]:
+    K = K_COPIES
+    for elements in sizes["elements"]:
+        B, P = _dense_shape(elements, K)
+        n = K * B * P * 3
+
+        def data(B=B, P=P):
+            x = _randn((B, P, 3), device)
+            R = fe.random_rotations(K * B, seed=1, device=device, dtype=torch.float32).reshape(K, B, 3, 3)
+            return x, R
+
+        common = dict(op="rotate_copies", device=device, size=n, unit="elements", bytes=4 * (n + n // K),
+                      flops=6 * n, params=(("K", K), ("rep", "vector")))
+        for b in ["torch"] + _backends("rotate_rows", device):
+            impl, role = _fe(b)
+
+            def setup(b=b, data=data):
+                x, R = data()
+                return lambda: rotate_copies(x, R, VECTOR, backend=b)
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def loop(data=data):
+            x, R = data()
+            return lambda: torch.cat([x @ R[k].transpose(-1, -2) for k in range(K)])
+
+        yield Case(impl="torch loop over K", role="peer", setup=loop, **common)
+
+
+def _twirl_reduce_inputs(device, B, P, K, grad):
+    out = _randn((K, B, P, 3), device, seed=1).requires_grad_(grad)
+    R = fe.random_rotations(K * B, seed=2, device=device, dtype=torch.float32).reshape(K, B, 3, 3)
+    y = _randn((B, P, 3), device, seed=3)
+    return out, R, y
+
+
+def _loop_sums(out, R, y):
+    """What users write today: back-rotate each copy, then the decomposition sums in torch."""
+    K = out.shape[0]
+    a = [out[k] @ R[k] for k in range(K)]
+    abar = sum(a) / K
+    total = sum(((ak - y) ** 2).mean((1, 2)) for ak in a) / K
+    spread = sum(((ak - abar) ** 2).mean((1, 2)) for ak in a) / K
+    return abar, total, spread
+
+
+def _with_backward(sums, out, backward: bool):
+    """``sums`` itself, or a call that also backpropagates ``total + spread`` to ``out`` and
+    returns that gradient."""
+    if not backward:
+        return sums
+
+    def step():
+        total, spread = sums()
+        (total.sum() + spread.sum()).backward()
+        grad, out.grad = out.grad, None
+        return grad
+    return step
+
+
+def _twirl_reduce_cases(device, sizes) -> Iterator[Case]:
+    K = K_COPIES
+    for backward in (False, True):
+        op = "twirl_reduce fwd+bwd" if backward else "twirl_reduce"
+        for elements in sizes["elements"]:
+            B, P = _dense_shape(elements, K)
+            n = K * B * P * 3
+            # forward: read out and the target, write the float32 mean; backward: read out,
+            # target and mean again, write the gradient of out
+            moved = 4 * (n + 2 * n // K) + (4 * (2 * n + 2 * n // K) if backward else 0)
+            common = dict(op=op, device=device, size=n, unit="elements", bytes=moved,
+                          flops=(18 if backward else 10) * n, params=(("K", K), ("rep", "vector")))
+
+            for b in ["torch"] + _backends("reduce_rows", device):
+                impl, role = _fe(b)
+
+                def setup(b=b, B=B, P=P, backward=backward):
+                    out, R, y = _twirl_reduce_inputs(device, B, P, K, backward)
+
+                    def sums():
+                        s = twirl_reduce(out, R, y, VECTOR, backend=b)
+                        return s.total, s.spread
+                    return _with_backward(sums, out, backward)
+
+                yield Case(impl=impl, role=role, setup=setup, **common)
+
+            def loop(B=B, P=P, backward=backward):
+                out, R, y = _twirl_reduce_inputs(device, B, P, K, backward)
+                return _with_backward(lambda: _loop_sums(out, R, y)[1:], out, backward)
+
+            yield Case(impl="torch loop over K", role="peer", setup=loop, **common)
+
+
+def _wigner_cases(device, sizes) -> Iterator[Case]:
+    dim = sum(2 * l + 1 for l in range(5))
+    for n in sizes["wigner"]:
+        common = dict(op="wigner_D", device=device, size=n, unit="rotations", bytes=4 * n * (9 + dim * dim),
+                      params=(("irreps", "l<=4"),))
+
+        def rotations(n=n):
+            return fe.random_rotations(n, seed=1, device=device, dtype=torch.float32)
+
+        for b in ["torch"] + _backends("wigner_blocks", device):
+            impl, role = _fe(b)
+
+            def setup(b=b, rotations=rotations):
+                R = rotations()
+                return lambda: fe.wigner_D(IRREPS_L4, R, backend=b)
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def e3nn(rotations=rotations):
+            from e3nn import o3
+
+            R, irreps = rotations(), o3.Irreps(IRREPS_L4)
+            return lambda: irreps.D_from_matrix(R)
+
+        yield Case(impl="e3nn Irreps.D_from_matrix", role="peer", setup=e3nn, **common)
+
+
+def _random_rotations_cases(device, sizes) -> Iterator[Case]:
+    for n in sizes["rotations"]:
+        common = dict(op="random_rotations", device=device, size=n, unit="rotations", bytes=4 * 9 * n,
+                      params=(("group", "SO3"),))
+        for b in ["torch"] + [b for b in _backend.runnable("random_rotations", device) if b != "torch"]:
+            impl, role = _fe(b)
+            yield Case(impl=impl, role=role, **common,
+                       setup=lambda b=b, n=n: lambda: fe.random_rotations(n, seed=3, device=device, backend=b))
+
+        def e3nn(n=n):
+            from e3nn import o3
+
+            return lambda: o3.rand_matrix(n, device=device)
+
+        yield Case(impl="e3nn o3.rand_matrix", role="peer", setup=e3nn, check=False, **common)
+
+
+# -------------------------------------------------------------------------------- voxels
+
+
+def _grid_sample_loop(x, R):
+    """One ``affine_grid`` + ``grid_sample`` per rotation; grid_sample orders axes (W, H, D)."""
+    F = torch.nn.functional
+    flip = torch.eye(3, dtype=R.dtype, device=R.device).flip(0)
+    out = []
+    for Rk in R:
+        theta = torch.cat([flip @ Rk.transpose(1, 2) @ flip, Rk.new_zeros(Rk.shape[0], 3, 1)], dim=2)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
+    return torch.cat(out)
+
+
+def _rot90_orbit(x):
+    """The 24 rotations of a grid by ``torch.rot90``: each face to the front, four turns."""
+    faces = [x, torch.rot90(x, 1, (2, 4)), torch.rot90(x, 2, (2, 4)), torch.rot90(x, 3, (2, 4)),
+             torch.rot90(x, 1, (2, 3)), torch.rot90(x, 3, (2, 3))]
+    return torch.cat([torch.rot90(f, q, (3, 4)) for f in faces for q in range(4)])
+
+
+def _voxel_cases(device, sizes) -> Iterator[Case]:
+    from fastequiv import voxels as V
+
+    B, C, K = VOXEL_BATCH, VOXEL_CHANNELS, VOXEL_COPIES
+    impls = ["torch"] + _backends("voxels_resample", device)
+    for side in sizes["side"]:
+        cells = B * C * side ** 3
+
+        def data(side=side, copies=K):
+            x = _randn((B, C, side, side, side), device)
+            R = fe.random_rotations(copies * B, seed=1, device=device, dtype=torch.float32).reshape(copies, B, 3, 3)
+            return x, R
+
+        # SO(3) copies: trilinear resampling, K grids written
+        common = dict(op="voxels rotate_copies", device=device, size=side, unit="side", bytes=4 * cells * (1 + K),
+                      params=(("K", K), ("B", B), ("C", C)))
+        for b in impls:
+            impl, role = _fe(b)
+
+            def setup(b=b, data=data):
+                x, R = data()
+                return lambda: V.rotate_copies(x, R, backend=b)
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def loop(data=data):
+            x, R = data()
+            return lambda: _grid_sample_loop(x, R)
+
+        yield Case(impl="grid_sample loop over K", role="peer", setup=loop, **common)
+
+        # the 24 rotations of the cube: exact permutations, 24 grids written
+        common = dict(op="voxels cube copies", device=device, size=side, unit="side", bytes=4 * cells * 25,
+                      params=(("K", 24), ("B", B), ("C", C)))
+        for b in impls:
+            impl, role = _fe(b)
+
+            def setup(b=b, data=data):
+                x, _ = data()
+                G = fe.group_elements("octahedral", device=device)[:, None].expand(24, B, 3, 3)
+                return lambda: V.rotate_copies(x, G, backend=b)
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def rot90(data=data):
+            x, _ = data()
+            return lambda: _rot90_orbit(x)
+
+        yield Case(impl="torch.rot90 loop", role="peer", setup=rot90, check=False, **common)
+
+        # back-rotation of K outputs fused with the decomposition sums
+        common = dict(op="voxels twirl_reduce", device=device, size=side, unit="side", bytes=4 * cells * (K + 2),
+                      params=(("K", K), ("B", B), ("C", C)))
+        for b in impls:
+            impl, role = _fe(b)
+
+            def setup(b=b, data=data):
+                x, R = data()
+                out = _randn((K,) + tuple(x.shape), device, seed=5)
+                return lambda: V.twirl_reduce(out, R, x, backend=b)[:4]
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def sums_loop(data=data):
+            x, R = data()
+            out = _randn((K,) + tuple(x.shape), device, seed=5)
+
+            def run():
+                a = _grid_sample_loop(out.flatten(0, 1), R.transpose(-1, -2).reshape(1, -1, 3, 3)).reshape(out.shape)
+                abar = a.mean(0)
+                per = [((a - x) ** 2).mean(0), (abar - x) ** 2, ((a - abar) ** 2).mean(0)]
+                return (abar, *(p.flatten(1).mean(1) for p in per))
+            return run
+
+        yield Case(impl="grid_sample loop + torch sums", role="peer", setup=sums_loop, **common)
+
+
+# --------------------------------------------------------------------- row-level kernels
+
+
+def _row_impl(op: str, backend: str, device: str):
+    return getattr(_rows, op) if backend == "torch" else _backend.resolve(op, backend, device)[1]
+
+
+def _row_data(device, elements, K=K_COPIES, d=3, graph=False, P=1000):
+    N = max(1, elements // (K * d))
+    P = min(P, N)
+    B = max(1, N // P)
+    N = B * P
+    M = fe.random_rotations(K * B, seed=0, device=device, dtype=torch.float32).reshape(K, B, 3, 3).contiguous()
+    sample = (torch.arange(N, device=device) // P) if graph else None
+    return N, B, (0 if graph else P), sample, M
+
+
+def _kernel_cases(device, sizes) -> Iterator[Case]:
+    K, d = K_COPIES, 3
+    for elements in sizes["elements"]:
+        N = max(1, elements // (K * d))
+        n = K * (N // min(1000, N) * min(1000, N)) * d
+        specs = [
+            ("rotate_rows", False, 4 * (n + n // K)),
+            ("rotate_rows_backward", False, 4 * (n + n // K)),
+            ("reduce_rows", False, 4 * (n + 2 * n // K) + N),
+            ("reduce_rows", True, 4 * (n + 2 * n // K) + 9 * N),
+            ("reduce_rows_backward", False, 4 * (2 * n + 2 * n // K) + N),
+        ]
+        for op, graph, moved in specs:
+            common = dict(op=op, device=device, size=n, unit="elements", bytes=moved, level="kernel",
+                          params=(("K", K), ("layout", "graph" if graph else "dense")))
+
+            def setup(op=op, graph=graph, b="torch", elements=elements):
+                N, B, P, sample, M = _row_data(device, elements, graph=graph)
+                fn = _row_impl(op, b, device)
+                if op == "rotate_rows":
+                    args = (_randn((N, d), device), M, sample, P, None)
+                elif op == "rotate_rows_backward":
+                    args = (_randn((K, N, d), device), M, sample, P)
+                else:
+                    out, target = _randn((K, N, d), device, seed=1), _randn((N, d), device, seed=2)
+                    valid = torch.rand(N, generator=_gen(device, 3)).to(device) > 0.1
+                    args = (out, M, target, sample, P, valid, None, B)
+                    if op == "reduce_rows_backward":
+                        mean, _ = _rows.reduce_rows(*args)
+                        grad_sums = _randn((3, B), device, seed=4)
+                        args = (None, grad_sums, out, M, target, sample, P, valid, None, mean)
+                return lambda: fn(*args)
+
+            for b in ["torch"] + _backends(op, device):
+                impl, role = (f"{b} kernel", "fastequiv") if b != "torch" else ("torch _rows (reference)", "reference")
+                yield Case(impl=impl, role=role, setup=lambda s=setup, b=b: s(b=b), **common)
+
+    for n in sizes["rotations"]:
+        for op, moved in (("random_rotations_seeded", 4 * 9 * n),):
+            common = dict(op=op, device=device, size=n, unit="rotations", bytes=moved, level="kernel")
+            for b in ["torch"] + _backends(op, device):
+                impl, role = (f"{b} kernel", "fastequiv") if b != "torch" else ("torch _rows (reference)", "reference")
+
+                def setup(b=b, n=n):
+                    seed = torch.tensor(7, device=device)
+                    fn = _row_impl("random_rotations_seeded", b, device)
+                    return lambda: fn(seed, n, 0, False, torch.float32)
+
+                yield Case(impl=impl, role=role, setup=setup, **common)
+
+
+OPS = {
+    "rotate_copies": _rotate_copies_cases,
+    "twirl_reduce": _twirl_reduce_cases,
+    "wigner_D": _wigner_cases,
+    "random_rotations": _random_rotations_cases,
+    "voxels": _voxel_cases,
+    "kernels": _kernel_cases,
+}
+
+
+def cases(mode: str = "quick", device=None, ops: Optional[list[str]] = None) -> list[Case]:
+    """The cases of ``mode`` on ``device`` (default: CUDA if torch sees one, else CPU).
+
+    ``ops`` selects among :data:`OPS` (default: all public ops, plus ``"kernels"`` in the
+    ``full`` and ``smoke`` modes)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device).type
+    if mode not in SIZES[device]:
+        raise ValueError(f"mode must be one of {sorted(SIZES[device])}, got {mode!r}")
+    if ops is None:
+        ops = [op for op in OPS if op != "kernels" or mode != "quick"]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ValueError(f"ops must be among {sorted(OPS)}, got unknown {unknown}")
+    sizes = SIZES[device][mode]
+    return [case for op in ops for case in OPS[op](device, sizes)]
