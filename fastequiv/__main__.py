@@ -1,4 +1,4 @@
-"""Command line: ``fastequiv demo``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
+"""Command line: ``fastequiv demo``, ``fastequiv bench``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def demo(args) -> int:
     return _demo.main(args)
 
 
+def bench(args) -> int:
+    from .bench import cli
+
+    return cli.main(args)
+
+
 def info(args) -> int:
     import fastequiv as fe
 
@@ -78,6 +84,12 @@ def main(argv=None) -> int:
                                      "the share of its loss due to equivariance error")
     add_arguments(dm)
     dm.set_defaults(func=demo)
+    from .bench import cli as bench_cli
+
+    bn = sub.add_parser("bench", help="time the fused ops against the torch reference, e3nn and plain loops, and "
+                                      "what logging equivariance error adds to a training step; table, JSON, plots")
+    bench_cli.add_arguments(bn)
+    bn.set_defaults(func=bench)
     ex = sub.add_parser("example", help="train a small model and print its loss decomposition")
     ex.add_argument("--steps", type=int, default=400)
     ex.add_argument("--samples", type=int, default=2, help="K, rotated copies per sample in the training loss")

@@ -1,0 +1,100 @@
+"""``fastequiv bench``: run the op benchmarks and the training-step overheads, print a table,
+write ``results.json``, ``ops.png`` and ``overhead.png`` to ``--out``.
+
+::
+
+    fastequiv bench                 # quick: two sizes per op + the step overheads (minutes)
+    fastequiv bench --full          # size sweeps, the row-level kernels, more rounds
+    fastequiv bench --smoke         # every case once at toy sizes (CI: proves they run)
+    fastequiv bench --ops twirl_reduce,step --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+MODES = ("smoke", "quick", "full")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cases import OPS
+
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="size sweeps, the row-level kernels, more rounds")
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                      help="every case once at toy sizes (proves the benchmarks run; the figures mean nothing)")
+    parser.set_defaults(mode="quick")
+    parser.add_argument("--ops", default=None,
+                        help=f"comma-separated subset of {','.join(list(OPS) + ['step'])} (default: all; "
+                             "'kernels' only with --full or --smoke)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU when torch sees one, else the CPU")
+    parser.add_argument("--out", default="fastequiv-bench", help="folder for results.json and the plots")
+    parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+
+
+def _select(ops_arg, mode):
+    from .cases import OPS
+
+    if ops_arg is None:
+        return None, True
+    wanted = [o.strip() for o in ops_arg.split(",") if o.strip()]
+    unknown = sorted(set(wanted) - set(OPS) - {"step"})
+    if unknown:
+        raise SystemExit(f"fastequiv bench: --ops got unknown {unknown}; choose from {sorted(list(OPS) + ['step'])}")
+    return [o for o in wanted if o != "step"], "step" in wanted
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import report, step
+    from .cases import cases
+    from .timing import measure
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastequiv bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    ops, run_step = _select(args.ops, args.mode)
+    os.makedirs(args.out, exist_ok=True)
+    info = report.machine(device)
+    title = f"fastequiv bench ({args.mode}) on {report.describe(info)}"
+    print(title)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    start = time.perf_counter()
+
+    results = []
+    selected = cases(args.mode, device, ops) if ops is None or ops else []
+    for i, case in enumerate(selected):
+        fn = case.setup()
+        stats = measure(fn, device, args.mode)
+        del fn
+        results.append({**case.info(), "group": case.group, **stats.as_dict(), "times_s": stats.times})
+        log(f"[{i + 1}/{len(selected)}] {case.name}: {stats.median * 1e3:.3f} ms")
+    rows = report.op_rows(results)
+    payload = {"mode": args.mode, "machine": info, "ops": rows}
+    files = {}
+    if rows:
+        print("\n" + report.format_ops(rows))
+        files["ops_plot"] = report.plot_ops(rows, os.path.join(args.out, "ops.png"), title)
+
+    if run_step:
+        log("\ntraining-step overheads (variants interleaved in each round)")
+        overhead = step.overhead(args.mode, device, log=log)
+        payload["step"] = overhead
+        print("\n" + report.format_overhead(overhead))
+        files["overhead_plot"] = report.plot_overhead(overhead, os.path.join(args.out, "overhead.png"), title)
+
+    payload["elapsed_s"] = time.perf_counter() - start
+    files["json"] = os.path.join(args.out, "results.json")
+    payload["files"] = files
+    report.write_json(files["json"], payload)
+    print(f"\n{len(results)} op cases{' and the step overheads' if run_step else ''} in "
+          f"{payload['elapsed_s']:.0f} s; wrote {', '.join(f for f in files.values() if f)}")
+    return 0
