@@ -110,6 +110,14 @@ def test_op_rows_ratios_are_against_the_reference_of_the_same_group():
     assert text.index("ref") < text.index("fast")  # the reference heads its group
 
 
+def test_target_verdicts_need_the_quartiles_on_one_side():
+    v = lambda q1, med, q3: dict(ratio_q1=q1, ratio_to_a=med, ratio_q3=q3)  # noqa: E731
+    assert report.target_verdict("b", v(0.99, 1.00, 1.01)) == "met"
+    assert report.target_verdict("b", v(1.03, 1.05, 1.08)) == "not met"
+    assert report.target_verdict("b", v(0.95, 1.01, 1.06)) == "within noise"
+    assert report.target_verdict("c", v(1.00, 1.04, 1.05)) == "met"
+
+
 def test_step_variants_run_and_ratios_are_per_round():
     result = step.overhead("smoke", "cpu", rounds=2)
     assert list(result["variants"]) == ["a", "b", "c", "d", "e"]
@@ -120,6 +128,10 @@ def test_step_variants_run_and_ratios_are_per_round():
         assert min(ratios) <= v["ratio_to_a"] <= max(ratios)
     assert result["variants"]["a"]["ratio_to_a"] == 1.0
     assert result["size"]["measured_samples"] == 2  # 1/8 of the 16 stacked samples
+    m = result["machinery"]
+    assert all(m[k] > 0 for k in ("plain_ms", "twirl_loss_ms", "monitor_ms"))
+    a_ms = 1e3 * result["variants"]["a"]["median_s"]
+    assert m["monitor_added_pct_of_a"] == pytest.approx(100 * m["monitor_ms"] / a_ms)
 
 
 def test_quick_and_full_models_have_millions_of_parameters_of_similar_size():

@@ -37,22 +37,23 @@ SAMPLES = 64  # samples per batch in the dense row ops
 VOXEL_BATCH, VOXEL_CHANNELS, VOXEL_COPIES = 2, 4, 8
 
 # Sizes per (device type, mode). "elements": of the stacked K-copy tensor (what a
-# twirl_reduce reads); "rotations": matrices drawn or converted; "side": voxels per edge.
+# twirl_reduce reads); "rotations": matrices drawn or converted; "side": voxels per edge;
+# "clusters": samples of the model measured by equivariance_error.
 SIZES = {
     "cpu": {
-        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6]},
-        "quick": {"elements": [100_000, 1_000_000], "rotations": [10_000, 100_000], "wigner": [1_000, 10_000],
-                  "side": [16, 24]},
+        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6], "clusters": [8]},
+        "quick": {"elements": [100_000, 1_000_000], "rotations": [10_000, 100_000], "wigner": [10_000, 100_000],
+                  "side": [16, 24], "clusters": [32, 256]},
         "full": {"elements": [10_000, 100_000, 1_000_000, 4_000_000], "rotations": [1_000, 10_000, 100_000, 1_000_000],
-                 "wigner": [100, 1_000, 10_000, 100_000], "side": [16, 24, 32]},
+                 "wigner": [100, 1_000, 10_000, 100_000], "side": [16, 24, 32], "clusters": [32, 256, 1024]},
     },
     "cuda": {
-        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6]},
+        "smoke": {"elements": [3_000], "rotations": [200], "wigner": [200], "side": [6], "clusters": [8]},
         "quick": {"elements": [1_000_000, 10_000_000], "rotations": [100_000, 10_000_000], "wigner": [10_000, 100_000],
-                  "side": [32, 64]},
+                  "side": [32, 64], "clusters": [256, 4096]},
         "full": {"elements": [100_000, 1_000_000, 10_000_000, 100_000_000],
                  "rotations": [10_000, 100_000, 1_000_000, 10_000_000], "wigner": [1_000, 10_000, 100_000, 1_000_000],
-                 "side": [32, 64, 96, 128]},
+                 "side": [32, 64, 96, 128], "clusters": [256, 4096, 16384]},
     },
 }
 
@@ -256,6 +257,51 @@ def _random_rotations_cases(device, sizes) -> Iterator[Case]:
         yield Case(impl="e3nn o3.rand_matrix", role="peer", setup=e3nn, check=False, **common)
 
 
+def _equivariance_error_cases(device, sizes) -> Iterator[Case]:
+    """Measuring a model: fastequiv's one stacked call over K=8 copies against e3nn's
+    ``equivariance_error`` (8 rotations, two forwards each). The model is the demo's
+    transformer (width 64) on clusters of 5-8 atoms; both run under no_grad. They report
+    different statistics (fastequiv the decomposition, e3nn the largest deviation), so the
+    ratio is of the cost of an answer, and the outputs are not compared."""
+    from fastequiv.demo import SPEC, ForceTask, PointTransformer
+
+    K = 8
+    for clusters in sizes["clusters"]:
+        # bytes: the stacked inputs read and the outputs written once per copy
+        common = dict(op="equivariance_error", device=device, size=clusters, unit="clusters",
+                      bytes=4 * K * clusters * 8 * (3 + 3), params=(("K", K), ("model", "demo transformer")))
+
+        def data(clusters=clusters):
+            torch.manual_seed(0)
+            model = PointTransformer().to(device).eval()
+            inputs, forces = ForceTask(device=device).batch(clusters, _gen(device, 4))
+            return model, inputs, forces
+
+        for b in ["torch"] + _backends("reduce_rows", device):
+            impl, role = _fe(b)
+
+            def setup(b=b, data=data):
+                model, inputs, forces = data()
+                return lambda: fe.equivariance_error(model, inputs, forces, spec=SPEC, samples=K, seed=0, backend=b,
+                                                     check_finite=False).total
+
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def e3nn(data=data):
+            from e3nn.util.test import equivariance_error
+
+            model, inputs, _ = data()
+            args = [inputs["pos"], inputs["species"], inputs["mask"]]
+
+            def run():
+                with torch.no_grad():
+                    return equivariance_error(model, args, irreps_in=["cartesian_points", None, None],
+                                              irreps_out=["1x1o"], ntrials=K, do_parity=False, do_translation=False)
+            return run
+
+        yield Case(impl="e3nn equivariance_error", role="peer", setup=e3nn, check=False, **common)
+
+
 # -------------------------------------------------------------------------------- voxels
 
 
@@ -428,6 +474,7 @@ OPS = {
     "twirl_reduce": _twirl_reduce_cases,
     "wigner_D": _wigner_cases,
     "random_rotations": _random_rotations_cases,
+    "equivariance_error": _equivariance_error_cases,
     "voxels": _voxel_cases,
     "kernels": _kernel_cases,
 }

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
     payload["elapsed_s"] = time.perf_counter() - start
     files["json"] = os.path.join(args.out, "results.json")
-    payload["files"] = files
+    payload["files"] = {k: os.path.basename(v) for k, v in files.items() if v}  # relative to --out
     report.write_json(files["json"], payload)
     print(f"\n{len(results)} op cases{' and the step overheads' if run_step else ''} in "
           f"{payload['elapsed_s']:.0f} s; wrote {', '.join(f for f in files.values() if f)}")

@@ -59,7 +59,7 @@ _MODEL = dict(width=384, layers=4, heads=8, e3nn_mul=512, e3nn_layers=3)
 STEP_SIZES = {
     "cpu": {
         "smoke": StepSize(**_SMOKE),
-        "quick": StepSize(samples=16, atoms=32, rounds=11, e3nn_rounds=3, **_MODEL),
+        "quick": StepSize(samples=16, atoms=32, rounds=21, e3nn_rounds=3, **_MODEL),
         "full": StepSize(samples=32, atoms=32, rounds=31, e3nn_rounds=5, **_MODEL),
     },
     "cuda": {
@@ -153,18 +153,24 @@ class StepBench:
         loss.backward()
         opt.step()
 
-    def plain(self):
-        """(a) random-rotation augmentation on the 2B samples."""
+    def _plain_loss(self, model):
         x = self.inputs
         R = fe.random_rotations(x["pos"].shape[0], generator=self.seed, device=self.device)
         pos, forces = x["pos"] @ R.transpose(1, 2), self.forces @ R.transpose(1, 2)
-        self._update(_masked_mse(self.model(pos, x["species"], x["mask"]), forces, x["mask"]))
+        return _masked_mse(model(pos, x["species"], x["mask"]), forces, x["mask"])
+
+    def _twirl_loss(self, model):
+        loss, _ = fe.twirl_loss(model, self.half, self.half_forces, spec=SPEC, samples=2, generator=self.seed,
+                                check_finite=False)
+        return loss
+
+    def plain(self):
+        """(a) random-rotation augmentation on the 2B samples."""
+        self._update(self._plain_loss(self.model))
 
     def twirl_loss(self):
         """(b) fe.twirl_loss, K=2 copies of B samples: 2B rows, one model call."""
-        loss, _ = fe.twirl_loss(self.model, self.half, self.half_forces, spec=SPEC, samples=2,
-                                generator=self.seed, check_finite=False)
-        self._update(loss)
+        self._update(self._twirl_loss(self.model))
 
     def monitored(self):
         """(c) (a), then the no-grad monitor (K=2) on 1/8 of the batch."""
@@ -188,6 +194,35 @@ class StepBench:
         self._update(_masked_mse(model(x["pos"], x["species"], x["mask"]), self.forces, x["mask"]), self._e3nn_opt)
 
 
+class _Stored(nn.Module):
+    """A stand-in model that returns a stored output (a leaf, so backward has work to do):
+    with it a step costs only what surrounds the model."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.out = nn.Parameter(torch.randn_like(like))
+
+    def forward(self, pos, species, mask):
+        return self.out[: pos.shape[0]]
+
+
+def machinery(bench: StepBench, mode: str) -> dict:
+    """Milliseconds of everything but the model in (a), (b) and (c): the loss, rotations,
+    copies, reductions and their backward, with the model replaced by :class:`_Stored`.
+    Timed with :func:`fastequiv.bench.timing.measure` (hundreds of rounds), so the cost
+    fastequiv adds is resolved even where a whole step's run-to-run noise hides it."""
+    from .timing import measure
+
+    stub = _Stored(bench.forces).to(bench.device)
+    monitor = fe.EquivarianceMonitor(stub, spec=SPEC, every=1, fraction=1 / 8, samples=2)
+    fns = {
+        "plain_ms": lambda: bench._plain_loss(stub).backward(),
+        "twirl_loss_ms": lambda: bench._twirl_loss(stub).backward(),
+        "monitor_ms": lambda: monitor(0, bench.inputs, bench.forces),
+    }
+    return {k: 1e3 * measure(fn, bench.device, mode).median for k, fn in fns.items()}
+
+
 # (key, label, method): the order of the report
 VARIANTS = [
     ("a", "plain augmented step", "plain"),
@@ -201,8 +236,8 @@ VARIANTS = [
 def overhead(mode: str = "quick", device=None, *, rounds: int | None = None, variants=None, seed: int = 0,
              log=None) -> dict:
     """Time every variant ``rounds`` times, interleaved in a shuffled order per round, and
-    return per-variant times and the median over rounds of each time divided by (a)'s
-    time in the same round."""
+    return per-variant times, the median (and quartiles) over rounds of each time divided
+    by (a)'s time in the same round, and :func:`machinery`: what surrounds the model."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = STEP_SIZES[device.type][mode]
     rounds = rounds or size.rounds
@@ -239,7 +274,14 @@ def overhead(mode: str = "quick", device=None, *, rounds: int | None = None, var
         "variants": {},
     }
     for k in keys:
-        ratios = [t / a for t, a in zip(times[k], times["a"])]
+        ratios = sorted(t / a for t, a in zip(times[k], times["a"]))
+        quartile = lambda q: ratios[min(len(ratios) - 1, round(q * (len(ratios) - 1)))]  # noqa: E731
         result["variants"][k] = {"label": labels[k], "median_s": median(times[k]), "times_s": times[k],
-                                 "ratio_to_a": median(ratios), "overhead_pct": 100 * (median(ratios) - 1)}
+                                 "ratio_to_a": median(ratios), "ratio_q1": quartile(0.25), "ratio_q3": quartile(0.75),
+                                 "overhead_pct": 100 * (median(ratios) - 1)}
+    m = machinery(bench, mode)
+    a = result["variants"]["a"]["median_s"] * 1e3
+    m["twirl_loss_added_pct_of_a"] = 100 * (m["twirl_loss_ms"] - m["plain_ms"]) / a
+    m["monitor_added_pct_of_a"] = 100 * m["monitor_ms"] / a
+    result["machinery"] = m
     return result
