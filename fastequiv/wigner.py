@@ -206,27 +206,29 @@ def irreps_key(irreps: "o3.Irreps") -> tuple[tuple[int, int, int], ...]:
 @functools.lru_cache(maxsize=None)
 @torch.compiler.assume_constant_result
 def _layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
-    """``(dim, ((l, p, copies), ...), positions)`` of the block-diagonal output of the
-    irreps ``key`` (see :func:`irreps_key`).
+    """``(dim, lmax, odd, source)`` of the block-diagonal output of the irreps ``key`` (see
+    :func:`irreps_key`).
 
-    One entry per distinct ``(l, p)`` in order of first appearance, with its number of
-    copies; ``positions`` is the flat index in the ``(dim * dim)`` output of every entry
-    of every copy, in the same order (groups, then copies, then row-major block).
+    The output is gathered in one pass from the packed blocks ``(n, S)`` of
+    :func:`fastequiv.ops._rows.wigner_blocks` (``S = sum_l (2l+1)^2``, block ``l`` row-major
+    at column ``sum_{l'<l} (2l'+1)^2``), extended by the blocks times ``det R`` (columns
+    ``S .. 2S-1``, present when ``odd``: some irrep has parity -1) and one zero column:
+    ``source[q]`` is the column that flat output entry ``q`` of ``(dim * dim)`` copies.
     """
     dim = sum(mul * (2 * l + 1) for mul, l, _ in key)
-    where: dict[tuple[int, int], list[np.ndarray]] = {}
+    lmax = max([0] + [l for _, l, _ in key])
+    S = sum((2 * l + 1) ** 2 for l in range(lmax + 1))
+    odd = any(p == -1 for _, _, p in key)
+    starts = np.cumsum([0] + [(2 * l + 1) ** 2 for l in range(lmax + 1)])
+    source = np.full((dim, dim), (2 if odd else 1) * S, dtype=np.int64)
     offset = 0
     for mul, l, p in key:
         n = 2 * l + 1
-        rc = np.arange(n)
+        block = starts[l] + np.arange(n * n).reshape(n, n) + (S if p == -1 else 0)
         for _ in range(mul):
-            pos = (offset + rc[:, None]) * dim + (offset + rc[None, :])
-            where.setdefault((l, p), []).append(pos.reshape(-1))
+            source[offset:offset + n, offset:offset + n] = block
             offset += n
-    groups = tuple((l, p, len(pos)) for (l, p), pos in where.items())
-    flat = [q for pos in where.values() for q in pos]
-    positions = torch.tensor(np.concatenate(flat) if flat else np.zeros(0, np.int64), device=device)
-    return dim, groups, positions
+    return dim, lmax, odd, torch.tensor(source.reshape(-1), device=device)
 
 
 def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -235,13 +237,12 @@ def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: torch.Tensor, backend
     batch = R.shape[:-2]
     R = R.reshape(-1, 3, 3)
     n = R.shape[0]
-    dim, groups, positions = _layout(key, R.device)
+    dim, lmax, odd, source = _layout(key, R.device)
     sign = orientation(R)
-    lmax = max([0] + [l for l, _, _ in groups])
     proper = R * sign[:, None, None]
     name, _ = _backend.resolve("wigner_blocks", backend, R.device)
     if name == "torch":
-        blocks = _blocks_flat(lmax, proper)
+        packed = torch.cat(_blocks_flat(lmax, proper)).t()  # (n, S), differentiable
     else:
         # a compiled kernel: packed (n, S) blocks, not differentiated with respect to R
         from fastequiv.ops import _library
@@ -250,14 +251,10 @@ def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: torch.Tensor, backend
             raise ValueError(f"backend={backend!r} does not differentiate wigner_D with respect to R, which "
                              "requires grad; use backend='torch' (or 'auto')")
         work = proper if proper.dtype in (torch.float32, torch.float64) else proper.float()
-        packed = _library.call("wigner_blocks", name, R.device, work.contiguous(), lmax).t().to(R.dtype)
-        starts = np.cumsum([0] + [(2 * l + 1) ** 2 for l in range(lmax + 1)])
-        blocks = [packed[starts[l]:starts[l + 1]] for l in range(lmax + 1)]
-    values = [(blocks[l] if p == 1 else blocks[l] * sign).repeat(copies, 1) for l, p, copies in groups]
-    out = torch.zeros(dim * dim, n, dtype=R.dtype, device=R.device)
-    if values:
-        out = out.index_copy(0, positions, torch.cat(values))
-    return out.t().reshape(*batch, dim, dim)
+        packed = _library.call("wigner_blocks", name, R.device, work.contiguous(), lmax).to(R.dtype)
+    columns = [packed, packed * sign[:, None]] if odd else [packed]
+    extended = torch.cat(columns + [packed.new_zeros(n, 1)], dim=1)
+    return extended.index_select(1, source).reshape(*batch, dim, dim)
 
 
 def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
