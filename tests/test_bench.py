@@ -45,7 +45,8 @@ def test_every_group_has_one_reference_and_a_peer_or_kernel(mode, device):
         # (listing CUDA cases without a GPU leaves the row kernels with their reference alone)
         if device == "cpu" or torch.cuda.is_available() or members[0].level == "op":
             assert len(members) >= 2, group
-        assert all(c.bytes > 0 for c in members), group
+        # every op but the model-bound measurement states the traffic its roofline needs
+        assert all(c.bytes > 0 for c in members) or members[0].op == "equivariance_error", group
 
 
 def test_modes_select_sizes_and_levels():
