@@ -65,7 +65,7 @@ def run(benchmark, bench_mode):
         call()
         once = time.perf_counter() - t0
         rounds = max(cfg["min_rounds"], min(cfg["max_rounds"], int(cfg["budget_s"] / max(once, 1e-9))))
-        benchmark.extra_info.update(info, bytes=bytes, flops=flops)
+        benchmark.extra_info.update(info, device=device, bytes=bytes, flops=flops)
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
         median = benchmark.stats.stats.median
         if bytes:

@@ -214,15 +214,20 @@ def plot_overhead(result: dict, path: str, title: str) -> str:
     keys = list(variants)
     ratios = [variants[k]["ratio_to_a"] for k in keys]
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    bars = ax.bar([f"({k})" for k in keys], ratios, color=["#777777", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"][:len(keys)])
-    for bar, r in zip(bars, ratios):
-        ax.annotate(f"{r:.3f}x", (bar.get_x() + bar.get_width() / 2, r), ha="center", va="bottom", fontsize=8)
+    # error bars: the quartiles of the per-round ratios
+    err = [[r - variants[k].get("ratio_q1", r) for k, r in zip(keys, ratios)],
+           [variants[k].get("ratio_q3", r) - r for k, r in zip(keys, ratios)]]
+    bars = ax.bar([f"({k})" for k in keys], ratios, yerr=err, capsize=4,
+                  color=["#777777", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"][:len(keys)])
+    for bar, r, up in zip(bars, ratios, err[1]):
+        ax.annotate(f"{r:.3f}x", (bar.get_x() + bar.get_width() / 2, r + up), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
     for k, target in TARGETS.items():
         if k in keys:
             i = keys.index(k)
             ax.hlines(target, i - 0.4, i + 0.4, colors="k", linestyles="dashed")
     ax.set_yscale("log")
-    ax.set_ylabel("step time / plain augmented step")
+    ax.set_ylabel("step time / plain augmented step\n(median and quartiles over rounds)", fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.text(0.01, 0.98, "\n".join(f"({k}) {variants[k]['label']}" for k in keys), transform=ax.transAxes,
             va="top", fontsize=7)
