@@ -419,41 +419,50 @@ def _row_data(device, elements, K=K_COPIES, d=3, graph=False, P=1000):
 
 
 def _kernel_cases(device, sizes) -> Iterator[Case]:
+    """The row-level primitives (:mod:`fastequiv.ops._rows`) on every compiled backend, in
+    float32 and bfloat16 (read as such, accumulated in float32)."""
     K, d = K_COPIES, 3
     for elements in sizes["elements"]:
         N = max(1, elements // (K * d))
-        n = K * (N // min(1000, N) * min(1000, N)) * d
-        specs = [
-            ("rotate_rows", False, 4 * (n + n // K)),
-            ("rotate_rows_backward", False, 4 * (n + n // K)),
-            ("reduce_rows", False, 4 * (n + 2 * n // K) + N),
-            ("reduce_rows", True, 4 * (n + 2 * n // K) + 9 * N),
-            ("reduce_rows_backward", False, 4 * (2 * n + 2 * n // K) + N),
-        ]
-        for op, graph, moved in specs:
-            common = dict(op=op, device=device, size=n, unit="elements", bytes=moved, level="kernel",
-                          params=(("K", K), ("layout", "graph" if graph else "dense")))
+        rows = N // min(1000, N) * min(1000, N)
+        n = K * rows * d
+        for dtype in (torch.float32, torch.bfloat16):
+            e = torch.empty((), dtype=dtype).element_size()
+            # bytes: the stacked copies and the rows in ``dtype``; means in float32; masks and
+            # graph indices (1 and 8 bytes a row)
+            specs = [
+                ("rotate_rows", False, e * (n + n // K)),
+                ("rotate_rows_backward", False, e * n + 4 * n // K),
+                ("reduce_rows", False, e * (n + n // K) + 4 * n // K + rows),
+                ("reduce_rows", True, e * (n + n // K) + 4 * n // K + 9 * rows),
+                ("reduce_rows_backward", False, e * (2 * n + n // K) + 4 * n // K + rows),
+            ]
+            for op, graph, moved in specs:
+                common = dict(op=op, device=device, size=n, unit="elements", bytes=moved, level="kernel",
+                              params=(("K", K), ("layout", "graph" if graph else "dense"),
+                                      ("dtype", str(dtype).replace("torch.", ""))))
 
-            def setup(op=op, graph=graph, b="torch", elements=elements):
-                N, B, P, sample, M = _row_data(device, elements, graph=graph)
-                fn = _row_impl(op, b, device)
-                if op == "rotate_rows":
-                    args = (_randn((N, d), device), M, sample, P, None)
-                elif op == "rotate_rows_backward":
-                    args = (_randn((K, N, d), device), M, sample, P)
-                else:
-                    out, target = _randn((K, N, d), device, seed=1), _randn((N, d), device, seed=2)
-                    valid = torch.rand(N, generator=_gen(device, 3)).to(device) > 0.1
-                    args = (out, M, target, sample, P, valid, None, B)
-                    if op == "reduce_rows_backward":
-                        mean, _ = _rows.reduce_rows(*args)
-                        grad_sums = _randn((3, B), device, seed=4)
-                        args = (None, grad_sums, out, M, target, sample, P, valid, None, mean)
-                return lambda: fn(*args)
+                def setup(op=op, graph=graph, b="torch", elements=elements, dtype=dtype):
+                    N, B, P, sample, M = _row_data(device, elements, graph=graph)
+                    fn = _row_impl(op, b, device)
+                    if op == "rotate_rows":
+                        args = (_randn((N, d), device, dtype), M, sample, P, None)
+                    elif op == "rotate_rows_backward":
+                        args = (_randn((K, N, d), device, dtype), M, sample, P)
+                    else:
+                        out, target = _randn((K, N, d), device, dtype, seed=1), _randn((N, d), device, dtype, seed=2)
+                        valid = torch.rand(N, generator=_gen(device, 3)).to(device) > 0.1
+                        args = (out, M, target, sample, P, valid, None, B)
+                        if op == "reduce_rows_backward":
+                            mean, _ = _rows.reduce_rows(*args)
+                            grad_sums = _randn((3, B), device, seed=4)
+                            args = (None, grad_sums, out, M, target, sample, P, valid, None, mean)
+                    return lambda: fn(*args)
 
-            for b in ["torch"] + _backends(op, device):
-                impl, role = (f"{b} kernel", "fastequiv") if b != "torch" else ("torch _rows (reference)", "reference")
-                yield Case(impl=impl, role=role, setup=lambda s=setup, b=b: s(b=b), **common)
+                for b in ["torch"] + _backends(op, device):
+                    impl, role = ((f"{b} kernel", "fastequiv") if b != "torch"
+                                  else ("torch _rows (reference)", "reference"))
+                    yield Case(impl=impl, role=role, setup=lambda s=setup, b=b: s(b=b), **common)
 
     for n in sizes["rotations"]:
         for op, moved in (("random_rotations_seeded", 4 * 9 * n),):
