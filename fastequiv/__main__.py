@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     from .bench import cli as bench_cli
 
     bn = sub.add_parser("bench", help="time the fused ops against the torch reference, e3nn and plain loops, and "
-                                      "what logging equivariance error adds to a training step; table, JSON, plots")
+                                      "what logging equivariance error adds to a training step; table, JSON, plots",
+                        description=bench_cli.__doc__.replace("``", "").replace("::\n", ""),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_cli.add_arguments(bn)
     bn.set_defaults(func=bench)
     ex = sub.add_parser("example", help="train a small model and print its loss decomposition")

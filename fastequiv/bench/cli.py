@@ -31,11 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="every case once at toy sizes (proves the benchmarks run; the figures mean nothing)")
     parser.set_defaults(mode="quick")
     parser.add_argument("--ops", default=None,
-                        help=f"comma-separated subset of {','.join(list(OPS) + ['step'])} (default: all; "
-                             "'kernels' only with --full or --smoke)")
+                        help=f"comma-separated subset of {','.join(list(OPS) + ['step'])} (default: every "
+                             "public op and the step; the row-level 'kernels' too with --full or --smoke)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when torch sees one, else the CPU")
-    parser.add_argument("--out", default="fastequiv-bench", help="folder for results.json and the plots")
+    parser.add_argument("--out", default="fastequiv-bench",
+                        help="folder for results.json, ops.png and overhead.png (default: fastequiv-bench)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
 
 
