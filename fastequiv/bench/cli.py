@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         fn = case.setup()
         stats = measure(fn, device, args.mode)
         del fn
-        results.append({**case.info(), "group": case.group, **stats.as_dict(), "times_s": stats.times})
+        results.append({**case.info(), "group": case.group, **stats.as_dict()})
         log(f"[{i + 1}/{len(selected)}] {case.name}: {stats.median * 1e3:.3f} ms")
     rows = report.op_rows(results)
     payload = {"mode": args.mode, "machine": info, "ops": rows}

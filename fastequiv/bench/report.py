@@ -172,12 +172,12 @@ def plot_ops(rows: list[dict], path: str, title: str) -> Optional[str]:
     """Time against size per implementation, one panel per op (and its parameters)."""
     panels = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        key = (r["op"], r["unit"]) + tuple((k, r[k]) for k in ("K", "rep", "layout", "irreps") if k in r)
+        key = (r["op"], r["unit"]) + tuple((k, r[k]) for k in ("K", "rep", "layout", "dtype", "irreps") if k in r)
         panels[key][r["impl"]].append((r["size"], r["median_s"]))
     if not panels:
         return None
     plt = _pyplot()
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {impl: palette[i % len(palette)] for i, impl in enumerate(sorted({r["impl"] for r in rows}))}
@@ -189,10 +189,15 @@ def plot_ops(rows: list[dict], path: str, title: str) -> Optional[str]:
         for impl, pts in sorted(impls.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=impl, color=color[impl])
-        ax.set_xscale("log")
+        # grid sides span less than a decade: a linear axis keeps their labels
+        ax.set_xscale("linear" if key[1] == "side" else "log")
         ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        times = [t for pts in impls.values() for _, t in pts]
+        if max(times) < 10 * min(times):  # under a decade: label the minor ticks, as plain numbers
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(" ".join([key[0]] + [f"{k}={v}" for k, v in key[2:]]), fontsize=9)
         ax.set_xlabel(key[1])
         ax.set_ylabel("time per call (ms)")
@@ -201,7 +206,7 @@ def plot_ops(rows: list[dict], path: str, title: str) -> Optional[str]:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
