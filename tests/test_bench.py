@@ -45,8 +45,9 @@ def test_every_group_has_one_reference_and_a_peer_or_kernel(mode, device):
         # (listing CUDA cases without a GPU leaves the row kernels with their reference alone)
         if device == "cpu" or torch.cuda.is_available() or members[0].level == "op":
             assert len(members) >= 2, group
-        # every op but the model-bound measurement states the traffic its roofline needs
-        assert all(c.bytes > 0 for c in members) or members[0].op == "equivariance_error", group
+        # every case states the traffic its roofline needs, or (the model-bound
+        # measurement) the FLOPs of the forwards it must run
+        assert all(c.bytes > 0 or c.flops > 0 for c in members), group
 
 
 def test_modes_select_sizes_and_levels():

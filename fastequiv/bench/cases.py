@@ -18,6 +18,7 @@ sizes per public op; ``full``: a sweep of sizes plus the row-level kernels).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -257,6 +258,21 @@ def _random_rotations_cases(device, sizes) -> Iterator[Case]:
         yield Case(impl="e3nn o3.rand_matrix", role="peer", setup=e3nn, check=False, **common)
 
 
+@functools.lru_cache(maxsize=None)
+def _demo_model_flops() -> int:
+    """FLOPs of one forward of the demo transformer on one (padded) cluster, counted by
+    torch's FlopCounterMode (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastequiv.demo import ForceTask, PointTransformer
+
+    inputs, _ = ForceTask().batch(1, torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        PointTransformer()(**inputs)
+    return int(counter.get_total_flops())
+
+
 def _equivariance_error_cases(device, sizes) -> Iterator[Case]:
     """Measuring a model: fastequiv's one stacked call over K=8 copies against e3nn's
     ``equivariance_error`` (8 rotations, two forwards each). The model is the demo's
@@ -267,9 +283,10 @@ def _equivariance_error_cases(device, sizes) -> Iterator[Case]:
 
     K = 8
     for clusters in sizes["clusters"]:
-        # the model's forwards dominate: no bytes or FLOPs of fastequiv's own to count
+        # the model's forwards dominate: FLOPs are those of the K * clusters forwards the
+        # measurement needs (e3nn's loop runs twice as many); no bytes of fastequiv's own
         common = dict(op="equivariance_error", device=device, size=clusters, unit="clusters",
-                      params=(("K", K), ("model", "demo transformer")))
+                      flops=K * clusters * _demo_model_flops(), params=(("K", K), ("model", "demo transformer")))
 
         def data(clusters=clusters):
             torch.manual_seed(0)
