@@ -4,7 +4,8 @@ A :class:`Case` is one implementation of one op at one size on one device. Cases
 compute the same thing on the same inputs share a :attr:`Case.group`; inside a group the
 ``reference`` case (fastequiv's pure-torch implementation, the ground truth the kernels are
 tested against) is the baseline of every ratio, and ``peer`` cases are what a user would
-run without fastequiv: e3nn (``Irreps.D_from_matrix``, ``o3.rand_matrix``), or the plain
+run without fastequiv: e3nn (``Irreps.D_from_matrix``, ``o3.rand_matrix``,
+``e3nn.util.test.equivariance_error``), or the plain
 PyTorch loop over the K rotations (``torch.rot90`` / ``grid_sample`` loops for voxels).
 
 Each case also states the memory traffic its op cannot avoid (``bytes``: compulsory reads
