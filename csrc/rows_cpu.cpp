@@ -77,6 +77,17 @@ const char* check_sample_indices(const RowLayout& L) {
     return bad ? "sample: expected every index in [0, B) (B = M.shape[1])" : nullptr;
 }
 
+// The (3, B) sums of reduce_rows from every thread's partial sums (thread t's slice of
+// `partial` starts at t * 3 * B), added in thread order so that timing does not change them.
+template <typename Acc>
+void combine_partials(const std::vector<double>& partial, int threads, int64_t B, Acc* sums) {
+    for (int64_t q = 0; q < 3 * B; ++q) {
+        double v = 0.0;
+        for (int t = 0; t < threads; ++t) v += partial[static_cast<size_t>(t) * 3 * B + q];
+        sums[q] = static_cast<Acc>(v);
+    }
+}
+
 template <int D, typename TX, typename Acc>
 void rotate_rows_impl(const RotateRowsArgs& a) {
     const RowLayout L = a.rows;
@@ -207,11 +218,7 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
             local[2 * B + s] += s_sum;
         }
     }
-    for (int64_t q = 0; q < 3 * B; ++q) {
-        double v = 0.0;
-        for (int t = 0; t < nt; ++t) v += partial[static_cast<size_t>(t) * 3 * B + q];
-        sums[q] = static_cast<Acc>(v);
-    }
+    combine_partials(partial, nt, B, sums);
 }
 
 template <int D, typename TO, typename TY, typename Acc>
@@ -248,11 +255,7 @@ void reduce_rows_impl(const ReduceRowsArgs& a) {
             }
         }
     }
-    for (int64_t q = 0; q < 3 * B; ++q) {
-        double v = 0.0;
-        for (int t = 0; t < nt; ++t) v += partial[static_cast<size_t>(t) * 3 * B + q];
-        sums[q] = static_cast<Acc>(v);
-    }
+    combine_partials(partial, nt, B, sums);
 }
 
 template <int D, typename TO, typename TY, typename Acc>
