@@ -4,11 +4,7 @@
 // tests/test_extension.py.
 #pragma once
 
-#if defined(__CUDACC__)
-#define FE_HOST_DEVICE __host__ __device__ inline
-#else
-#define FE_HOST_DEVICE inline
-#endif
+#include "host_device.cuh"
 
 #if defined(__CUDACC_RTC__)
 // NVRTC (the CuPy backend) has no standard headers.

@@ -13,13 +13,7 @@
 //   to float32 before calling the CPU kernels.
 #pragma once
 
-#if !defined(FE_HOST_DEVICE)
-#if defined(__CUDACC__)
-#define FE_HOST_DEVICE __host__ __device__ inline
-#else
-#define FE_HOST_DEVICE inline
-#endif
-#endif
+#include "host_device.cuh"
 
 #if defined(__CUDACC_RTC__) && !defined(FE_NO_CUDA_FP16_HEADERS)
 #define FE_NO_CUDA_FP16_HEADERS 1

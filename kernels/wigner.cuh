@@ -16,13 +16,7 @@
 // GPU runs W = 1 on one output row per thread, the CPU W = 16 lanes that vectorise.
 #pragma once
 
-#if !defined(FE_HOST_DEVICE)
-#if defined(__CUDACC__)
-#define FE_HOST_DEVICE __host__ __device__ inline
-#else
-#define FE_HOST_DEVICE inline
-#endif
-#endif
+#include "host_device.cuh"
 
 namespace fastequiv {
 
