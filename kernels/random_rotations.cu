@@ -47,51 +47,21 @@ extern "C" __global__ void fe_random_rotations_seeded_f64(double* out, long long
 #if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "cuda_launchers.h"
 
 namespace {
 
-// Runs on `device` (the ndarray's), restoring the caller's current device afterwards.
-class DeviceGuard {
-  public:
-    explicit DeviceGuard(int device) {
-        cudaGetDevice(&previous_);
-        if (previous_ != device) cudaSetDevice(device);
-    }
-    ~DeviceGuard() { cudaSetDevice(previous_); }
-
-  private:
-    int previous_ = 0;
-};
-
-template <typename T, typename Kernel>
-const char* launch(Kernel kernel, T* out, int64_t n, uint64_t seed, uint64_t offset,
-                   bool improper, int device, void* stream) {
+// One thread per rotation on a grid-stride grid; `seed` is the key itself or the device
+// address of the int64 key (the seeded kernels).
+template <typename T, typename Seed, typename Kernel>
+const char* launch(Kernel kernel, T* out, int64_t n, Seed seed, uint64_t offset, bool improper, int device,
+                   void* stream) {
     if (n == 0) return nullptr;
-    DeviceGuard guard(device);
-    const int threads = 256;
-    const long long wanted = (n + threads - 1) / threads;
-    const int blocks = static_cast<int>(wanted < 65535 * 32 ? wanted : 65535 * 32);
-    kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-        out, static_cast<long long>(n), static_cast<unsigned long long>(seed),
-        static_cast<unsigned long long>(offset), improper);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-template <typename T, typename Kernel>
-const char* launch_seeded(Kernel kernel, T* out, int64_t n, const int64_t* seed, uint64_t offset,
-                          bool improper, int device, void* stream) {
-    if (n == 0) return nullptr;
-    DeviceGuard guard(device);
-    const int threads = 256;
-    const long long wanted = (n + threads - 1) / threads;
-    const int blocks = static_cast<int>(wanted < 65535 * 32 ? wanted : 65535 * 32);
-    kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-        out, static_cast<long long>(n), reinterpret_cast<const long long*>(seed),
-        static_cast<unsigned long long>(offset), improper);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    fastequiv::DeviceGuard guard(device);
+    kernel<<<fastequiv::blocks_for(n), fastequiv::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        out, static_cast<long long>(n), seed, static_cast<unsigned long long>(offset), improper);
+    return fastequiv::last_error();
 }
 
 }  // namespace
@@ -100,22 +70,26 @@ namespace fastequiv {
 
 const char* launch_random_rotations_seeded(float* out, int64_t n, const int64_t* seed, uint64_t offset,
                                            bool improper, int device, void* stream) {
-    return launch_seeded(fe_random_rotations_seeded_f32, out, n, seed, offset, improper, device, stream);
+    return launch(fe_random_rotations_seeded_f32, out, n, reinterpret_cast<const long long*>(seed), offset, improper,
+                  device, stream);
 }
 
 const char* launch_random_rotations_seeded(double* out, int64_t n, const int64_t* seed, uint64_t offset,
                                            bool improper, int device, void* stream) {
-    return launch_seeded(fe_random_rotations_seeded_f64, out, n, seed, offset, improper, device, stream);
+    return launch(fe_random_rotations_seeded_f64, out, n, reinterpret_cast<const long long*>(seed), offset, improper,
+                  device, stream);
 }
 
 const char* launch_random_rotations(float* out, int64_t n, uint64_t seed, uint64_t offset,
                                     bool improper, int device, void* stream) {
-    return launch(fe_random_rotations_f32, out, n, seed, offset, improper, device, stream);
+    return launch(fe_random_rotations_f32, out, n, static_cast<unsigned long long>(seed), offset, improper, device,
+                  stream);
 }
 
 const char* launch_random_rotations(double* out, int64_t n, uint64_t seed, uint64_t offset,
                                     bool improper, int device, void* stream) {
-    return launch(fe_random_rotations_f64, out, n, seed, offset, improper, device, stream);
+    return launch(fe_random_rotations_f64, out, n, static_cast<unsigned long long>(seed), offset, improper, device,
+                  stream);
 }
 
 }  // namespace fastequiv
