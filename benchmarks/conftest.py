@@ -10,6 +10,8 @@ case is a pytest-benchmark group (op, its parameters, size, device); ``extra_inf
 the bytes and FLOPs of one call and the GB/s and GFLOP/s achieved at the median time.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -59,8 +61,6 @@ def run(benchmark, bench_mode):
 
         for _ in range(max(1, cfg["warmup"])):  # compilation and caches stay out of the timing
             call()
-        import time
-
         t0 = time.perf_counter()
         call()
         once = time.perf_counter() - t0

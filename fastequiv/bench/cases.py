@@ -100,12 +100,18 @@ def _backends(kernel: str, device: str) -> list[str]:
     return [b for b in _backend.runnable(kernel, device) if b != "torch" and not (b == "triton" and device == "cpu")]
 
 
-def _gen(device, seed=0):
+def _gen(seed=0):
+    """Inputs are drawn on the CPU from a fixed seed, then moved: the same data on every device."""
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def _rotations(K: int, B: int, device, seed: int) -> torch.Tensor:
+    """``(K, B, 3, 3)`` float32 Haar rotations, one per copy and sample."""
+    return fe.random_rotations(K * B, seed=seed, device=device, dtype=torch.float32).reshape(K, B, 3, 3)
+
+
 def _randn(shape, device, dtype=torch.float32, seed=0):
-    return torch.randn(shape, generator=_gen(device, seed), dtype=dtype).to(device)
+    return torch.randn(shape, generator=_gen(seed), dtype=dtype).to(device)
 
 
 def _fe(backend: str) -> tuple[str, str]:
@@ -130,7 +136,7 @@ def _rotate_copies_cases(device, sizes) -> Iterator[Case]:
 
         def data(B=B, P=P):
             x = _randn((B, P, 3), device)
-            R = fe.random_rotations(K * B, seed=1, device=device, dtype=torch.float32).reshape(K, B, 3, 3)
+            R = _rotations(K, B, device, seed=1)
             return x, R
 
         common = dict(op="rotate_copies", device=device, size=n, unit="elements", bytes=4 * (n + n // K),
@@ -153,7 +159,7 @@ def _rotate_copies_cases(device, sizes) -> Iterator[Case]:
 
 def _twirl_reduce_inputs(device, B, P, K, grad):
     out = _randn((K, B, P, 3), device, seed=1).requires_grad_(grad)
-    R = fe.random_rotations(K * B, seed=2, device=device, dtype=torch.float32).reshape(K, B, 3, 3)
+    R = _rotations(K, B, device, seed=2)
     y = _randn((B, P, 3), device, seed=3)
     return out, R, y
 
@@ -292,7 +298,7 @@ def _equivariance_error_cases(device, sizes) -> Iterator[Case]:
         def data(clusters=clusters):
             torch.manual_seed(0)
             model = PointTransformer().to(device).eval()
-            inputs, forces = ForceTask(device=device).batch(clusters, _gen(device, 4))
+            inputs, forces = ForceTask(device=device).batch(clusters, _gen(4))
             return model, inputs, forces
 
         for b in ["torch"] + _backends("reduce_rows", device):
@@ -352,7 +358,7 @@ def _voxel_cases(device, sizes) -> Iterator[Case]:
 
         def data(side=side, copies=K):
             x = _randn((B, C, side, side, side), device)
-            R = fe.random_rotations(copies * B, seed=1, device=device, dtype=torch.float32).reshape(copies, B, 3, 3)
+            R = _rotations(copies, B, device, seed=1)
             return x, R
 
         # SO(3) copies: trilinear resampling, K grids written
@@ -422,6 +428,11 @@ def _voxel_cases(device, sizes) -> Iterator[Case]:
 # --------------------------------------------------------------------- row-level kernels
 
 
+def _kernel(backend: str) -> tuple[str, str]:
+    """(impl label, role) of a backend's row kernel."""
+    return ("torch _rows (reference)", "reference") if backend == "torch" else (f"{backend} kernel", "fastequiv")
+
+
 def _row_impl(op: str, backend: str, device: str):
     return getattr(_rows, op) if backend == "torch" else _backend.resolve(op, backend, device)[1]
 
@@ -431,7 +442,7 @@ def _row_data(device, elements, K=K_COPIES, d=3, graph=False, P=1000):
     P = min(P, N)
     B = max(1, N // P)
     N = B * P
-    M = fe.random_rotations(K * B, seed=0, device=device, dtype=torch.float32).reshape(K, B, 3, 3).contiguous()
+    M = _rotations(K, B, device, seed=0)
     sample = (torch.arange(N, device=device) // P) if graph else None
     return N, B, (0 if graph else P), sample, M
 
@@ -469,7 +480,7 @@ def _kernel_cases(device, sizes) -> Iterator[Case]:
                         args = (_randn((K, N, d), device, dtype), M, sample, P)
                     else:
                         out, target = _randn((K, N, d), device, dtype, seed=1), _randn((N, d), device, dtype, seed=2)
-                        valid = torch.rand(N, generator=_gen(device, 3)).to(device) > 0.1
+                        valid = torch.rand(N, generator=_gen(3)).to(device) > 0.1
                         args = (out, M, target, sample, P, valid, None, B)
                         if op == "reduce_rows_backward":
                             mean, _ = _rows.reduce_rows(*args)
@@ -478,15 +489,14 @@ def _kernel_cases(device, sizes) -> Iterator[Case]:
                     return lambda: fn(*args)
 
                 for b in ["torch"] + _backends(op, device):
-                    impl, role = ((f"{b} kernel", "fastequiv") if b != "torch"
-                                  else ("torch _rows (reference)", "reference"))
+                    impl, role = _kernel(b)
                     yield Case(impl=impl, role=role, setup=lambda s=setup, b=b: s(b=b), **common)
 
     for n in sizes["rotations"]:
         for op, moved in (("random_rotations_seeded", 4 * 9 * n),):
             common = dict(op=op, device=device, size=n, unit="rotations", bytes=moved, level="kernel")
             for b in ["torch"] + _backends(op, device):
-                impl, role = (f"{b} kernel", "fastequiv") if b != "torch" else ("torch _rows (reference)", "reference")
+                impl, role = _kernel(b)
 
                 def setup(b=b, n=n):
                     seed = torch.tensor(7, device=device)

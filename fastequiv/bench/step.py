@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -143,9 +144,10 @@ class StepBench:
             self._e3nn_opt = torch.optim.AdamW(self._e3nn.parameters(), lr=1e-4)
         return self._e3nn
 
-    def parameters(self) -> dict:
+    def parameters(self, e3nn: bool = True) -> dict:
+        """Parameter counts of the transformer and (building it if needed) the e3nn model."""
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"transformer": count(self.model), "e3nn": count(self.e3nn_model)}
+        return {"transformer": count(self.model), **({"e3nn": count(self.e3nn_model)} if e3nn else {})}
 
     def _update(self, loss, opt=None):
         opt = opt or self.opt
@@ -262,7 +264,6 @@ def overhead(mode: str = "quick", device=None, *, rounds: int | None = None, var
             times[k].append(time.perf_counter() - t0)
         if log:
             log(f"  round {r + 1}/{rounds}: " + " ".join(f"{k}={1e3 * times[k][r]:.0f}ms" for k in keys if r < len(times[k])))
-    median = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2  # noqa: E731
     labels = {k: label for k, label, _ in VARIANTS}
     result = {
         "mode": mode,
@@ -270,15 +271,16 @@ def overhead(mode: str = "quick", device=None, *, rounds: int | None = None, var
         "rounds": rounds,
         "e3nn_rounds": min(rounds, size.e3nn_rounds) if "e" in keys else 0,
         "size": {**size.__dict__, "stacked_batch": 2 * size.samples, "measured_samples": bench.measured},
-        "parameters": bench.parameters() if "e" in keys else {"transformer": sum(p.numel() for p in bench.model.parameters())},
+        "parameters": bench.parameters(e3nn="e" in keys),
         "variants": {},
     }
     for k in keys:
         ratios = sorted(t / a for t, a in zip(times[k], times["a"]))
         quartile = lambda q: ratios[min(len(ratios) - 1, round(q * (len(ratios) - 1)))]  # noqa: E731
-        result["variants"][k] = {"label": labels[k], "median_s": median(times[k]), "times_s": times[k],
-                                 "ratio_to_a": median(ratios), "ratio_q1": quartile(0.25), "ratio_q3": quartile(0.75),
-                                 "overhead_pct": 100 * (median(ratios) - 1)}
+        ratio = statistics.median(ratios)
+        result["variants"][k] = {"label": labels[k], "median_s": statistics.median(times[k]), "times_s": times[k],
+                                 "ratio_to_a": ratio, "ratio_q1": quartile(0.25), "ratio_q3": quartile(0.75),
+                                 "overhead_pct": 100 * (ratio - 1)}
     m = machinery(bench, mode)
     a = result["variants"]["a"]["median_s"] * 1e3
     m["twirl_loss_added_pct_of_a"] = 100 * (m["twirl_loss_ms"] - m["plain_ms"]) / a
