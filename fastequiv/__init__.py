@@ -9,20 +9,18 @@ See DESIGN notes in the repository for the math; every function that computes ta
 ``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cupy").
 """
 
-from ._backend import BackendUnavailableError
-from ._extension import build_info
+from .backends import BackendUnavailableError, build_info
 from .estimators import Decomposition, Terms
-from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, random_quaternions, random_rotations
-from .reps import Rep
+from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, random_quaternions
+from .reps import Rep, Voxels
 from .spec import Spec
+from . import ops
+from .ops import random_rotations, wigner_D
 from .twirl import Twirled, equivariance_error, twirl_loss
 from . import distributed
 from .monitor import EquivarianceMonitor
 from .lie import lie_derivative
-from .wigner import wigner_D
-from . import ops
 from . import voxels
-from .voxels import Voxels
 
 try:
     from importlib.metadata import version as _version

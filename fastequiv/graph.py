@@ -48,6 +48,8 @@ from typing import Any, Optional
 
 import torch
 
+from .reps import describe
+
 __all__ = ["ROLES", "Role", "GraphLayout", "is_object_input", "object_leaves", "rebuild_object"]
 
 ROLES = ("batch", "index", "num_graphs")
@@ -75,10 +77,10 @@ class Role:
     def check(self, x, name: str) -> None:
         if self.kind == "num_graphs":
             if isinstance(x, bool) or not (isinstance(x, int) or (isinstance(x, torch.Tensor) and x.numel() == 1)):
-                raise ValueError(f"{name} is the number of graphs: an int or a one-element tensor, got {_describe(x)}")
+                raise ValueError(f"{name} is the number of graphs: an int or a one-element tensor, got {describe(x)}")
             return
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
-            raise ValueError(f"{name} is a graph {self.kind} input and must be an int64 tensor, got {_describe(x)}")
+            raise ValueError(f"{name} is a graph {self.kind} input and must be an int64 tensor, got {describe(x)}")
         if self.kind == "batch" and x.dim() != 1:
             raise ValueError(f"{name} is the batch index and must have shape (N,), got {tuple(x.shape)}")
         if self.kind == "index" and x.dim() < 1:
@@ -90,12 +92,6 @@ def as_role(value) -> Optional[Role]:
     if isinstance(value, Role):
         return value
     return Role(value) if isinstance(value, str) and value in ROLES else None
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def graph_roles(struct) -> dict:
@@ -172,27 +168,3 @@ class GraphLayout:
         edges = f", E = {self.E} edges" if self.E is not None else ""
         raise ValueError(f"{name} has {rows} rows in dim 0; a graph batch has N = {self.N} nodes, "
                          f"B = {self.B} graphs{edges}")
-
-    def stack(self, name: str, value, rep, R: torch.Tensor, mask, backend: str, rotate_copies):
-        """The K stacked copies of one input (``rep`` a Rep or a Role, or None: passed through)."""
-        K = R.shape[0]
-        if rep is None:
-            return value
-        if isinstance(rep, Role):
-            if rep.kind == "batch":
-                return (value[None] + self.B * torch.arange(K, device=value.device)[:, None]).reshape(K * self.N)
-            if rep.kind == "index":
-                off = self.N * torch.arange(K, device=value.device).reshape((K,) + (1,) * value.dim())
-                return torch.cat(list(value[None] + off), dim=-1)
-            return K * value if isinstance(value, torch.Tensor) else K * self.B
-        level = self.level(value.shape[0], name)
-        if level == "node":
-            return rotate_copies(value, R, rep, mask, batch=self.batch, backend=backend)
-        if level == "graph":
-            return rotate_copies(value, R, rep, None, backend=backend)
-        if rep.kind == "position":
-            raise ValueError(f"{name} is a per-edge input with rep position: edges have no centroid to turn "
-                             "about; give edge vectors (rep vector) instead")
-        if self.edge_batch is None:
-            raise ValueError(f"{name} is per edge but the index input {self.index_names[0]!r} is not (2, E)")
-        return rotate_copies(value, R, rep, None, batch=self.edge_batch, backend=backend)

@@ -27,8 +27,6 @@ from typing import Optional
 
 import torch
 
-from . import _backend, _extension
-
 __all__ = [
     "GROUPS",
     "philox4x32_10",
@@ -37,7 +35,8 @@ __all__ = [
     "quaternion_to_matrix",
     "matrix_to_quaternion",
     "orientation",
-    "random_rotations",
+    "philox_words",
+    "elements_from_words",
     "group_elements",
     "group_order",
     "is_finite_group",
@@ -102,7 +101,7 @@ def resolve_seed(seed: Optional[int] = None, generator: Optional[torch.Generator
     return int(torch.randint(0, SEED_MAX, (), generator=generator, device=device))
 
 
-def _philox_words(n: int, seed, offset: int, device=None) -> torch.Tensor:
+def philox_words(n: int, seed, offset: int, device=None) -> torch.Tensor:
     """Philox words ``(n, 4)`` of rotations ``offset .. offset + n - 1``, keyed by ``seed``:
     a Python int, or an int64 0-dim tensor read where it lives (no host sync, so it works
     under CUDA-graph capture and ``torch.compile``; the words are made on its device)."""
@@ -133,9 +132,9 @@ def random_quaternions(
 ) -> torch.Tensor:
     """``n`` Haar-uniform unit quaternions ``(n, 4)`` as ``(w, x, y, z)``: rotations
     ``offset .. offset + n - 1`` of the stream keyed by ``seed`` (see module docs)."""
-    _check_count(n)
+    check_count(n)
     seed = resolve_seed(seed, generator)
-    q = _shoemake(_philox_words(n, seed, offset, device))
+    q = _shoemake(philox_words(n, seed, offset, device))
     return q.to(dtype or torch.get_default_dtype())
 
 
@@ -197,23 +196,23 @@ def orientation(R: torch.Tensor) -> torch.Tensor:
     return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
 
 
-def _check_count(n) -> None:
+def check_count(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
 
 
 def is_finite_group(group: str) -> bool:
-    _check_group(group)
+    check_group(group)
     return group in _FINITE_ORDERS
 
 
 def group_order(group: str) -> Optional[int]:
     """Number of elements of a finite group, ``None`` for SO(3) and O(3)."""
-    _check_group(group)
+    check_group(group)
     return _FINITE_ORDERS.get(group)
 
 
-def _check_group(group) -> None:
+def check_group(group) -> None:
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
 
@@ -281,7 +280,7 @@ def group_elements(group: str, *, device=None, dtype: Optional[torch.dtype] = No
     return _finite_group(group).to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
-def _elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
+def elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
     """The group elements ``(n, 3, 3)`` (float64) drawn by Philox words ``(n, 4)``: the one
     definition of a draw that every torch-side sampler uses."""
     if group in _FINITE_ORDERS:
@@ -292,86 +291,3 @@ def _elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
         improper = (words[..., 3] & 1).bool()
         R = torch.where(improper[:, None, None], -R, R)
     return R
-
-
-@_backend.register("random_rotations", "torch")
-def _random_rotations_torch(n: int, seed: int, offset: int, group: str, device, dtype) -> torch.Tensor:
-    return _elements_from_words(_philox_words(n, seed, offset, device), group).to(dtype)
-
-
-def _native_available(kind: str):
-    def available(device: torch.device):
-        ext = _extension.load()
-        if ext is None:
-            return f"the compiled extension fastequiv._C is not importable ({_extension.load_error()})"
-        if kind == "cuda" and not hasattr(ext, "random_rotations_cuda"):
-            return "fastequiv._C was built without CUDA (reinstall with nvcc on PATH or FASTEQUIV_CUDA=ON)"
-        if device.type != kind:
-            return f"it runs on {kind} tensors"
-        if kind == "cuda" and not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        return None
-
-    return available
-
-
-def _random_rotations_native(kind: str):
-    def impl(n: int, seed: int, offset: int, group: str, device, dtype) -> torch.Tensor:
-        if group in _FINITE_ORDERS:
-            # a finite-group draw is an index gather: nothing for a kernel to fuse
-            return _random_rotations_torch(n, seed, offset, group, device, dtype)
-        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        out = torch.empty(n, 3, 3, dtype=work, device=device)
-        ext = _extension.load()
-        if kind == "cpu":
-            ext.random_rotations_cpu(out, seed, offset, group == "O3")
-        else:
-            stream = torch.cuda.current_stream(device).cuda_stream
-            ext.random_rotations_cuda(out, seed, offset, group == "O3", stream)
-        return out.to(dtype)
-
-    return impl
-
-
-for _kind in ("cpu", "cuda"):
-    _backend.register("random_rotations", _kind, available=_native_available(_kind))(_random_rotations_native(_kind))
-    _backend.set_auto_order("random_rotations", _kind, (_kind,))
-
-
-def random_rotations(
-    n: int,
-    *,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    group: str = "SO3",
-    offset: int = 0,
-    device=None,
-    dtype: Optional[torch.dtype] = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``n`` i.i.d. Haar-uniform elements of ``group`` as matrices ``(n, 3, 3)``.
-
-    Args:
-        n: how many.
-        seed: selects the Philox stream (``0 <= seed < 2**63``); the same seed gives the
-            same rotations on every backend and device (to float rounding).
-        generator: draw the seed from this ``torch.Generator`` instead.
-        group: ``"SO3"`` (default), ``"O3"`` (half of the draws improper, det -1), or a
-            finite group (``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``: elements
-            drawn uniformly).
-        offset: index of the first rotation in the stream (rotation ``i`` depends only on
-            ``seed`` and ``i``, so ``offset`` continues a stream).
-        device, dtype: of the result (default: CPU, torch's default dtype).
-        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ...; see :mod:`fastequiv._backend`.
-    """
-    _check_count(n)
-    _check_group(group)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    seed = resolve_seed(seed, generator)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or torch.get_default_dtype()
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    _, impl = _backend.resolve("random_rotations", backend, device)
-    return impl(n, seed, offset, group, device, dtype)

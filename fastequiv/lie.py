@@ -37,9 +37,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch.func import jvp
 
-from .ops._masks import mask_for
+from .ops.layout import mask_for
+from .ops.wigner_d import wigner_D_key
 from .reps import Rep, centroid
-from .spec import Spec, _describe
+from .spec import Spec, describe
 
 __all__ = ["lie_derivative", "so3_generators"]
 
@@ -66,8 +67,6 @@ def _infinitesimal(rep: Rep, x: torch.Tensor, X: torch.Tensor, mask: Optional[to
         c = centroid(xa, mask).reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (3,))
         return torch.einsum("gij,...j->g...i", X, xa - c)
     if rep.kind == "irreps":
-        from .wigner import wigner_D_key
-
         # drho(X) = d/dt D(exp(tX)) at 0, by forward AD through the reference Wigner-D
         eye = torch.eye(3, dtype=X.dtype, device=X.device).expand(3, 3, 3).contiguous()
         _, dD = jvp(lambda R: wigner_D_key(rep.key, R, backend="torch"), (eye,), (X,))
@@ -107,7 +106,7 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[t
         raise ValueError("pass mask= or name a mask input in the Spec, not both")
     mask = spec_mask if spec_mask is not None else mask
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape[:1] != (B,)):
-        raise ValueError(f"mask must be a bool tensor of shape (B={B}, ...), got {_describe(mask)}")
+        raise ValueError(f"mask must be a bool tensor of shape (B={B}, ...), got {describe(mask)}")
     floats = [v for v in tensors if v.is_floating_point()]
     acc = torch.float64 if any(v.dtype == torch.float64 for v in floats) else torch.float32
     device = tensors[0].device

@@ -31,12 +31,22 @@ from typing import Optional, Union
 
 import torch
 
-from .groups import orientation
-from .wigner import irreps_key, parse_irreps, wigner_D_key
+import re
 
-__all__ = ["Rep", "as_rep"]
+from .grid import grid_shape, is_cube_element, resample
+from .groups import orientation
+from .wigner import irreps_key, parse_irreps, wigner_D_matrix
+
+__all__ = ["Rep", "Voxels", "as_rep", "centroid", "describe"]
 
 _NAMED = ("scalar", "pseudoscalar", "vector", "pseudovector", "position")
+
+
+def describe(x) -> str:
+    """How an error message names a value: dtype and shape of a tensor, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 class Rep:
@@ -76,24 +86,39 @@ class Rep:
         if self.kind != "scalar" and not x.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor to rotate as {self}, got dtype {x.dtype}")
 
-    def act(self, x: torch.Tensor, R: torch.Tensor, mask: Optional[torch.Tensor] = None, inverse: bool = False) -> torch.Tensor:
+    def matrix(self, R: torch.Tensor) -> torch.Tensor:
+        """``(..., d, d)``: how ``R`` ``(..., 3, 3)`` acts on one row of this rep, in pure torch
+        (``d = 1`` for scalars and pseudoscalars, the block-diagonal Wigner-D matrix for
+        irreps). The op layer computes the same with the caller's backend."""
+        if self.kind == "scalar":
+            return torch.ones(R.shape[:-2] + (1, 1), dtype=R.dtype, device=R.device)
+        if self.kind == "pseudoscalar":
+            return orientation(R)[..., None, None]
+        if self.kind in ("vector", "position"):
+            return R
+        if self.kind == "pseudovector":
+            return R * orientation(R)[..., None, None]
+        if self.kind == "irreps":
+            return wigner_D_matrix(self.key, R)
+        raise ValueError(f"rep {self} has no matrix: it is not a rep of rows")
+
+    def act(self, x: torch.Tensor, R: torch.Tensor, mask: Optional[torch.Tensor] = None, inverse: bool = False,
+            M: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply ``rho(R)`` (or ``rho(R)^-1`` with ``inverse``) sample by sample.
 
         ``x``: ``(N, *inner, d)``; ``R``: ``(N, 3, 3)``; ``mask``: ``(N, *inner)`` bool,
-        broadcastable, used only for the centroid of positions. Computes in
+        broadcastable, used only for the centroid of positions; ``M``: the action
+        matrices ``(N, d, d)`` if already computed (else :meth:`matrix`). Computes in
         ``R.dtype`` and returns ``x.dtype``.
         """
         if self.kind == "scalar":
             return x
         n = x.shape[0]
-        det = orientation(R) if self.kind in ("pseudoscalar", "pseudovector") else None
+        if M is None:
+            M = self.matrix(R)
         if self.kind == "pseudoscalar":
-            return (x.to(R.dtype) * det.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
+            return (x.to(R.dtype) * M.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
         flat = x.to(R.dtype).reshape(n, math.prod(x.shape[1:-1]), x.shape[-1])
-        if self.kind == "irreps":
-            M = wigner_D_key(self.key, R)
-        else:
-            M = R if det is None else R * det[:, None, None]
         Mt = M if inverse else M.transpose(-1, -2)  # row vectors: x @ M^T == (M x^T)^T
         if self.kind == "position":
             c = centroid(x.to(R.dtype), mask).reshape(n, 1, 3)
@@ -123,8 +148,6 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
     if isinstance(rep, str) and rep in _NAMED:
         return Rep(rep)
     if isinstance(rep, str) and rep.strip().startswith("voxels"):
-        from .voxels import Voxels  # a grid moves data between elements: its own module
-
         return Voxels.parse(rep, name)
     o3 = sys.modules.get("e3nn.o3")  # an Irreps object means the caller already imported e3nn
     if isinstance(rep, str) or (o3 is not None and isinstance(rep, o3.Irreps)):
@@ -136,3 +159,96 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
             raise ValueError(f"{name}={rep!r} is an empty irreps")
         return Rep("irreps", irreps)
     raise ValueError(f"{name} must be one of {_NAMED}, an e3nn irreps string or o3.Irreps, got {rep!r}")
+
+
+class Voxels(Rep):
+    """A field on a cubic grid ``(B, ..., C, n, n, n)``: scalar channels, then vector channels.
+
+    Args:
+        scalars: number of scalar channels (``None``: every channel before the vectors).
+        vectors: number of vector channels, each three consecutive channels ``(x, y, z)``.
+
+    See the module docs for the axis, centre and component conventions. The string
+    ``"voxels"`` in a :class:`~fastequiv.Spec` is ``Voxels()``, and the string
+    ``"voxels(scalars=4, vectors=2)"`` is ``Voxels(scalars=4, vectors=2)``.
+    """
+
+    def __init__(self, scalars: Optional[int] = None, vectors: int = 0):
+        if scalars is not None and (isinstance(scalars, bool) or not isinstance(scalars, int) or scalars < 0):
+            raise ValueError(f"scalars must be a non-negative int or None, got {scalars!r}")
+        if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 0:
+            raise ValueError(f"vectors must be a non-negative int, got {vectors!r}")
+        if scalars == 0 and vectors == 0:
+            raise ValueError("a voxel rep needs at least one channel: got scalars=0, vectors=0")
+        super().__init__("voxels")
+        self.scalars, self.vectors = scalars, vectors
+
+    def __repr__(self) -> str:
+        if self.scalars is None and self.vectors == 0:
+            return "Rep('voxels')"
+        parts = ([f"scalars={self.scalars}"] if self.scalars is not None else []) + \
+            ([f"vectors={self.vectors}"] if self.vectors else [])
+        return f"Voxels({', '.join(parts)})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Voxels) and (self.scalars, self.vectors) == (other.scalars, other.vectors)
+
+    def __hash__(self) -> int:
+        return hash(("voxels", self.scalars, self.vectors))
+
+    @classmethod
+    def parse(cls, text: str, name: str = "rep") -> "Voxels":
+        """``"voxels"`` or ``"voxels(scalars=S, vectors=V)"`` (either keyword may be left out)."""
+        m = re.fullmatch(r"\s*voxels\s*(?:\((.*)\))?\s*", text)
+        if m is None:
+            raise ValueError(f"{name}={text!r} is not a voxel rep: expected 'voxels' or 'voxels(scalars=S, vectors=V)'")
+        kwargs = {}
+        for item in filter(None, (s.strip() for s in (m.group(1) or "").split(","))):
+            km = re.fullmatch(r"(scalars|vectors)\s*=\s*(\d+)", item)
+            if km is None or km.group(1) in kwargs:
+                raise ValueError(f"{name}={text!r}: cannot read {item!r}; expected 'scalars=S' and/or 'vectors=V'")
+            kwargs[km.group(1)] = int(km.group(2))
+        return cls(**kwargs)
+
+    def n_scalars(self, C: int) -> int:
+        """The number of scalar channels in a grid of ``C`` channels (checked by :meth:`check`)."""
+        return C - 3 * self.vectors
+
+    def check(self, x: torch.Tensor, name: str) -> None:
+        """Raise a ValueError naming ``name`` unless ``x`` is ``(B, ..., C, n, n, n)`` for this rep."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor for rep {self}, got {type(x).__name__}")
+        if x.dim() < 5:
+            raise ValueError(f"{name} must have shape (batch, ..., channels, n, n, n) for rep {self}, got {tuple(x.shape)}")
+        D, H, W = x.shape[-3:]
+        if not D == H == W:
+            raise ValueError(f"{name} has grid {(D, H, W)} (shape {tuple(x.shape)}), but rep {self} needs a cubic "
+                             "grid D == H == W (a rotation of the cube must map the grid onto itself)")
+        C = x.shape[-4]
+        want = None if self.scalars is None else self.scalars + 3 * self.vectors
+        if (want is not None and C != want) or C < 3 * self.vectors:
+            expected = f"{want}" if want is not None else f">= {3 * self.vectors}"
+            raise ValueError(f"{name} has {C} channels (dim -4 of shape {tuple(x.shape)}), but rep {self} needs "
+                             f"{expected} channels ({self.vectors} vectors of 3 channels each)")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor to resample as {self}, got dtype {x.dtype}")
+
+    def act(self, x: torch.Tensor, R: torch.Tensor, mask: Optional[torch.Tensor] = None, inverse: bool = False,
+            M: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rho(R) x`` (``rho(R)^-1 x`` with ``inverse``) sample by sample: ``x``
+        ``(N, ..., C, n, n, n)``, ``R`` ``(N, 3, 3)``. ``mask`` is not used (a grid has no
+        centroid). Computes in ``R.dtype`` (float64 if ``x`` is), returns ``x.dtype``."""
+        lead, C, n = grid_shape(x.shape)
+        acc = torch.float64 if torch.float64 in (x.dtype, R.dtype) else torch.float32
+        M = R.to(acc)
+        M = (M.transpose(-1, -2) if inverse else M).contiguous()
+        vec = self.vector_starts(lead, C, x.device)
+        out = resample(x.reshape(x.shape[0], lead * C, n, n, n), M, vec, is_cube_element(R))
+        return out.reshape(x.shape)
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def vector_starts(self, lead: int, C: int, device) -> torch.Tensor:
+        """First channel of every vector in the ``lead * C`` flattened channels: int32 ``(G,)``."""
+        first = self.n_scalars(C) + 3 * torch.arange(self.vectors, device=device, dtype=torch.int32)
+        return (first[None, :] + C * torch.arange(lead, device=device, dtype=torch.int32)[:, None]).reshape(-1)

@@ -13,9 +13,9 @@ import torch
 
 from .graph import as_role, graph_roles
 from .groups import GROUPS
-from .reps import Rep, as_rep
+from .reps import Rep, as_rep, describe
 
-__all__ = ["Spec"]
+__all__ = ["Spec", "describe"]
 
 
 def _parse(struct, name: str, roles: bool = False):
@@ -116,20 +116,14 @@ class Spec:
             return None
         mask = inputs[self.mask]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"inputs[{self.mask!r}] is the spec's mask and must be a bool tensor, got {_describe(mask)}")
+            raise ValueError(f"inputs[{self.mask!r}] is the spec's mask and must be a bool tensor, got {describe(mask)}")
         return mask
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _leaves(value, struct, name: str, allow_passthrough: bool, single: str):
     if isinstance(struct, dict):
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a dict with keys {list(struct)} to match the spec, got {_describe(value)}")
+            raise ValueError(f"{name} must be a dict with keys {list(struct)} to match the spec, got {describe(value)}")
         missing = [k for k in struct if k not in value]
         if missing:
             raise ValueError(f"{name} lacks the keys {missing} that the spec names (got keys {list(value)})")
@@ -142,13 +136,13 @@ def _leaves(value, struct, name: str, allow_passthrough: bool, single: str):
                 out.append((k, v, None))
             else:
                 raise ValueError(
-                    f"{name}[{k!r}] is {_describe(v)} but the spec gives it no rep: add it to the spec "
+                    f"{name}[{k!r}] is {describe(v)} but the spec gives it no rep: add it to the spec "
                     "(\"scalar\" if rotations leave it unchanged)"
                 )
         return out
     if isinstance(struct, tuple):
         if not isinstance(value, (tuple, list)) or len(value) != len(struct):
-            raise ValueError(f"{name} must be a tuple of {len(struct)} tensors to match the spec, got {_describe(value)}"
+            raise ValueError(f"{name} must be a tuple of {len(struct)} tensors to match the spec, got {describe(value)}"
                              + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else ""))
         for i, (v, r) in enumerate(zip(value, struct)):
             r.check(v, f"{name}[{i}]")

@@ -15,30 +15,15 @@ from torch import nn
 
 from . import distributed, graph, groups
 from .estimators import Decomposition, combine, decompose
-from .ops import rotate_copies, twirl_reduce
-from .ops._masks import mask_for, per_sample_sum, valid_count
-from .ops.random_rotations import random_rotations_seeded, seed_tensor
-from .ops.twirl_reduce import accumulate_dtype, back_rotate
-from .reps import Rep
-from .spec import Spec, _describe
+from .ops import twirl_reduce
+from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
+from .ops.twirl_reduce import back_rotate
+from .spec import Spec, describe
+from .stacking import Head, Stacked, plan, stack
 
 __all__ = ["equivariance_error", "twirl_loss", "Twirled"]
 
 LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-
-
-def _plan(spec: Spec, samples: Optional[int], default: int) -> tuple[int, bool]:
-    """``(K, exhaustive)``: a finite group is twirled exhaustively when ``samples`` is
-    None or its order; otherwise K i.i.d. draws (K >= 2 to estimate L_equiv)."""
-    if not isinstance(spec, Spec):
-        raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
-    order = groups.group_order(spec.group)
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ValueError(f"samples must be a positive int or None, got {samples!r}")
-    if order is not None and samples in (None, order):
-        return order, True
-    K = default if samples is None else samples
-    return K, False
 
 
 def _require_two(K: int, exhaustive: bool) -> None:
@@ -47,92 +32,6 @@ def _require_two(K: int, exhaustive: bool) -> None:
             f"samples={K} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
             "(or an exhaustive twirl over a finite group); L_equiv is never reported as 0"
         )
-
-
-class _Stacked:
-    """The K rotated copies of a batch pushed through the model once."""
-
-    def __init__(self, model, inputs, spec: Spec, K: int, exhaustive: bool, *, mask, seed, generator,
-                 chunk_size, backend, check_finite):
-        obj = inputs if graph.is_object_input(inputs, spec) else None  # e.g. a PyG Batch
-        if obj is not None:
-            inputs = graph.object_leaves(obj, spec)
-        leaves = spec.input_leaves(inputs)
-        tensors = [(n, v) for n, v, r in leaves if isinstance(r, Rep)]
-        layout = graph.GraphLayout(leaves, spec.graph, obj) if spec.graph else None
-        if layout is not None:
-            if chunk_size is not None:
-                raise ValueError(f"chunk_size={chunk_size!r}: chunking supports the dense layout only, "
-                                 "not a graph batch (pass a smaller batch instead)")
-            B, rows = layout.B, layout.N
-        else:
-            sizes = {n: v.shape[0] for n, v in tensors}
-            if len(set(sizes.values())) != 1:
-                raise ValueError(f"every input needs the same batch size in dim 0, got {sizes}")
-            B = rows = next(iter(sizes.values()))
-            if B == 0:
-                raise ValueError("inputs have batch size 0: there is no sample to decompose")
-        spec_mask = spec.mask_of(inputs)
-        if spec_mask is not None and mask is not None:
-            raise ValueError("pass mask= or name a mask input in the Spec, not both")
-        mask = spec_mask if spec_mask is not None else mask
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1 or mask.shape[0] != rows:
-                what = f"N={rows} nodes" if layout is not None else f"B={B}"
-                raise ValueError(f"mask must be a bool tensor of shape ({what}, ...), got {_describe(mask)}")
-        floats = [v for _, v in tensors if v.is_floating_point()]
-        device = tensors[0][1].device
-        dtype = accumulate_dtype(*floats) if floats else torch.float32
-
-        if exhaustive:
-            G = groups.group_elements(spec.group, device=device, dtype=dtype)
-            R = G[:, None].expand(K, B, 3, 3)
-        else:
-            key = seed_tensor(seed, generator, device)  # on the device: no host sync
-            R = random_rotations_seeded(K * B, key, spec.group, dtype, backend=backend).reshape(K, B, 3, 3)
-
-        names, values = [], []
-        for name, value, rep in leaves:
-            names.append(name)
-            if layout is not None:
-                values.append(layout.stack(name, value, rep, R, mask, backend, rotate_copies))
-            else:
-                values.append(value if rep is None else rotate_copies(value, R, rep, mask, backend=backend))
-        if obj is not None:
-            out = model(graph.rebuild_object(obj, dict(zip(names, values)), layout, K))
-        else:
-            out = _call_chunked(model, spec, names, values, K * B, chunk_size)
-        # per head: its output (K, rows, ...), and the batch index and mask it is reduced with
-        self.heads, self.batch_of, self.mask_of = [], {}, {}
-        for name, value, rep in spec.output_leaves(out):
-            if layout is not None and value.shape[0] == K * layout.N:
-                n, self.batch_of[name], self.mask_of[name] = layout.N, layout.batch, mask
-            elif value.shape[0] == K * B:  # per sample (dense), or per graph
-                n, self.batch_of[name], self.mask_of[name] = B, None, mask if layout is None else None
-            else:
-                what = f"{K * layout.N} (per node) or {K * B} (per graph)" if layout is not None else f"{K * B}"
-                raise ValueError(
-                    f"model output {name!r} has {value.shape[0]} rows in dim 0 but expected {what}: the model "
-                    f"was called on {K} stacked copies of a batch of {B}; the model must keep the batch size"
-                )
-            if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"model output {name!r} has non-finite values (NaN or inf) on the rotated copies")
-            self.heads.append((name, value.reshape((K, n) + tuple(value.shape[1:])), rep))
-        self.R, self.mask, self.K, self.B, self.exhaustive = R, mask, K, B, exhaustive
-
-
-def _call_chunked(model, spec: Spec, names, values, rows: int, chunk_size: Optional[int]):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if chunk_size is None or chunk_size >= rows:
-        args, kwargs = spec.build_inputs(names, values)
-        return model(*args, **kwargs)
-    pieces = []
-    for start in range(0, rows, chunk_size):
-        part = [v[start:start + chunk_size] if isinstance(v, torch.Tensor) else v for v in values]
-        args, kwargs = spec.build_inputs(names, part)
-        pieces.append([v for _, v, _ in spec.output_leaves(model(*args, **kwargs))])
-    return spec.build_output([torch.cat(col, dim=0) for col in zip(*pieces)])
 
 
 def _weights(spec: Spec, loss_weights) -> dict:
@@ -154,26 +53,27 @@ def _weights(spec: Spec, loss_weights) -> dict:
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
                chunk_size, backend, check_finite) -> tuple[Decomposition, dict]:
     """The decomposition and the samples that count, ``{"": (B,) bool, head: (B,) bool}``."""
-    K, exhaustive = _plan(spec, samples, default_samples)
+    K, exhaustive = plan(spec, samples, default_samples)
     _require_two(K, exhaustive)
     if not (loss == "mse" or callable(loss)):
         raise ValueError(f"loss must be 'mse' or a callable returning elementwise losses, got {loss!r}")
     weights = _weights(spec, loss_weights)
-    st = _Stacked(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
-                  chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+    st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
+               chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     targets = spec.output_leaves(target, "target")
     heads, valid, head_valid = {}, None, {}
-    for (name, out, rep), (_, y, _) in zip(st.heads, targets):
+    for head, (_, y, _) in zip(st.heads, targets):
+        name, out = head.name, head.value
         if y.shape != out.shape[1:]:
             where = "target" if name == "output" else f"target[{name!r}]"
             raise ValueError(f"{where} has shape {tuple(y.shape)}, but the model's output for it has shape "
                              f"{tuple(out.shape[1:])} (batch {st.B})")
         if loss == "mse":
-            s = twirl_reduce(out, st.R, y, rep, st.mask_of[name], batch=st.batch_of[name], backend=backend)
+            s = twirl_reduce(out, st.action, y, head.rep, head.mask, batch=head.batch, backend=backend)
             d = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
             count = s.count
         else:
-            d, count = _jensen_gap(loss, out, st, y, rep, name)
+            d, count = _jensen_gap(loss, st, head, y)
         heads[name] = d
         head_valid[name] = count > 0
         valid = count > 0 if valid is None else valid & (count > 0)
@@ -193,19 +93,20 @@ def _sync(d: Decomposition, head_valid: dict, sync: bool, process_group) -> Deco
     return distributed.all_reduce(d, valid=head_valid[""], head_valid=heads, group=process_group)
 
 
-def _jensen_gap(loss, out, st: _Stacked, y, rep, name):
-    if st.batch_of[name] is not None:
+def _jensen_gap(loss, st: Stacked, head: Head, y):
+    name, out = head.name, head.value
+    if head.batch is not None:
         raise ValueError(f"loss= callables support the dense layout and per-graph outputs; output {name!r} is "
                          "per node of a graph batch (use loss='mse')")
-    m = mask_for(st.mask_of[name], y.shape, "target")
+    m = mask_for(head.mask, y.shape, "target")
     acc = accumulate_dtype(out, y)
-    a = back_rotate(out, st.R, rep, m, acc)
+    a = back_rotate(out, st.action, head.rep, m, acc)
     y = y.to(acc)
     lk = loss(a, y.expand_as(a))
     lbar = loss(a.mean(0), y)
     if not isinstance(lk, torch.Tensor) or lk.shape != a.shape:
         raise ValueError(f"loss must return elementwise losses of shape {tuple(a.shape)} (reduction='none'), "
-                         f"got {_describe(lk)} for output {name!r}")
+                         f"got {describe(lk)} for output {name!r}")
     count = valid_count(y, m, acc)
     total = per_sample_sum(lk.mean(0), m) / count.clamp_min(1)
     bias = per_sample_sum(lbar, m) / count.clamp_min(1)
@@ -345,7 +246,7 @@ class Twirled(nn.Module):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.K, self.exhaustive = _plan(spec, samples, 16)
+        self.K, self.exhaustive = plan(spec, samples, 16)
         if seed is not None:
             groups.resolve_seed(seed)
         self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
@@ -362,18 +263,18 @@ class Twirled(nn.Module):
             raise TypeError(f"unexpected keyword arguments {list(kwargs)} for a spec with positional inputs")
         else:
             inputs = args if isinstance(self.spec.inputs, tuple) else (args[0] if len(args) == 1 else args)
-        st = _Stacked(self.model, inputs, self.spec, self.K, self.exhaustive, mask=None, seed=self.seed,
-                      generator=None, chunk_size=self.chunk_size, backend=self.backend,
-                      check_finite=self.check_finite)
+        st = stack(self.model, inputs, self.spec, self.K, self.exhaustive, seed=self.seed,
+                   chunk_size=self.chunk_size, backend=self.backend, check_finite=self.check_finite)
         means = []
-        for name, out, rep in st.heads:
-            if st.batch_of[name] is not None:  # per node of a graph batch: the op's twirled mean
-                s = twirl_reduce(out, st.R, torch.zeros_like(out[0]), rep, st.mask_of[name], batch=st.batch_of[name],
+        for head in st.heads:
+            out = head.value
+            if head.batch is not None:  # per node of a graph batch: the op's twirled mean
+                s = twirl_reduce(out, st.action, torch.zeros_like(out[0]), head.rep, head.mask, batch=head.batch,
                                  backend=self.backend)
                 means.append(s.mean.to(out.dtype))
                 continue
-            m = mask_for(st.mask_of[name], out.shape[1:], f"output {name!r}")
-            means.append(back_rotate(out, st.R, rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
+            m = mask_for(head.mask, out.shape[1:], f"output {head.name!r}")
+            means.append(back_rotate(out, st.action, head.rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
         return self.spec.build_output(means)
 
     def extra_repr(self) -> str:

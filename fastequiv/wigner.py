@@ -1,7 +1,9 @@
 """Real Wigner-D matrices in e3nn's basis, computed straight from rotation matrices.
 
-This is the pure-torch reference of the ``wigner_D`` op: the ground truth the Triton and
-CUDA kernels are tested against. It uses no Euler angles, no ``acos``/``atan2`` and no
+This module is the math only: the recursion, the packed blocks and their assembly into
+the block-diagonal matrix of an irreps. The ``wigner_D`` op (:mod:`fastequiv.ops.wigner_d`)
+dispatches the packed blocks to a backend; :func:`wigner_D_matrix` here is its pure-torch
+reference, the ground truth the Triton and CUDA kernels are tested against. It uses no Euler angles, no ``acos``/``atan2`` and no
 ``matrix_exp``: every block is a polynomial in the entries of ``R``, built by the
 Ivanic–Ruedenberg recursion (J. Ivanic and K. Ruedenberg, J. Phys. Chem. 100, 6342
 (1996); erratum J. Phys. Chem. A 102, 9099 (1998); the same recursion as
@@ -14,7 +16,7 @@ The degree-``l`` block is bilinear in the ``l = 1`` block and the ``l - 1`` bloc
     D_l[..., r, c] = sum_t coef[t] * D_1[..., i[t], j[t]] * D_{l-1}[..., a[t], b[t]]
 
 The flat term table ``(r, c, coef, i, j, a, b)`` of each ``l >= 2`` is built once with
-numpy (:func:`_recursion_terms`) and shared with the kernels. Rows ``r`` and columns
+numpy (:func:`recursion_terms`) and shared with the kernels. Rows ``r`` and columns
 ``c`` index ``0 .. 2l`` (``m = r - l``), ``i, j`` index ``0 .. 2`` and ``a, b`` index
 ``0 .. 2l - 2``. Entries are in e3nn's basis throughout, so ``D_1 = R`` itself.
 
@@ -46,17 +48,17 @@ import typing
 import numpy as np
 import torch
 
-from fastequiv import _backend
-from fastequiv.groups import orientation
+from .groups import orientation
 
 if typing.TYPE_CHECKING:
     from e3nn import o3
 
-__all__ = ["wigner_D", "wigner_D_blocks"]
+__all__ = ["wigner_D_blocks", "wigner_D_matrix", "packed_blocks", "assemble", "irreps_key", "parse_irreps",
+           "recursion_terms"]
 
 
 @functools.lru_cache(maxsize=None)
-def _recursion_terms(l: int) -> tuple[np.ndarray, ...]:
+def recursion_terms(l: int) -> tuple[np.ndarray, ...]:
     """Term table of the Ivanic–Ruedenberg recursion for degree ``l >= 2``.
 
     Returns ``(r, c, coef, i, j, a, b)``: int64 arrays and a float64 ``coef`` array, one
@@ -120,9 +122,9 @@ def _recursion_terms(l: int) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=None)
 @torch.compiler.assume_constant_result  # tables built with numpy: constants to torch.compile
-def _recursion_tensors(l: int, device: torch.device, dtype: torch.dtype):
-    """Torch form of :func:`_recursion_terms` for ``l`` on ``device``: flat indices."""
-    r, c, coef, i, j, a, b = _recursion_terms(l)
+def recursion_tensors(l: int, device: torch.device, dtype: torch.dtype):
+    """Torch form of :func:`recursion_terms` for ``l`` on ``device``: flat indices."""
+    r, c, coef, i, j, a, b = recursion_terms(l)
     n_prev = 2 * l - 1
     out_idx = torch.tensor(r * (2 * l + 1) + c, device=device)
     r1_idx = torch.tensor(i * 3 + j, device=device)
@@ -130,7 +132,7 @@ def _recursion_tensors(l: int, device: torch.device, dtype: torch.dtype):
     return out_idx, torch.tensor(coef.copy(), dtype=dtype, device=device), r1_idx, prev_idx
 
 
-def _blocks_flat(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
+def blocks_flat(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
     """Proper-rotation blocks for ``R`` of shape ``(N, 3, 3)``, each ``((2l+1)**2, N)``.
 
     The batch is the last dim so that the gathers and the ``index_add`` move whole
@@ -142,14 +144,14 @@ def _blocks_flat(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
     if lmax >= 1:
         blocks.append(r1)
     for l in range(2, lmax + 1):
-        out_idx, coef, r1_idx, prev_idx = _recursion_tensors(l, R.device, R.dtype)
+        out_idx, coef, r1_idx, prev_idx = recursion_tensors(l, R.device, R.dtype)
         prod = coef[:, None] * r1.index_select(0, r1_idx) * blocks[-1].index_select(0, prev_idx)
         out = torch.zeros((2 * l + 1) ** 2, n, dtype=R.dtype, device=R.device)
         blocks.append(out.index_add(0, out_idx, prod))
     return blocks
 
 
-def _check_R(R) -> None:
+def check_R(R) -> None:
     if not isinstance(R, torch.Tensor):
         raise ValueError(f"R must be a torch.Tensor of shape (..., 3, 3), got {type(R).__name__}")
     if R.dim() < 2 or tuple(R.shape[-2:]) != (3, 3):
@@ -171,11 +173,11 @@ def wigner_D_blocks(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
         equals e3nn's ``o3.Irrep(l, 1).D_from_matrix(R)``. ``D_1`` is ``R`` (a copy).
         Differentiable with respect to ``R``.
     """
-    _check_R(R)
+    check_R(R)
     if not isinstance(lmax, int) or lmax < 0:
         raise ValueError(f"lmax must be an int >= 0, got {lmax!r}")
     batch = R.shape[:-2]
-    flat = _blocks_flat(lmax, R.reshape(-1, 3, 3))
+    flat = blocks_flat(lmax, R.reshape(-1, 3, 3))
     out = [b.t().reshape(*batch, 2 * l + 1, 2 * l + 1) for l, b in enumerate(flat)]
     if lmax >= 1:
         out[1] = out[1].clone()  # never hand back a view of the caller's R
@@ -205,12 +207,12 @@ def irreps_key(irreps: "o3.Irreps") -> tuple[tuple[int, int, int], ...]:
 
 @functools.lru_cache(maxsize=None)
 @torch.compiler.assume_constant_result
-def _layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
+def block_layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
     """``(dim, lmax, odd, source)`` of the block-diagonal output of the irreps ``key`` (see
     :func:`irreps_key`).
 
     The output is gathered in one pass from the packed blocks ``(n, S)`` of
-    :func:`fastequiv.ops._rows.wigner_blocks` (``S = sum_l (2l+1)^2``, block ``l`` row-major
+    :func:`packed_blocks` (``S = sum_l (2l+1)^2``, block ``l`` row-major
     at column ``sum_{l'<l} (2l'+1)^2``), extended by the blocks times ``det R`` (columns
     ``S .. 2S-1``, present when ``odd``: some irrep has parity -1) and one zero column:
     ``source[q]`` is the column that flat output entry ``q`` of ``(dim * dim)`` copies.
@@ -231,55 +233,36 @@ def _layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
     return dim, lmax, odd, torch.tensor(source.reshape(-1), device=device)
 
 
-def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """:func:`wigner_D` of the irreps ``key`` (see :func:`irreps_key`), unchecked: the form
-    the ops use inside a step."""
-    batch = R.shape[:-2]
-    R = R.reshape(-1, 3, 3)
-    n = R.shape[0]
-    dim, lmax, odd, source = _layout(key, R.device)
-    sign = orientation(R)
-    proper = R * sign[:, None, None]
-    name, _ = _backend.resolve("wigner_blocks", backend, R.device)
-    if name == "torch":
-        packed = torch.cat(_blocks_flat(lmax, proper)).t()  # (n, S), differentiable
-    else:
-        # a compiled kernel: packed (n, S) blocks, not differentiated with respect to R
-        from fastequiv.ops import _library
+def packed_blocks(R: torch.Tensor, lmax: int) -> torch.Tensor:
+    """Packed Wigner-D blocks ``D_0 .. D_lmax`` of proper rotations ``R`` ``(N, 3, 3)``:
+    ``(N, S)`` in ``R.dtype`` with ``S = sum_l (2l+1)^2``; block ``l`` is row-major at
+    column offset ``sum_{l' < l} (2l'+1)^2``. Differentiable with respect to ``R``."""
+    return torch.cat(blocks_flat(lmax, R), dim=0).t().contiguous()
 
-        if R.requires_grad:
-            raise ValueError(f"backend={backend!r} does not differentiate wigner_D with respect to R, which "
-                             "requires grad; use backend='torch' (or 'auto')")
-        work = proper if proper.dtype in (torch.float32, torch.float64) else proper.float()
-        packed = _library.call("wigner_blocks", name, R.device, work.contiguous(), lmax).to(R.dtype)
+
+def assemble(key: tuple[tuple[int, int, int], ...], packed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal ``(n, dim, dim)`` matrix of the irreps ``key`` from the packed
+    blocks ``(n, S)`` of the proper parts of the rotations and their orientation ``sign``
+    ``(n,)`` (parity: ``p**k`` with ``k = 1`` where ``sign < 0``), in one gather."""
+    n = packed.shape[0]
+    dim, _, odd, source = block_layout(key, packed.device)
     columns = [packed, packed * sign[:, None]] if odd else [packed]
     extended = torch.cat(columns + [packed.new_zeros(n, 1)], dim=1)
-    return extended.index_select(1, source).reshape(*batch, dim, dim)
+    return extended.index_select(1, source).reshape(n, dim, dim)
 
 
-def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Block-diagonal real Wigner-D matrix of ``irreps`` for rotations ``R``, e3nn basis.
+def key_lmax(key: tuple[tuple[int, int, int], ...]) -> int:
+    """The highest degree in the irreps ``key``."""
+    return max([0] + [l for _, l, _ in key])
 
-    Args:
-        irreps: an ``e3nn.o3.Irreps`` or a string such as ``"2x0e + 1x1o + 1x2e"``.
-        R: orthogonal matrices of shape ``(..., 3, 3)`` (any batch shape, including none
-            and size 0), any float dtype and device. Improper ``R`` (``det R < 0``) act
-            with e3nn's parity rule ``D = p**k * D_l(-R)``, ``k = 1`` when ``det R < 0``.
-        backend: ``"auto"`` or a backend name; see :mod:`fastequiv._backend`.
 
-    Returns:
-        Tensor of shape ``(..., irreps.dim, irreps.dim)``, block diagonal in the order of
-        ``irreps`` (each of ``mul`` copies is its own block), equal to
-        ``o3.Irreps(irreps).D_from_matrix(R)``. Differentiable with respect to ``R`` on the
-        torch backend (``"auto"`` picks it when ``R`` requires grad).
-
-    Raises:
-        ValueError: ``R`` is not ``(..., 3, 3)`` floating point, or ``irreps`` is not
-            a valid irreps.
-        fastequiv._backend.BackendUnavailableError: ``backend`` cannot run here.
-    """
-    irreps = parse_irreps(irreps)
-    _check_R(R)
-    if R.requires_grad and backend == "auto":
-        backend = "torch"  # the compiled kernels do not differentiate with respect to R
-    return wigner_D_key(irreps_key(irreps), R, backend)
+def wigner_D_matrix(key: tuple[tuple[int, int, int], ...], R: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal Wigner-D matrix ``(..., dim, dim)`` of the irreps ``key`` (see
+    :func:`irreps_key`) for orthogonal ``R`` ``(..., 3, 3)``, in pure torch and
+    differentiable: the reference of :func:`fastequiv.ops.wigner_D`."""
+    batch = R.shape[:-2]
+    R = R.reshape(-1, 3, 3)
+    sign = orientation(R)
+    packed = packed_blocks(R * sign[:, None, None], key_lmax(key))
+    out = assemble(key, packed, sign)
+    return out.reshape(*batch, *out.shape[-2:])

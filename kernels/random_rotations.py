@@ -1,6 +1,6 @@
 """Triton kernel of ``random_rotations_seeded``: Haar rotations from the Philox stream.
 
-Contract (``fastequiv/ops/_rows.py`` and :mod:`fastequiv.groups`): rotation number ``i``
+Contract (``fastequiv/ops/random_rotations.py`` and :mod:`fastequiv.groups`): rotation number ``i``
 of the stream keyed by the int64 ``seed`` is one Philox-4x32-10 block with key
 ``(seed mod 2^32, seed >> 32)`` and counter ``(i mod 2^32, i >> 32, 0, 0)``, which is
 ``tl.randint4x(seed, i)`` with an int64 ``i``. Its words ``x0, x1, x2`` give uniforms
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import device_guard, interpreting
+from .triton_common import device_guard, interpreting
 
 _BLOCK_GPU = 256
 _BLOCK_INTERPRETER = 4096

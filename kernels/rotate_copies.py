@@ -1,18 +1,12 @@
 """Triton kernels of ``rotate_copies``: K rotated copies of rows in one pass over them.
 
-Contract (``fastequiv/ops/_rows.py``):
+Contract (the torch references in ``fastequiv/ops/rotate_copies.py``):
 
 * :func:`rotate_rows` ``(x (N, d), M (K, B, d, d), sample, P, center (B, d) | None)`` ->
   ``(K, N, d)`` in ``x.dtype``: ``out[k, r] = M[k, s] (x[r] - c[s]) + c[s]``, ``s = s(r)``
   (``r // P`` in the dense layout, ``sample[r]`` in the graph layout).
 * :func:`rotate_rows_backward` ``(grad (K, N, d), M, sample, P)`` -> ``(N, d)`` in
   ``M.dtype``: ``sum_k M[k, s]^T grad[k, r]``.
-* :func:`rotate_rows_seeded` ``(x (N, 3), seed, offset, K, B, sample, P, center, improper,
-  pseudo)`` -> ``(copies (K, N, 3), R (K, B, 3, 3))``: :func:`rotate_rows` of 3-vectors
-  with the rotations drawn in the kernel from the Philox stream keyed by the int64 0-dim
-  tensor ``seed`` (rotation ``offset + k * B + b``, as
-  :func:`~fastequiv.kernels.random_rotations.random_rotations_seeded`), so no ``M`` is read.
-  ``pseudo`` multiplies by ``det R`` (pseudovectors). ``R`` is written as well.
 
 Layout: one program per block of ``BLOCK_N`` rows; it reads its rows once, in their own
 dtype, and loops over the K copies, computing in ``M.dtype`` (float32 or float64).
@@ -27,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (
+from .triton_common import (
     check_acc,
     check_rows,
     check_sample,
@@ -39,7 +33,6 @@ from ._triton_common import (
     row_block,
     sample_of,
 )
-from .random_rotations import haar_matrix, random_rotations_seeded
 
 
 @triton.jit
@@ -82,40 +75,6 @@ def _rotate_rows_backward_kernel(grad_ptr, M_ptr, sample_ptr, out_ptr, N, B, K, 
         g = tl.load(grad_ptr + k * copy_stride + offs, mask=tmask, other=0.0).to(acc_ty)
         acc += matvec_t(load_matrices(M_ptr, k * B + s, rmask, D, BLOCK_D), g)
     tl.store(out_ptr + offs, acc, mask=tmask)
-
-
-@triton.jit
-def _rotate_rows_seeded_kernel(x_ptr, seed_ptr, sample_ptr, center_ptr, out_ptr, N, B, K, P, offset,
-                               GRAPH: tl.constexpr, HAS_CENTER: tl.constexpr, FLIP_IMPROPER: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
-    acc_ty = center_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
-    base = rows.to(tl.int64) * 3
-    x0 = tl.load(x_ptr + base + 0, mask=rmask, other=0.0).to(acc_ty)
-    x1 = tl.load(x_ptr + base + 1, mask=rmask, other=0.0).to(acc_ty)
-    x2 = tl.load(x_ptr + base + 2, mask=rmask, other=0.0).to(acc_ty)
-    if HAS_CENTER:
-        c0 = tl.load(center_ptr + s * 3 + 0, mask=rmask, other=0.0)
-        c1 = tl.load(center_ptr + s * 3 + 1, mask=rmask, other=0.0)
-        c2 = tl.load(center_ptr + s * 3 + 2, mask=rmask, other=0.0)
-        x0, x1, x2 = x0 - c0, x1 - c1, x2 - c2
-    seed = tl.load(seed_ptr)
-    copy_stride = tl.cast(N, tl.int64) * 3
-    out_ty = out_ptr.dtype.element_ty
-    for k in range(K):
-        m00, m01, m02, m10, m11, m12, m20, m21, m22 = haar_matrix(
-            seed, offset + tl.cast(k, tl.int64) * B + s, FLIP_IMPROPER, acc_ty)
-        y0 = m00 * x0 + m01 * x1 + m02 * x2
-        y1 = m10 * x0 + m11 * x1 + m12 * x2
-        y2 = m20 * x0 + m21 * x1 + m22 * x2
-        if HAS_CENTER:
-            y0, y1, y2 = y0 + c0, y1 + c1, y2 + c2
-        o = out_ptr + k * copy_stride + base
-        tl.store(o + 0, y0.to(out_ty), mask=rmask)
-        tl.store(o + 1, y1.to(out_ty), mask=rmask)
-        tl.store(o + 2, y2.to(out_ty), mask=rmask)
 
 
 def _check_M(M: torch.Tensor, d: int) -> None:
@@ -172,38 +131,3 @@ def rotate_rows_backward(grad: torch.Tensor, M: torch.Tensor, sample: Optional[t
             D=d, GRAPH=sample is not None, BLOCK_N=block_n, BLOCK_D=block_d,
         )
     return out
-
-
-def rotate_rows_seeded(x: torch.Tensor, seed: torch.Tensor, offset: int, K: int, B: int,
-                       sample: Optional[torch.Tensor], P: int, center: Optional[torch.Tensor],
-                       improper: bool, pseudo: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """K rotated copies of 3-vectors with the rotations sampled in the kernel.
-
-    Returns ``(copies (K, N, 3) in x.dtype, R (K, B, 3, 3))``, ``R`` in the accumulation
-    dtype (float64 for float64 ``x`` or ``center``, else float32); rotation ``k, b`` is
-    number ``offset + k * B + b`` of the stream keyed by ``seed``.
-    """
-    if x.dim() != 2 or x.shape[1] != 3:
-        raise ValueError(f"x must have shape (N, 3), got {tuple(x.shape)}")
-    N = x.shape[0]
-    acc = torch.float64 if torch.float64 in (x.dtype, getattr(center, "dtype", None)) else torch.float32
-    check_sample(sample, N, P)
-    check_rows(N, K, 3)
-    R = random_rotations_seeded(seed, K * B, offset, improper, acc).reshape(K, B, 3, 3)
-    out = torch.empty(K, N, 3, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out, R
-    x, sample, center = contiguous(x), contiguous(sample), contiguous(center)
-    if center is not None:
-        center = center.to(acc)
-    block_n = row_block(N, 3)[0]
-    with device_guard(x):
-        _rotate_rows_seeded_kernel[(triton.cdiv(N, block_n),)](
-            x, seed, sample if sample is not None else x,
-            center if center is not None else torch.empty(0, dtype=acc, device=x.device), out,
-            N, B, K, max(P, 1), offset,
-            GRAPH=sample is not None, HAS_CENTER=center is not None,
-            # pseudovectors take det(R) R: the proper part, whether or not the draw is improper
-            FLIP_IMPROPER=bool(improper) and not pseudo, BLOCK_N=block_n,
-        )
-    return out, R

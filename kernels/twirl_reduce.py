@@ -1,6 +1,6 @@
 """Triton kernels of ``twirl_reduce``: back-rotation, twirled mean and decomposition sums.
 
-Contract (``fastequiv/ops/_rows.py``):
+Contract (the torch references in ``fastequiv/ops/twirl_reduce.py``):
 
 * :func:`reduce_rows` ``(out (K, N, d), M (K, B, d, d), target (N, d), sample, P, valid,
   center (K, B, d) | None, B)`` -> ``(mean (N, d), sums (3, B))`` in ``M.dtype``, with
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (
+from .triton_common import (
     check_acc,
     check_rows,
     check_sample,

@@ -1,6 +1,6 @@
 """Triton kernel of ``wigner_blocks``: packed real Wigner-D blocks ``D_0 .. D_lmax``.
 
-Contract (``fastequiv/ops/_rows.py``): for proper rotations ``R`` ``(N, 3, 3)``, return
+Contract (``fastequiv/ops/wigner_d.py``): for proper rotations ``R`` ``(N, 3, 3)``, return
 ``(N, S)`` in ``R.dtype`` (float32 or float64), ``S = sum_{l <= lmax} (2l+1)^2``; block
 ``l`` is row-major at column ``off_l = sum_{l' < l} (2l'+1)^2 = l (4 l^2 - 1) / 3``, in
 e3nn's basis (:mod:`fastequiv.wigner`): ``D_0 = 1``, ``D_1 = R`` and the
@@ -8,7 +8,7 @@ Ivanic–Ruedenberg recursion
 
     D_l[r, c] = sum_t coef[t] R[i[t], j[t]] D_{l-1}[a[t], b[t]]
 
-over the term tables of :func:`fastequiv.wigner._recursion_terms`.
+over the term tables of :func:`fastequiv.wigner.recursion_terms`.
 
 Layout: the tables are packed per output column ``o`` of the ``S`` columns, padded to
 ``T`` terms (at most 10 are used; padding terms have ``coef = 0``): ``coef (S, T)``,
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import device_guard, interpreting
+from .triton_common import device_guard, interpreting
 
 LMAX_SUPPORTED = 10
 _TERMS = 16  # >= the most terms of any entry (10), a power of two
@@ -75,14 +75,14 @@ def _wigner_blocks_kernel(R_ptr, out_ptr, coef_ptr, ij_ptr, prev_ptr, N,
 
 @functools.lru_cache(maxsize=None)
 def _tables_host(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from fastequiv.wigner import _recursion_terms
+    from fastequiv.wigner import recursion_terms
 
     S = n_columns(lmax)
     coef = np.zeros((S, _TERMS), dtype=np.float64)
     ij = np.zeros((S, _TERMS), dtype=np.int32)
     prev = np.zeros((S, _TERMS), dtype=np.int32)
     for l in range(2, lmax + 1):
-        r, c, cf, i, j, a, b = _recursion_terms(l)
+        r, c, cf, i, j, a, b = recursion_terms(l)
         col = n_columns(l - 1) + r * (2 * l + 1) + c
         # slot of each term within its column: terms come sorted by (r, c)
         first = np.searchsorted(col, col, side="left")

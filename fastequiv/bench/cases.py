@@ -26,8 +26,11 @@ from typing import Callable, Iterator, Optional
 import torch
 
 import fastequiv as fe
-from fastequiv import _backend
-from fastequiv.ops import _rows, rotate_copies, twirl_reduce
+from fastequiv.backends import registry
+from fastequiv.ops import rotate_copies, twirl_reduce
+from fastequiv.ops.random_rotations import random_rotations_seeded_reference
+from fastequiv.ops.rotate_copies import rotate_rows_backward_reference, rotate_rows_reference
+from fastequiv.ops.twirl_reduce import reduce_rows_backward_reference, reduce_rows_reference
 from fastequiv.reps import as_rep
 
 __all__ = ["Case", "cases", "SIZES", "IRREPS_L4"]
@@ -97,7 +100,7 @@ class Case:
 def _backends(kernel: str, device: str) -> list[str]:
     """Compiled backends of ``kernel`` that run on ``device``; the Triton interpreter on CPU
     is a test harness, not something to time."""
-    return [b for b in _backend.runnable(kernel, device) if b != "torch" and not (b == "triton" and device == "cpu")]
+    return [b for b in registry.runnable(kernel, device) if b != "torch" and not (b == "triton" and device == "cpu")]
 
 
 def _gen(seed=0):
@@ -252,7 +255,7 @@ def _random_rotations_cases(device, sizes) -> Iterator[Case]:
     for n in sizes["rotations"]:
         common = dict(op="random_rotations", device=device, size=n, unit="rotations", bytes=4 * 9 * n,
                       params=(("group", "SO3"),))
-        for b in ["torch"] + [b for b in _backend.runnable("random_rotations", device) if b != "torch"]:
+        for b in ["torch"] + _backends("random_rotations_seeded", device):
             impl, role = _fe(b)
             yield Case(impl=impl, role=role, **common,
                        setup=lambda b=b, n=n: lambda: fe.random_rotations(n, seed=3, device=device, backend=b))
@@ -430,11 +433,20 @@ def _voxel_cases(device, sizes) -> Iterator[Case]:
 
 def _kernel(backend: str) -> tuple[str, str]:
     """(impl label, role) of a backend's row kernel."""
-    return ("torch _rows (reference)", "reference") if backend == "torch" else (f"{backend} kernel", "fastequiv")
+    return ("torch (reference)", "reference") if backend == "torch" else (f"{backend} kernel", "fastequiv")
+
+
+_REFERENCES = {
+    "rotate_rows": rotate_rows_reference,
+    "rotate_rows_backward": rotate_rows_backward_reference,
+    "reduce_rows": reduce_rows_reference,
+    "reduce_rows_backward": reduce_rows_backward_reference,
+    "random_rotations_seeded": random_rotations_seeded_reference,
+}
 
 
 def _row_impl(op: str, backend: str, device: str):
-    return getattr(_rows, op) if backend == "torch" else _backend.resolve(op, backend, device)[1]
+    return _REFERENCES[op] if backend == "torch" else registry.resolve(op, backend, device)[1]
 
 
 def _row_data(device, elements, K=K_COPIES, d=3, graph=False, P=1000):
@@ -448,7 +460,7 @@ def _row_data(device, elements, K=K_COPIES, d=3, graph=False, P=1000):
 
 
 def _kernel_cases(device, sizes) -> Iterator[Case]:
-    """The row-level primitives (:mod:`fastequiv.ops._rows`) on every compiled backend, in
+    """The row-level primitives (the row contract of :mod:`fastequiv.ops.layout`) on every compiled backend, in
     float32 and bfloat16 (read as such, accumulated in float32)."""
     K, d = K_COPIES, 3
     for elements in sizes["elements"]:
@@ -483,7 +495,7 @@ def _kernel_cases(device, sizes) -> Iterator[Case]:
                         valid = torch.rand(N, generator=_gen(3)).to(device) > 0.1
                         args = (out, M, target, sample, P, valid, None, B)
                         if op == "reduce_rows_backward":
-                            mean, _ = _rows.reduce_rows(*args)
+                            mean, _ = reduce_rows_reference(*args)
                             grad_sums = _randn((3, B), device, seed=4)
                             args = (None, grad_sums, out, M, target, sample, P, valid, None, mean)
                     return lambda: fn(*args)

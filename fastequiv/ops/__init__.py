@@ -1,19 +1,28 @@
 """The fused ops behind the public API, each dispatched through ``backend=``.
 
-* :func:`rotate_copies`: the K rotated copies of an input, stacked along dim 0.
-* :func:`twirl_reduce`: back-rotation of K stacked outputs, the twirled mean and the
-  per-sample sums of the loss decomposition, in one pass.
-* :func:`wigner_D`: real Wigner-D matrices in e3nn's basis.
+One file per op, each holding its public function, its pure-torch reference (the ground
+truth every backend is tested against) and its ``torch.library`` registration (fake +
+autograd) side by side:
 
-The ``"torch"`` implementation of each op is the reference every other backend is
-checked against. Each compiled backend registers its kernels for the row-level contract
-of :mod:`fastequiv.ops._rows` on import (cheaply: triton and cupy are imported on first use).
+* :mod:`.rotate_copies`: the K rotated copies of an input, stacked along dim 0.
+* :mod:`.twirl_reduce`: back-rotation of K stacked outputs, the twirled mean and the
+  per-sample sums of the loss decomposition, in one pass.
+* :mod:`.wigner_d`: real Wigner-D matrices in e3nn's basis.
+* :mod:`.random_rotations`: seeded Haar rotations (Philox), the same on every backend.
+* :mod:`.voxels`: the same two ops for fields on a grid.
+
+Shared pieces: :mod:`.layout` (the row contract, masks), :mod:`.action` (each copy's
+matrices, built once per step), :mod:`.interop` (CuPy/NumPy arrays). The compiled
+backends (:mod:`fastequiv.backends`) register their kernels on import.
 """
 
-from .. import _cupy, _native, _triton  # noqa: F401  (register the compiled backends)
+from .. import backends  # noqa: F401  (registers the compiled backends)
 
-from ..wigner import wigner_D
+from .action import Action
+from .layout import TwirlSums
+from .random_rotations import random_rotations
 from .rotate_copies import rotate_copies
-from .twirl_reduce import TwirlSums, twirl_reduce
+from .twirl_reduce import twirl_reduce
+from .wigner_d import wigner_D
 
-__all__ = ["rotate_copies", "twirl_reduce", "TwirlSums", "wigner_D"]
+__all__ = ["Action", "TwirlSums", "random_rotations", "rotate_copies", "twirl_reduce", "wigner_D"]

@@ -1,11 +1,17 @@
-"""random_rotations_seeded: group elements from a seed that lives on the device.
+"""random_rotations: i.i.d. group elements from the counter-based Philox stream.
 
-The public :func:`fastequiv.random_rotations` takes a Python ``int`` seed. Inside a
-training step the seed is instead an int64 0-dim tensor on the step's device
-(:func:`seed_tensor`), which the kernels read where it lives: drawing a fresh seed is a
-device op, nothing syncs with the host, ``torch.compile(fullgraph=True)`` traces it and a
-captured CUDA graph replays it. Rotation ``i`` is the same Philox draw as in
-:func:`fastequiv.random_rotations` (key = seed, counter = ``offset + i``).
+Rotation ``i`` of the stream keyed by ``seed`` is one Philox-4x32-10 draw (key = seed,
+counter = ``offset + i``) turned into a rotation by Shoemake's construction
+(:mod:`fastequiv.groups`), the same on every backend. In this file, side by side:
+
+* :func:`random_rotations_seeded_reference`: the pure-torch ground truth of the kernels;
+* ``torch.ops.fastequiv.random_rotations_seeded``: the same on a compiled backend (fake
+  registration; rotations are not differentiated);
+* :func:`random_rotations`: the public function, with a Python ``int`` seed;
+* :func:`seed_tensor` / :func:`random_rotations_seeded`: what a training step uses. The
+  seed is an int64 0-dim tensor on the step's device, which the kernels read where it
+  lives: drawing a fresh seed is a device op, nothing syncs with the host,
+  ``torch.compile(fullgraph=True)`` traces it and a captured CUDA graph replays it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,34 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import groups
-from . import _library
+from ..backends import registry
+
+__all__ = ["random_rotations", "random_rotations_seeded", "random_rotations_seeded_reference", "seed_tensor"]
+
+
+def random_rotations_seeded_reference(seed: Tensor, n: int, offset: int, improper: bool, dtype: torch.dtype) -> Tensor:
+    """Reference of ``torch.ops.fastequiv.random_rotations_seeded``: rotations
+    ``offset .. offset + n - 1`` of the Philox stream keyed by the int64 0-dim tensor
+    ``seed`` (read on the device, never synced to the host): ``(n, 3, 3)``. ``improper``
+    draws from O(3) (bit 0 of the fourth Philox word flips ``R`` to ``-R``)."""
+    words = groups.philox_words(n, seed, offset)
+    return groups.elements_from_words(words, "O3" if improper else "SO3").to(dtype)
+
+
+registry.register("random_rotations_seeded", "torch")(random_rotations_seeded_reference)
+
+
+@torch.library.custom_op("fastequiv::random_rotations_seeded", mutates_args=())
+def _seeded_op(seed: Tensor, n: int, offset: int, improper: bool, dtype: torch.dtype, backend: str) -> Tensor:
+    return registry.implementation("random_rotations_seeded", backend)(seed, n, offset, improper, dtype)
+
+
+@_seeded_op.register_fake
+def _(seed, n, offset, improper, dtype, backend):
+    return seed.new_empty((n, 3, 3), dtype=dtype)
 
 
 def seed_tensor(seed: Optional[int], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -42,9 +73,50 @@ def random_rotations_seeded(n: int, seed: torch.Tensor, group: str, dtype: torch
     ``group`` is ``"SO3"``, ``"O3"`` or a finite group (a uniform element index from the
     first Philox word, as in :func:`fastequiv.random_rotations`).
     """
+    name = registry.resolve_name("random_rotations_seeded", backend, seed.device)
     if groups.is_finite_group(group):
         # a finite-group draw is an index gather: nothing for a kernel to fuse
-        return groups._elements_from_words(groups._philox_words(n, seed, offset), group).to(dtype)
+        return groups.elements_from_words(groups.philox_words(n, seed, offset), group).to(dtype)
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    R = _library.call("random_rotations_seeded", backend, seed.device, seed, n, offset, group == "O3", work)
+    args = (seed, n, offset, group == "O3", work)
+    R = random_rotations_seeded_reference(*args) if name == "torch" else _seeded_op(*args, name)
     return R.to(dtype)
+
+
+def random_rotations(
+    n: int,
+    *,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    group: str = "SO3",
+    offset: int = 0,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``n`` i.i.d. Haar-uniform elements of ``group`` as matrices ``(n, 3, 3)``.
+
+    Args:
+        n: how many.
+        seed: selects the Philox stream (``0 <= seed < 2**63``); the same seed gives the
+            same rotations on every backend and device (to float rounding).
+        generator: draw the seed from this ``torch.Generator`` instead.
+        group: ``"SO3"`` (default), ``"O3"`` (half of the draws improper, det -1), or a
+            finite group (``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``: elements
+            drawn uniformly).
+        offset: index of the first rotation in the stream (rotation ``i`` depends only on
+            ``seed`` and ``i``, so ``offset`` continues a stream).
+        device, dtype: of the result (default: CPU, torch's default dtype).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ...; see :mod:`fastequiv.backends`.
+    """
+    groups.check_count(n)
+    groups.check_group(group)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    seed = groups.resolve_seed(seed, generator)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.get_default_dtype()
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    return random_rotations_seeded(n, torch.tensor(seed, dtype=torch.int64, device=device), group, dtype,
+                                   offset=offset, backend=backend)

@@ -1,55 +1,205 @@
 """twirl_reduce: back-rotate K stacked outputs, twirl them and form the decomposition sums.
 
 Accumulates in float32 (float64 for float64 inputs), so bf16 and fp16 outputs lose
-nothing in the sums.
+nothing in the sums. In this file, side by side:
+
+* :func:`reduce_rows_reference` / :func:`reduce_rows_backward_reference`: the pure-torch
+  ground truth of the row kernels (contract: :mod:`fastequiv.ops.layout`);
+* ``torch.ops.fastequiv.reduce_rows`` (+ ``reduce_rows_backward``): the same on a compiled
+  backend, with its fake implementation and autograd formula (the fused backward);
+* :func:`twirl_reduce`: the public op; :func:`twirl_reduce_reference`: its definition
+  through ``Rep.act``, which the row path is tested against.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional, Union
 
 import torch
+from torch import Tensor
 
+from ..backends import registry
 from ..reps import Rep
-from . import _library, _rows
-from ._interop import accepts_arrays
-from ._layout import action_matrices, centroids, rows_of
-from ._masks import check_batch, mask_for, per_sample_sum, tile, valid_count
+from .action import Action, as_action
+from .interop import accepts_arrays
+from .layout import TwirlSums, accumulate_dtype, by_sample, centroids, check_batch, mask_for, per_sample_sum, rows_of, \
+    sample_index, segment_sum, tile, valid_count
+from .voxels import twirl_reduce as reduce_grids
+
+__all__ = ["TwirlSums", "twirl_reduce", "twirl_reduce_reference", "back_rotate", "reduce_rows_reference",
+           "reduce_rows_backward_reference"]
 
 
-class TwirlSums(NamedTuple):
-    """Per-sample results; every sum is a mean over the sample's valid elements.
+# --- the reference of the row kernels ---------------------------------------------------------
 
-    mean: ``(B, *E)`` twirled prediction ``abar = mean_k a_k`` (``(N, *E)`` in the graph layout).
-    total: ``(B,)`` ``(1/K) sum_k ||a_k - y||^2``.
-    bias: ``(B,)`` ``||abar - y||^2``.
-    spread: ``(B,)`` ``(1/K) sum_k ||a_k - abar||^2``.
-    count: ``(B,)`` number of valid elements (0 for a fully masked sample, whose sums are 0).
+def back_rotated(out, M, sample, P, center):
+    """``a_k = M[k, s]^T (out[k, r] - c[k, s]) + c[k, s]`` in acc ``(K, N, d)``."""
+    o = out.to(M.dtype)
+    if center is not None:
+        c = center[:, sample_index(out.shape[1], P, sample, out.device)]
+        o = o - c
+    a = by_sample(M, o, sample, P, transpose=True)
+    return a + c if center is not None else a
+
+
+def reduce_rows_reference(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
+                valid: Optional[torch.Tensor], center: Optional[torch.Tensor], B: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``torch.ops.fastequiv.reduce_rows``: back-rotate K copies of the outputs
+    and form the per-sample decomposition sums.
+
+    Args:
+        out: ``(K, N, d)`` the model's outputs on the copies, any float dtype.
+        M: ``(K, B, d, d)`` in acc.
+        target: ``(N, d)`` in the frame of the unrotated input, any float dtype.
+        sample, P: the sample of each row.
+        valid: ``(N,)`` bool, or None (every row valid). Invalid rows add nothing to the sums.
+        center: ``(K, B, d)`` in acc, the centroid of each copy's output, or None.
+        B: number of samples.
+    Returns:
+        ``mean`` ``(N, d)`` in acc, ``abar = (1/K) sum_k a_k`` with
+        ``a_k = M[k, s]^T (out[k, r] - c[k, s]) + c[k, s]``, for every row (valid or not); and
+        ``sums`` ``(3, B)`` in acc, summed over the valid rows of each sample and their
+        ``d`` components: ``(1/K) sum_k |a_k - y|^2``, ``|abar - y|^2`` and
+        ``(1/K) sum_k |a_k - abar|^2`` (total, bias, spread; not yet divided by the count).
+        The spread is formed from the deviations ``a_k - abar``, never as a difference of
+        large sums, so it has no cancellation.
     """
+    acc = M.dtype
+    a = back_rotated(out, M, sample, P, center)
+    y = target.to(acc)
+    abar = a.mean(dim=0)
+    per_row = torch.stack([
+        ((a - y) ** 2).sum(-1).mean(0),
+        ((abar - y) ** 2).sum(-1),
+        ((a - abar) ** 2).sum(-1).mean(0),
+    ])
+    if valid is not None:
+        per_row = per_row * valid.to(acc)
+    return abar.contiguous(), segment_sum(per_row.t(), sample, P, B).t().contiguous()
 
-    mean: torch.Tensor
-    total: torch.Tensor
-    bias: torch.Tensor
-    spread: torch.Tensor
-    count: torch.Tensor
+
+def reduce_rows_backward_reference(grad_mean: Optional[torch.Tensor], grad_sums: torch.Tensor, out: torch.Tensor,
+                         M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
+                         valid: Optional[torch.Tensor], center: Optional[torch.Tensor], mean: torch.Tensor
+                         ) -> torch.Tensor:
+    """Reference of ``torch.ops.fastequiv.reduce_rows_backward``: the gradient of
+    :func:`reduce_rows_reference` with respect to ``out`` for fixed centres.
+
+    With ``g = grad_sums[:, s]`` (zero on invalid rows) and ``abar = mean``::
+
+        dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar))
+                  + grad_mean / K
+        dL/dout[k, r] = M[k, s] dL/da_k
+
+    (the spread term needs no correction because ``sum_k (a_k - abar) = 0``).
+
+    Args:
+        grad_mean: ``(N, d)`` or None; grad_sums: ``(3, B)``; the rest as in
+            :func:`reduce_rows_reference`, ``mean`` being its output.
+    Returns:
+        ``(K, N, d)`` in ``out.dtype``.
+    """
+    K, N = out.shape[:2]
+    acc = M.dtype
+    a = back_rotated(out, M, sample, P, center)
+    y = target.to(acc)
+    g = grad_sums.to(acc)[:, sample_index(N, P, sample, out.device)]
+    if valid is not None:
+        g = g * valid.to(acc)
+    ga = (2.0 / K) * (g[0, :, None] * (a - y) + g[1, :, None] * (mean - y) + g[2, :, None] * (a - mean))
+    if grad_mean is not None:
+        ga = ga + grad_mean.to(acc) / K
+    return by_sample(M, ga, sample, P, transpose=False).to(out.dtype).contiguous()
 
 
-def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+registry.register("reduce_rows", "torch")(reduce_rows_reference)
+registry.register("reduce_rows_backward", "torch")(reduce_rows_backward_reference)
 
 
-def back_rotate(out: torch.Tensor, R: torch.Tensor, rep: Rep, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)`` (dense layout)."""
+# --- reduce_rows ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastequiv::reduce_rows", mutates_args=())
+def reduce_rows(out: Tensor, M: Tensor, target: Tensor, sample: Optional[Tensor], P: int, valid: Optional[Tensor],
+                center: Optional[Tensor], B: int, backend: str) -> tuple[Tensor, Tensor]:
+    return registry.implementation("reduce_rows", backend)(out, M, target, sample, P, valid, center, B)
+
+
+@reduce_rows.register_fake
+def _(out, M, target, sample, P, valid, center, B, backend):
+    return out.new_empty(tuple(out.shape[1:]), dtype=M.dtype), out.new_empty((3, B), dtype=M.dtype)
+
+
+@torch.library.custom_op("fastequiv::reduce_rows_backward", mutates_args=())
+def reduce_rows_backward(grad_mean: Optional[Tensor], grad_sums: Tensor, out: Tensor, M: Tensor, target: Tensor,
+                         sample: Optional[Tensor], P: int, valid: Optional[Tensor], center: Optional[Tensor],
+                         mean: Tensor, backend: str) -> Tensor:
+    return registry.implementation("reduce_rows_backward", backend)(
+        grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean)
+
+
+@reduce_rows_backward.register_fake
+def _(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean, backend):
+    return torch.empty_like(out)
+
+
+def _reduce_setup(ctx, inputs, output):
+    out, M, target, sample, P, valid, center, B, backend = inputs
+    ctx.save_for_backward(out, M, target, sample, valid, center, output[0])
+    ctx.P, ctx.backend = P, backend
+    ctx.target_dtype = target.dtype
+
+
+def _reduce_backward(ctx, grad_mean, grad_sums):
+    out, M, target, sample, valid, center, mean = ctx.saved_tensors
+    B = M.shape[1]
+    if grad_sums is None:
+        grad_sums = M.new_zeros(3, B)
+    grad_out = reduce_rows_backward(grad_mean, grad_sums.contiguous(), out, M, target, sample, ctx.P, valid,
+                                    center, mean, ctx.backend)
+    acc = M.dtype
+    grad_target = grad_center = None
+    if ctx.needs_input_grad[2]:
+        s = sample_index(out.shape[1], ctx.P, sample, out.device)
+        g = grad_sums.to(acc)[:, s]
+        if valid is not None:
+            g = g * valid.to(acc)
+        # total and bias are the only sums that see y: d/dy = -2 (g_total + g_bias) (abar - y)
+        grad_target = (-2.0 * (g[0] + g[1])[:, None] * (mean - target.to(acc))).to(ctx.target_dtype)
+    if center is not None and ctx.needs_input_grad[6]:
+        # a = M^T (o - c) + c: dc = sum over rows of (I - M^T) dL/da, and dL/do = M dL/da
+        S = segment_sum(grad_out.to(acc), sample, ctx.P, B)
+        grad_center = torch.einsum("kbji,kbj->kbi", M, S) - S
+    return grad_out, None, grad_target, None, None, None, grad_center, None, None
+
+
+reduce_rows.register_autograd(_reduce_backward, setup_context=_reduce_setup)
+
+
+# --- the public op ------------------------------------------------------------------------------
+
+def back_rotate(out: Tensor, R: Union[Tensor, Action], rep: Rep, mask: Optional[Tensor], dtype: torch.dtype,
+                backend: str = "auto") -> Tensor:
+    """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)`` (dense layout).
+
+    ``R`` is ``(K, B, 3, 3)`` or an :class:`~fastequiv.ops.Action`, whose matrices (built
+    on its backend) are reused."""
+    action = as_action(R, backend)
     K, B = out.shape[:2]
     flat = out.reshape((K * B,) + tuple(out.shape[2:])).to(dtype)
+    Rd = action.rotations(dtype).reshape(K * B, 3, 3)
     with torch.autocast(out.device.type, enabled=False):
-        a = rep.act(flat, R.reshape(K * B, 3, 3).to(dtype), mask=tile(mask, K), inverse=True)
+        M = None
+        if rep.kind not in ("scalar", "voxels"):
+            M = action.matrices(rep, dtype)
+            M = M.reshape((K * B,) + tuple(M.shape[2:]))
+        a = rep.act(flat, Rd, mask=tile(mask, K), inverse=True, M=M)
     return a.reshape(out.shape)
 
 
-def _twirl_reduce_act(out, R, target, rep, mask) -> TwirlSums:
-    """The definition, through ``Rep.act`` (dense layout): the reference the row kernels are
-    tested against, and the path for reps that are not rows (voxel grids)."""
+def twirl_reduce_reference(out, R, target, rep, mask) -> TwirlSums:
+    """The definition of :func:`twirl_reduce` through ``Rep.act`` (dense layout): what the
+    row path is tested against."""
     acc = accumulate_dtype(out, target)
     a = back_rotate(out, R, rep, mask, acc)
     y = target.to(acc)
@@ -65,13 +215,13 @@ def _twirl_reduce_act(out, R, target, rep, mask) -> TwirlSums:
 
 @accepts_arrays
 def twirl_reduce(
-    out: torch.Tensor,
-    R: torch.Tensor,
-    target: torch.Tensor,
+    out: Tensor,
+    R: Union[Tensor, Action],
+    target: Tensor,
     rep: Rep,
-    mask: Optional[torch.Tensor] = None,
+    mask: Optional[Tensor] = None,
     *,
-    batch: Optional[torch.Tensor] = None,
+    batch: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> TwirlSums:
     """Back-rotate and reduce K stacked outputs against the target (see :class:`TwirlSums`).
@@ -82,7 +232,8 @@ def twirl_reduce(
     Args:
         out: ``(K, B, *E)``, the model's outputs for the rotated copies; with ``batch``,
             ``(K, N, *E)`` node outputs.
-        R: ``(K, B, 3, 3)``, the group element of each copy.
+        R: ``(K, B, 3, 3)``, the group element of each copy, or an
+            :class:`~fastequiv.ops.Action` holding it.
         target: ``(B, *E)`` (``(N, *E)``), given in the frame of the unrotated input.
         rep: how the output transforms.
         mask: optional bool ``(B, *inner)`` (``(N, *inner)``), a prefix of the target's shape.
@@ -91,42 +242,36 @@ def twirl_reduce(
             CuPy (or NumPy) arrays in any tensor argument are taken without a copy
             (DLPack) and the results come back as arrays of the same kind.
     """
+    action = as_action(R, backend)
+    R = action.R
     # the math runs in float32/float64 whatever autocast region the caller is in
     with torch.autocast(out.device.type, enabled=False):
-        return _twirl_reduce_rows(out, R, target, rep, mask, batch, backend)
-
-
-def _twirl_reduce_rows(out, R, target, rep, mask, batch, backend):
-    if out.dim() < 2 or R.dim() != 4 or R.shape[2:] != (3, 3) or R.shape[0] != out.shape[0] \
-            or (batch is None and R.shape[1] != out.shape[1]):
-        want = (out.shape[0], "B") if batch is not None else tuple(out.shape[:2])
-        raise ValueError(f"R must have shape (K, B, 3, 3) = {want + (3, 3)}, got {tuple(R.shape)}")
-    if target.shape != out.shape[1:]:
-        raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} (the output per copy)")
-    check_batch(batch, target.shape[0], "target")
-    if rep.kind == "voxels" and batch is None:
-        from ..voxels import twirl_reduce as reduce_grids  # one fused back-resampling pass
-
-        return reduce_grids(out, R, target, rep, mask, backend=backend)
-    mask = mask_for(mask, target.shape, "target")
-    K, B = R.shape[:2]
-    rows = rows_of(target.shape, rep, mask, batch)
-    if rows is None:
-        if batch is not None:
+        if out.dim() < 2 or R.dim() != 4 or R.shape[2:] != (3, 3) or R.shape[0] != out.shape[0] \
+                or (batch is None and R.shape[1] != out.shape[1]):
+            want = (out.shape[0], "B") if batch is not None else tuple(out.shape[:2])
+            raise ValueError(f"R must have shape (K, B, 3, 3) = {want + (3, 3)}, got {tuple(R.shape)}")
+        if target.shape != out.shape[1:]:
+            raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} "
+                             "(the output per copy)")
+        check_batch(batch, target.shape[0], "target")
+        if rep.kind == "voxels" and batch is None:
+            return reduce_grids(out, R, target, rep, mask, backend=backend)
+        mask = mask_for(mask, target.shape, "target")
+        K, B = R.shape[:2]
+        rows = rows_of(target.shape, rep, mask, batch)
+        if rows is None:
             raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
-        return _twirl_reduce_act(out, R, target, rep, mask)
-
-    acc = accumulate_dtype(out, target)
-    R = R.to(acc)
-    M = action_matrices(rep, R, backend)
-    o = out.reshape(K, rows.N, rows.d)
-    center = centroids(o.to(acc), rows, B) if rep.kind == "position" else None
-    mean, sums = _library.call("reduce_rows", backend, out.device, o.contiguous(), M,
-                               target.reshape(rows.N, rows.d).contiguous(), rows.sample, rows.P, rows.valid,
-                               center, B)
-    per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
-    if rows.valid is not None:
-        per_row = per_row * rows.valid
-    count = _rows.segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
-    n = count.clamp_min(1)
-    return TwirlSums(mean.reshape(target.shape), sums[0] / n, sums[1] / n, sums[2] / n, count)
+        acc = accumulate_dtype(out, target)
+        M = action.matrices(rep, acc)
+        o = out.reshape(K, rows.N, rows.d)
+        center = centroids(o.to(acc), rows, B) if rep.kind == "position" else None
+        name = registry.resolve_name("reduce_rows", backend, out.device)
+        args = (o.contiguous(), M, target.reshape(rows.N, rows.d).contiguous(), rows.sample, rows.P, rows.valid,
+                center, B)
+        mean, sums = reduce_rows_reference(*args) if name == "torch" else reduce_rows(*args, name)
+        per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
+        if rows.valid is not None:
+            per_row = per_row * rows.valid
+        count = segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
+        n = count.clamp_min(1)
+        return TwirlSums(mean.reshape(target.shape), sums[0] / n, sums[1] / n, sums[2] / n, count)

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels of the row-level contract (``fastequiv/ops/_rows.py``).
+"""Pieces shared by the Triton kernels of the row-level contract (``fastequiv/ops/layout.py``).
 
 Rows ``x`` ``(N, d)`` are read as 2D tiles ``(BLOCK_N, BLOCK_D)`` (``BLOCK_D`` the next
 power of two of ``d``, masked to ``d``); the ``d x d`` matrix of every row's sample as a

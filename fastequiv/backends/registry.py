@@ -1,4 +1,4 @@
-"""The one seam where a computation picks its implementation.
+"""The registry: the one seam where a computation picks its implementation.
 
 Every public function that computes takes ``backend=``: ``"auto"``, ``"torch"``,
 ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"cupy"``. ``"torch"`` is the pure-torch
@@ -48,16 +48,27 @@ def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
     _AUTO_ORDER.setdefault(op, {})[device_type] = order
 
 
-def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Callable]:
-    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
-    device = torch.device(device)
+def check_backend(backend) -> None:
+    """Raise a ValueError unless ``backend`` is one of :data:`BACKENDS`."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device``: ``backend`` itself, or ``"auto"``'s pick.
+
+    Each public op calls this once per call. Availability checks import extension
+    modules, so ``torch.compile`` runs this eagerly and keeps the answer as a constant
+    (a traced step never reaches an import, also on its first call in a fresh process).
+    """
+    check_backend(backend)
+    device = torch.device(device)
     impls = _REGISTRY.get(op, {})
     if backend == "auto":
         for name in _AUTO_ORDER.get(op, {}).get(device.type, ()) + ("torch",):
             if name in impls and impls[name][1](device) is None:
-                return name, impls[name][0]
+                return name
         raise BackendUnavailableError(f"no backend can run {op!r} on device {device}")
     if backend not in impls:
         have = sorted(impls)
@@ -65,11 +76,22 @@ def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Cal
             f"backend={backend!r} has no implementation of {op!r} in this version of fastequiv "
             f"(implemented: {have})"
         )
-    fn, available = impls[backend]
-    why = available(device)
+    why = impls[backend][1](device)
     if why is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run {op!r} on device {device}: {why}")
-    return backend, fn
+    return backend
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The registered implementation of ``op`` by the concrete ``backend`` (already
+    resolved by :func:`resolve_name`; no availability check)."""
+    return _REGISTRY[op][backend][0]
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Callable]:
+    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
+    name = resolve_name(op, backend, torch.device(device))
+    return name, implementation(op, name)
 
 
 def implemented_anywhere() -> set[str]:

@@ -1,0 +1,185 @@
+"""The host side of the compiled kernels, written once for every backend that runs them.
+
+The ``"cpu"`` and ``"cuda"`` backends (:mod:`.native`, the kernels of ``fastequiv._C``) and
+the ``"cupy"`` backend (:mod:`.cupy`, the same ``kernels/*.cu`` compiled by NVRTC) run the
+same kernels with the same arguments. What differs is only how a kernel is launched, so
+each backend hands :func:`row_ops` a ``launch(name, device, *args)`` that takes the
+arguments of ``fastequiv._C``'s ``<name>_cpu`` / ``<name>_cuda`` bindings, and gets back
+implementations of the row-level contract with exactly the signatures of the torch
+references in :mod:`fastequiv.ops` (``rotate_rows``, ``rotate_rows_backward``,
+``reduce_rows``, ``reduce_rows_backward``, ``wigner_blocks``, ``random_rotations_seeded``).
+
+Element types: the CPU kernels read float32 and float64 (float16/bfloat16 are converted
+to float32 here, which rounds exactly as the reference does since it also accumulates
+them in float32); the GPU kernels read float16/bfloat16 natively and accumulate in
+float32. A "no centre" call passes zeros (``x - 0 + 0`` is ``x`` exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..wigner import recursion_terms
+
+ROW_OPS = ("rotate_rows", "rotate_rows_backward", "reduce_rows", "reduce_rows_backward", "wigner_blocks",
+           "random_rotations_seeded")
+
+CPU_FLOATS = (torch.float32, torch.float64)
+
+
+def elements(t: torch.Tensor, device_type: str) -> torch.Tensor:
+    """``t`` as the kernels read it: contiguous, and float32 for fp16/bf16 on the CPU."""
+    if device_type == "cpu" and t.dtype not in CPU_FLOATS:
+        t = t.float()
+    return t.contiguous()
+
+
+def check_acc(M: torch.Tensor, *named: tuple[str, torch.Tensor]) -> None:
+    """Raise a ValueError unless ``M`` is in the accumulation dtype of the ``named`` tensors."""
+    if M.dtype not in CPU_FLOATS:
+        raise ValueError(f"M: expected float32 or float64 (the accumulation dtype), got {M.dtype}")
+    for name, t in named:
+        if t.dtype == torch.float64 and M.dtype != torch.float64:
+            raise ValueError(f"M: expected float64 (the accumulation dtype) for float64 {name}, got {M.dtype}")
+
+
+def target_for(target: torch.Tensor, out: torch.Tensor, acc: torch.dtype, device_type: str) -> torch.Tensor:
+    """The kernels read a target in out's dtype or in acc; any other is converted to acc."""
+    y = elements(target, device_type)
+    out_dtype = out.dtype if device_type != "cpu" or out.dtype in CPU_FLOATS else torch.float32
+    return y if y.dtype in (out_dtype, acc) else y.to(acc)
+
+
+def dense_P(P: int, sample: Optional[torch.Tensor]) -> int:
+    """Rows per sample for the kernels: ``P`` in the dense layout, 0 in the graph layout."""
+    return max(int(P), 1) if sample is None else 0
+
+
+def sample_arg(sample: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if sample is None:
+        return None
+    if sample.dtype != torch.int64:
+        raise ValueError(f"sample: expected an int64 tensor, got {sample.dtype}")
+    return sample.contiguous()
+
+
+def valid_arg(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if valid is None else valid.to(torch.bool).contiguous()
+
+
+def wigner_term_table(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Ivanic–Ruedenberg terms of degrees ``2 .. lmax`` flattened for the kernels
+    (kernels/wigner.cuh): ``term_index`` int32 ``(T, 3)`` = (entry of D_l, entry of D_1,
+    entry of D_{l-1}), ``term_coef`` float64 ``(T,)`` and ``term_start`` int32 ``(lmax + 2,)``."""
+    index, coef, start = [], [], [0] * min(lmax + 2, 3)
+    count = 0
+    for l in range(2, lmax + 1):
+        r, c, k, i, j, a, b = recursion_terms(l)
+        index.append(np.stack([r * (2 * l + 1) + c, i * 3 + j, a * (2 * l - 1) + b], axis=1))
+        coef.append(k)
+        count += len(k)
+        start.append(count)
+    index = np.concatenate(index).astype(np.int32) if index else np.zeros((0, 3), np.int32)
+    coef = np.concatenate(coef) if coef else np.zeros(0, np.float64)
+    return np.ascontiguousarray(index), coef, np.asarray(start, dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def wigner_tables(lmax: int, dtype: torch.dtype, device: torch.device):
+    """:func:`wigner_term_table` as tensors on ``device`` (built once per device; call it
+    at warm-up, before a CUDA graph is captured)."""
+    index, coef, start = wigner_term_table(lmax)
+    return (torch.from_numpy(index).to(device), torch.from_numpy(coef).to(dtype=dtype, device=device),
+            torch.from_numpy(start).to(device))
+
+
+def wigner_size(lmax: int) -> int:
+    """``sum_{l <= lmax} (2l+1)^2``: the columns of the packed blocks."""
+    return (lmax + 1) * (2 * lmax + 1) * (2 * lmax + 3) // 3
+
+
+def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
+    """The six row-contract implementations of a backend on ``device_type`` ("cpu" or
+    "cuda") whose kernels are started by ``launch(name, device, *binding_args)``."""
+
+    def rotate_rows(x, M, sample, P, center):
+        check_acc(M, ("x", x))
+        K, B, d = M.shape[0], M.shape[1], M.shape[-1]
+        xe = elements(x, device_type)
+        out = torch.empty((K,) + tuple(x.shape), dtype=xe.dtype, device=x.device)
+        c = center.contiguous() if center is not None else M.new_zeros(B, d)
+        launch("rotate_rows", x.device, xe, M.contiguous(), sample_arg(sample), dense_P(P, sample), c, out)
+        return out.to(x.dtype)
+
+    def rotate_rows_backward(grad, M, sample, P):
+        check_acc(M, ("grad", grad))
+        out = torch.empty(tuple(grad.shape[1:]), dtype=M.dtype, device=grad.device)
+        launch("rotate_rows_backward", grad.device, elements(grad, device_type), M.contiguous(), sample_arg(sample),
+               dense_P(P, sample), out)
+        return out
+
+    def reduce_rows(out, M, target, sample, P, valid, center, B):
+        check_acc(M, ("out", out), ("target", target))
+        acc = M.dtype
+        K, N = out.shape[:2]
+        d = M.shape[-1]
+        oe = elements(out, device_type)
+        mean = torch.empty(N, d, dtype=acc, device=out.device)
+        sums = torch.zeros(3, B, dtype=acc, device=out.device)
+        c = center.contiguous() if center is not None else M.new_zeros(K, B, d)
+        launch("reduce_rows", out.device, oe, M.contiguous(), target_for(target, oe, acc, device_type),
+               sample_arg(sample), dense_P(P, sample), valid_arg(valid), c, mean, sums)
+        return mean, sums
+
+    def reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean):
+        check_acc(M, ("out", out), ("target", target))
+        acc = M.dtype
+        K, N = out.shape[:2]
+        B, d = M.shape[1], M.shape[-1]
+        oe = elements(out, device_type)
+        grad_out = torch.empty_like(oe)
+        gm = None if grad_mean is None else grad_mean.to(acc).contiguous()
+        c = center.contiguous() if center is not None else M.new_zeros(K, B, d)
+        args = [gm, grad_sums.to(acc).contiguous(), oe, M.contiguous(), target_for(target, oe, acc, device_type),
+                sample_arg(sample), dense_P(P, sample), valid_arg(valid), c, mean.to(acc).contiguous(), grad_out]
+        if device_type == "cuda":  # the GPU kernel's scratch for the twirled mean of wide rows
+            args.append(None if d in (1, 3) else torch.empty(N, d, dtype=acc, device=out.device))
+        launch("reduce_rows_backward", out.device, *args)
+        return grad_out.to(out.dtype)
+
+    def wigner_blocks(R, lmax):
+        work = R.dtype if R.dtype in CPU_FLOATS else torch.float32
+        index, coef, start = wigner_tables(lmax, work, R.device)
+        out = torch.empty(R.shape[0], wigner_size(lmax), dtype=work, device=R.device)
+        launch("wigner_blocks", R.device, R.to(work).contiguous(), lmax, index, coef, start, out)
+        return out.to(R.dtype)
+
+    def random_rotations_seeded(seed, n, offset, improper, dtype):
+        # the CPU draws in float64 and rounds once, as the reference does; the GPU draws
+        # float32 directly (within an ulp or two of that)
+        work = torch.float64 if dtype == torch.float64 or device_type == "cpu" else torch.float32
+        out = torch.empty(n, 3, 3, dtype=work, device=seed.device)
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise ValueError(f"seed: expected an int64 0-dim tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        if device_type == "cpu":
+            value = int(seed)  # a CPU tensor: reading it is no device sync
+            if not 0 <= value < 2**63:
+                raise ValueError(f"seed: expected 0 <= seed < 2**63, got {value}")
+            launch("random_rotations", seed.device, out, value, offset, improper)
+        else:
+            launch("random_rotations_seeded", seed.device, out, seed.contiguous(), offset, improper)
+        return out.to(dtype)
+
+    impls = {
+        "rotate_rows": rotate_rows,
+        "rotate_rows_backward": rotate_rows_backward,
+        "reduce_rows": reduce_rows,
+        "reduce_rows_backward": reduce_rows_backward,
+        "wigner_blocks": wigner_blocks,
+        "random_rotations_seeded": random_rotations_seeded,
+    }
+    return impls

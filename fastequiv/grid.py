@@ -1,0 +1,122 @@
+"""Resampling a field on a cubic grid under a rotation: the math of voxel reps.
+
+Conventions (axes ``(D, H, W) = (x, y, z)``, rotations about the grid centre, the action
+``out[q] = D(R) x[R^T (q - c) + c]``, the exact cube-element path and the trilinear path)
+are stated in :mod:`fastequiv.voxels`. The functions here are the pure-torch reference of
+the voxel ops (:mod:`fastequiv.ops.voxels`), which the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["grid_shape", "is_cube_element", "resample", "resample_acc", "permute_flip", "reduce"]
+
+
+def grid_shape(shape) -> tuple[int, int, int]:
+    """``(lead, C, n)`` of a checked voxel tensor shape ``(N, *lead, C, n, n, n)``."""
+    return math.prod(shape[1:-4]), shape[-4], shape[-1]
+
+
+def is_cube_element(R: torch.Tensor) -> bool:
+    """Whether every ``R`` is a signed permutation matrix (an orthogonal matrix with integer
+    entries). One host sync on a GPU; under ``torch.compile`` the trilinear path is taken,
+    which gives the same values at cube elements."""
+    if R.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    return bool((R == R.round()).all())
+
+
+def resample(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bool) -> torch.Tensor:
+    """``out[r, ch, q] = (M_r x_b)[ch](M_r^T (q - c) + c)``, ``b = r mod B``.
+
+    Args:
+        x: ``(B, C', n, n, n)`` any float dtype (``C'`` flattened channels).
+        M: ``(rows, 3, 3)`` in acc; ``rows`` a multiple of ``B``.
+        vec: int32 ``(G,)`` first channel of each vector.
+        exact: every ``M`` is a signed permutation: move axes (permute and flip), no
+            interpolation. Otherwise trilinear, by ``F.affine_grid`` + ``F.grid_sample``.
+    Returns:
+        ``(rows, C', n, n, n)`` in ``x.dtype``.
+    """
+    return resample_acc(x, M, vec, exact).to(x.dtype)
+
+
+def resample_acc(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bool) -> torch.Tensor:
+    """:func:`resample` before the cast back: ``(rows, C', n, n, n)`` in ``M.dtype``."""
+    B, Cp, n = x.shape[0], x.shape[1], x.shape[-1]
+    rows, acc = M.shape[0], M.dtype
+    src = x.to(acc)
+    if rows == 0 or src.numel() == 0:
+        return src.new_zeros((rows,) + tuple(src.shape[1:]))
+    if exact:
+        out = permute_flip(src, M)
+    else:
+        if rows != B:  # copy-major: row r reads sample r mod B
+            src = src.repeat((rows // B,) + (1,) * (src.dim() - 1))
+        # grid_sample orders its grid (W, H, D): the map in its coordinates is P M^T P
+        P = torch.eye(3, dtype=acc, device=x.device).flip(0)
+        theta = torch.cat([P @ M.transpose(1, 2) @ P, M.new_zeros(rows, 3, 1)], dim=2)
+        grid = F.affine_grid(theta, [rows, Cp, n, n, n], align_corners=True)
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if vec.numel():
+        chans = (vec.long()[:, None] + torch.arange(3, device=x.device)).reshape(-1)
+        v = out[:, chans].reshape(rows, vec.numel(), 3, n, n, n)
+        mixed = torch.einsum("rab,rgbijk->rgaijk", M, v).reshape(rows, 3 * vec.numel(), n, n, n)
+        out = out.index_copy(1, chans, mixed)
+    return out
+
+
+def permute_flip(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[r mod B]`` moved by the signed permutation ``M[r]`` (channels unmixed).
+
+    ``out[q] = x[M^T (q - c) + c]``: if row ``a`` of ``M`` has its entry ``s_a = +-1`` in
+    column ``pi(a)``, output axis ``a`` is input axis ``pi(a)``, reversed where ``s_a = -1``.
+    Rows that share an element are moved together (at most 48 groups); reading the
+    elements costs one copy of ``M`` to the host.
+    """
+    B, rows = x.shape[0], M.shape[0]
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    keys = M.detach().round().to(device="cpu", dtype=torch.int64).reshape(rows, 9)
+    elements, which = torch.unique(keys, dim=0, return_inverse=True)
+    for u, m in enumerate(elements.reshape(-1, 3, 3).tolist()):
+        idx = torch.nonzero(which == u).reshape(-1)
+        perm = [next(j for j in range(3) if m[a][j]) for a in range(3)]
+        flips = [2 + a for a in range(3) if m[a][perm[a]] < 0]
+        start = int(idx[0])
+        whole = len(idx) == B and start % B == 0 and int(idx[-1]) == start + B - 1
+        # copy k of a twirl (rows k B .. k B + B - 1, one element): move the batch in place
+        src = x if whole else x.index_select(0, (idx % B).to(x.device))
+        moved = src.permute(0, 1, *(2 + j for j in perm))
+        moved = moved.flip(flips) if flips else moved
+        if whole:
+            out[start:start + B] = moved
+        else:
+            out.index_copy_(0, idx.to(x.device), moved)
+    return out
+
+
+def reduce(out: torch.Tensor, M: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], vec: torch.Tensor,
+                  exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-resample and reduce: ``a_k = _resample(out_k, M_k)``; returns ``mean`` ``(B, C', V)`` and
+    ``sums`` ``(3, B)`` (total, bias, spread summed over the weighted elements), both in acc.
+
+    ``out``: ``(K, B, C', n, n, n)``; ``M``: ``(K, B, 3, 3)`` (already ``R^T``); ``y``:
+    ``(B, C', n, n, n)``; ``w``: ``(B, C', n^3)`` weights in acc or None.
+    """
+    K, B = M.shape[:2]
+    Cp, n = out.shape[2], out.shape[-1]
+    acc = M.dtype
+    # in acc throughout: a bf16 output is back-rotated without rounding to bf16 again
+    a = resample_acc(out.reshape(K * B, Cp, n, n, n), M.reshape(K * B, 3, 3), vec, exact)
+    a = a.reshape(K, B, Cp, n ** 3)
+    yy = y.to(acc).reshape(B, Cp, n ** 3)
+    abar = a.mean(0)
+    per = torch.stack([((a - yy) ** 2).mean(0), (abar - yy) ** 2, ((a - abar) ** 2).mean(0)])
+    if w is not None:
+        per = per * w
+    return abar, per.reshape(3, B, -1).sum(-1)
