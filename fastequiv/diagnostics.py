@@ -1,0 +1,665 @@
+"""Training-dynamics diagnostics: how the gradients and curvature of L_mean and L_equiv compare.
+
+::
+
+    g = fe.diagnostics.gradient_alignment(model, inputs, target, spec=spec, samples=8, seed=0)
+    g.cos["all"], g.cos["encoder.layers.0"]     # cos(grad L_mean, grad L_equiv), overall and per module
+    h = fe.diagnostics.hessian_spectrum(model, inputs, target, spec=spec, term="equiv", k=8, seed=0)
+    h.eigenvalues, h.condition(rtol=1e-3)       # top-k curvature (Lanczos on Hessian-vector products)
+    e = fe.diagnostics.equivariance_per_element(model, inputs, target, spec=spec, samples=8, seed=0)
+    e.heads["forces"]                           # L_equiv per atom and component: where symmetry breaks
+
+Every function here pushes the K rotated copies of the batch through the model once
+(:func:`fastequiv.stacking.stack`: the same spec, masks, graph batches, groups, rotations
+and seeds as :func:`fastequiv.equivariance_error`) and differentiates the estimators of
+:mod:`fastequiv.estimators` with ``torch.autograd.grad``: exact values for an exhaustive
+finite-group twirl, the unbiased i.i.d. estimators otherwise (``L_mean_hat = bias -
+spread / (K - 1)``, ``L_equiv_hat = K / (K - 1) spread``). Their gradients are unbiased
+for the gradients of L_mean and L_equiv, since the rotations do not depend on the
+parameters. Nothing is left in any ``.grad``; the model is evaluated in eval mode
+(dropout off, BatchNorm on its running statistics) and every submodule's own mode is
+restored afterwards.
+
+Condition numbers. The Hessian of a network's loss is indefinite away from a minimum and
+rank-deficient everywhere (many directions leave the loss unchanged), so its plain
+condition number ``lambda_max / lambda_min`` is infinite or meaningless.
+:meth:`Spectrum.condition` reports ``max |lambda| / min |lambda|`` over the computed
+eigenvalues whose ``|lambda|`` exceeds ``rtol * max |lambda|``: the conditioning of the
+Hessian restricted to its ``k`` computed directions, with the near-null ones left out. It
+depends on ``k``, ``which`` and ``rtol``, so only values computed with the same three are
+comparable; comparing L_mean with L_equiv at the same settings is what the diagnostic is
+for (the paper behind fastequiv reports the L_equiv Hessian of a force-field model as
+about 1000x better conditioned than the L_mean one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import stacking
+from .estimators import Decomposition, combine, decompose
+from .ops import twirl_reduce
+from .ops.layout import mask_for
+from .spec import Spec
+
+__all__ = ["Alignment", "Spectrum", "PerElement", "gradient_alignment", "hessian_spectrum", "lanczos",
+           "equivariance_per_element", "log_dynamics", "TERMS"]
+
+TERMS = ("total", "mean", "equiv")
+WHICH = ("largest", "smallest", "magnitude")
+ROOT = "<root>"  # the key of parameters the model itself owns (not a submodule)
+ALL = "all"
+
+
+# --- the pieces every diagnostic shares -----------------------------------------------------------
+
+@dataclass
+class Params:
+    """The parameters a diagnostic differentiates: their names, tensors and owning modules."""
+
+    names: list
+    tensors: list
+    owners: list  # the key each parameter is reported under (its module's name, or ROOT)
+
+    def groups(self) -> dict:
+        """``{"all": [0..n), module: [indices]}`` in order of first appearance."""
+        out = {ALL: list(range(len(self.tensors)))}
+        for i, owner in enumerate(self.owners):
+            out.setdefault(owner, []).append(i)
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+
+def select_params(model, params=None) -> Params:
+    """The parameters to differentiate: every parameter of ``model`` that requires grad, or
+    the subset ``params`` names (an iterable of parameters, or of names of parameters or
+    of modules, whose parameters are then all taken)."""
+    named = list(model.named_parameters()) if isinstance(model, nn.Module) else []
+    by_id = {id(p): n for n, p in named}
+    if params is None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"params=None needs an nn.Module model to find its parameters; got a "
+                             f"{type(model).__name__}: pass params=[tensors that require grad]")
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("the model has no parameter that requires grad: there is nothing to differentiate")
+    else:
+        items = [params] if isinstance(params, (str, torch.Tensor)) else list(params)
+        if not items:
+            raise ValueError("params is empty: pass None (every parameter) or parameters or names")
+        chosen, seen = [], set()
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                hits = [(n, p) for n, p in named if n == item or n.startswith(item + ".")]
+                if not hits:
+                    some = ", ".join(repr(n) for n, _ in named[:6]) or "none"
+                    raise ValueError(f"params[{i}]={item!r} names no parameter of the model "
+                                     f"(its parameters are named like {some})")
+            elif isinstance(item, torch.Tensor):
+                if not item.requires_grad:
+                    raise ValueError(f"params[{i}] (shape {tuple(item.shape)}) does not require grad")
+                hits = [(by_id.get(id(item), f"params[{i}]"), item)]
+            else:
+                raise ValueError(f"params must hold parameters or names, got {type(item).__name__} at params[{i}]")
+            for n, p in hits:
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    chosen.append((n, p))
+        if not chosen:
+            raise ValueError(f"params={params!r} names only parameters that do not require grad")
+    owners = []
+    for n, _ in chosen:
+        owner = n.rpartition(".")[0] if n in by_id.values() else n
+        owners.append(owner or ROOT)
+    return Params([n for n, _ in chosen], [p for _, p in chosen], owners)
+
+
+@contextlib.contextmanager
+def evaluating(model, enabled: bool = True):
+    """Eval mode for ``model`` (an ``nn.Module``) inside the block; each submodule's own
+    mode is restored on the way out, exceptions included."""
+    modes = [(m, m.training) for m in model.modules()] if enabled and isinstance(model, nn.Module) else []
+    try:
+        if modes:
+            model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _weights(spec: Spec, loss_weights) -> dict:
+    names = spec.output_names()
+    if loss_weights is None:
+        return {n: 1.0 for n in names}
+    if isinstance(spec.output, dict) and isinstance(loss_weights, dict) and set(loss_weights) == set(names):
+        return dict(loss_weights)
+    if isinstance(spec.output, tuple) and isinstance(loss_weights, (tuple, list)) and len(loss_weights) == len(names):
+        return dict(zip(names, loss_weights))
+    raise ValueError(f"loss_weights must weigh the heads {names} like spec.output (a dict or tuple of that "
+                     f"length), got {loss_weights!r}")
+
+
+def _plan(spec: Spec, samples) -> tuple[int, bool]:
+    K, exhaustive = stacking.plan(spec, samples, 8)
+    if K < 2 and not exhaustive:
+        raise ValueError(f"samples={K} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
+                         "(or an exhaustive twirl over a finite group)")
+    return K, exhaustive
+
+
+def _heads_and_targets(st: stacking.Stacked, spec: Spec, target) -> list:
+    pairs = []
+    for head, (_, y, _) in zip(st.heads, spec.output_leaves(target, "target")):
+        if y.shape != head.value.shape[1:]:
+            where = "target" if head.name == "output" else f"target[{head.name!r}]"
+            raise ValueError(f"{where} has shape {tuple(y.shape)}, but the model's output for it has shape "
+                             f"{tuple(head.value.shape[1:])} (batch {st.B})")
+        pairs.append((head, y))
+    return pairs
+
+
+def stacked_terms(model, inputs, target, *, spec: Spec, samples=None, mask=None, loss_weights=None, seed=None,
+                  generator=None, chunk_size=None, backend: str = "auto", reduce_backend: Optional[str] = None,
+                  check_finite: bool = True) -> Decomposition:
+    """The MSE decomposition of ``model`` on ``inputs``, differentiable (grad mode permitting).
+
+    The same stacked copies and estimators as :func:`fastequiv.equivariance_error` with
+    ``loss="mse"``; ``reduce_backend`` (default ``backend``) runs the reductions: pass
+    ``"torch"`` to differentiate twice (the compiled reductions have a first derivative only).
+    """
+    K, exhaustive = _plan(spec, samples)
+    weights = _weights(spec, loss_weights)
+    st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
+                        chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+    heads, valid = {}, None
+    for head, y in _heads_and_targets(st, spec, target):
+        s = twirl_reduce(head.value, st.action, y, head.rep, head.mask, batch=head.batch,
+                         backend=reduce_backend or backend)
+        heads[head.name] = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
+        valid = s.count > 0 if valid is None else valid & (s.count > 0)
+    if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
+        return next(iter(heads.values()))
+    return combine(heads, weights, valid)
+
+
+def _check_term(term) -> str:
+    if term not in TERMS:
+        raise ValueError(f"term must be one of {TERMS}, got {term!r}")
+    return term
+
+
+def _grads(loss: torch.Tensor, tensors: list, *, create_graph: bool, retain_graph: bool) -> list:
+    """``d loss / d tensors``, zeros (without a graph) where a tensor does not reach the loss."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(t) for t in tensors]
+    gs = torch.autograd.grad(loss, tensors, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)]
+
+
+# --- gradient alignment -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Alignment:
+    """How the gradients of L_mean and L_equiv relate, overall (key ``"all"``) and per module.
+
+    Every dict has one key per module that owns differentiated parameters directly (its
+    dotted name, ``"<root>"`` for the model's own) and ``"all"``; values are 0-dim
+    tensors (no host sync; :meth:`to_dict` gives floats).
+
+    Attributes:
+        cos: ``<g_mean, g_equiv> / (|g_mean| |g_equiv|)``; NaN where either gradient is 0.
+        dot: ``<g_mean, g_equiv>``.
+        norm_mean, norm_equiv, norm_total: gradient norms of L_mean, L_equiv and
+            L_total (``g_total = g_mean + g_equiv``).
+        mean, equiv: the values of the two estimators on this batch.
+        samples, exhaustive: K, and whether the twirl was exhaustive (exact).
+    """
+
+    cos: dict
+    dot: dict
+    norm_mean: dict
+    norm_equiv: dict
+    norm_total: dict
+    mean: torch.Tensor
+    equiv: torch.Tensor
+    samples: int
+    exhaustive: bool
+
+    def to_dict(self, prefix: str = "") -> dict:
+        """Plain floats for a logger, ``{prefix + "cos/all": ..., "norm_mean/all": ...}`` (one host sync)."""
+        out = {f"{prefix}mean": float(self.mean), f"{prefix}equiv": float(self.equiv)}
+        for name in ("cos", "dot", "norm_mean", "norm_equiv", "norm_total"):
+            for key, v in getattr(self, name).items():
+                out[f"{prefix}{name}/{key}"] = float(v)
+        return out
+
+
+def _alignment(gm: list, ge: list, params: Params) -> tuple:
+    stats = {k: {} for k in ("cos", "dot", "norm_mean", "norm_equiv", "norm_total")}
+    for key, idx in params.groups().items():
+        acc = torch.float64 if any(gm[i].dtype == torch.float64 for i in idx) else torch.float32
+        mm = sum((gm[i].to(acc) * gm[i].to(acc)).sum() for i in idx)
+        ee = sum((ge[i].to(acc) * ge[i].to(acc)).sum() for i in idx)
+        me = sum((gm[i].to(acc) * ge[i].to(acc)).sum() for i in idx)
+        nm, ne = mm.sqrt(), ee.sqrt()
+        denom = nm * ne
+        stats["cos"][key] = torch.where(denom > 0, me / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                                        torch.full_like(denom, math.nan))
+        stats["dot"][key] = me
+        stats["norm_mean"][key] = nm
+        stats["norm_equiv"][key] = ne
+        stats["norm_total"][key] = (mm + ee + 2 * me).clamp_min(0).sqrt()
+    return stats
+
+
+def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Spec, samples: Optional[int] = None,
+                       params=None, mask=None, loss_weights=None, seed: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = None,
+                       backend: str = "auto", check_finite: bool = True, eval_mode: bool = True) -> Alignment:
+    """Cosine and norms of ``grad L_mean`` and ``grad L_equiv`` with respect to the parameters.
+
+    One forward over the K stacked copies, then two backward passes (one per term), with
+    ``torch.autograd.grad``: no ``.grad`` is touched.
+
+    Args:
+        model, inputs, target, spec, mask, loss_weights, seed, generator, chunk_size,
+            backend, check_finite: as in :func:`fastequiv.equivariance_error` (MSE only).
+        samples: K, default 8 i.i.d. Haar draws for SO(3)/O(3), every element for a finite group.
+        params: None (every parameter that requires grad), or an iterable of parameters,
+            or of names of parameters or modules (a name takes every parameter under it).
+        eval_mode: evaluate ``model`` in eval mode (then restore every submodule's mode).
+    Returns:
+        an :class:`Alignment`.
+    """
+    chosen = select_params(model, params)
+    with evaluating(model, eval_mode), torch.enable_grad():
+        d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
+                          seed=seed, generator=generator, chunk_size=chunk_size, backend=backend,
+                          check_finite=check_finite)
+        gm = _grads(d.mean, chosen.tensors, create_graph=False, retain_graph=True)
+        ge = _grads(d.equiv, chosen.tensors, create_graph=False, retain_graph=False)
+    stats = _alignment(gm, ge, chosen)
+    return Alignment(**stats, mean=d.mean.detach(), equiv=d.equiv.detach(), samples=d.samples,
+                     exhaustive=d.exhaustive)
+
+
+# --- Lanczos --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Extreme eigenvalues of a Hessian from :func:`hessian_spectrum` (or :func:`lanczos`).
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64: ``which="largest"`` descending, ``"smallest"``
+            ascending, ``"magnitude"`` by ``|lambda|`` descending.
+        eigenvectors: ``(k, n)`` unit Ritz vectors over the flattened parameters (in the
+            order of ``names``), or None unless asked for.
+        residuals: ``(k,)`` Lanczos estimates of ``|H u - lambda u|`` for each pair.
+        iterations: Hessian-vector products used.
+        converged: every residual is below ``tol * max |lambda|`` (or the Krylov space was
+            exhausted, which makes the values exact).
+        term, which: what was computed; names: the parameters, in flattening order.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: Optional[torch.Tensor]
+    residuals: torch.Tensor
+    iterations: int
+    converged: bool
+    term: str = ""
+    which: str = "largest"
+    names: tuple = ()
+
+    def condition(self, rtol: Optional[float] = 1e-3) -> torch.Tensor:
+        """``max |lambda| / min |lambda|`` over the computed eigenvalues with ``|lambda| >
+        rtol * max |lambda|`` (``rtol=None``: all of them). See the module docs: this is the
+        conditioning along the computed directions, not of the whole (rank-deficient) Hessian."""
+        lam = self.eigenvalues.abs()
+        top = lam.max()
+        keep = lam if rtol is None else lam[lam > rtol * top]
+        return top / keep.min() if keep.numel() else torch.tensor(math.nan, dtype=lam.dtype)
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{float(v):.4g}" for v in self.eigenvalues)
+        return (f"Spectrum(term={self.term!r}, which={self.which!r}, eigenvalues=[{vals}], "
+                f"iterations={self.iterations}, converged={self.converged})")
+
+
+def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    if which == "largest":
+        order = torch.argsort(theta, descending=True)
+    elif which == "smallest":
+        order = torch.argsort(theta)
+    else:
+        order = torch.argsort(theta.abs(), descending=True)
+    return order[:k]
+
+
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, *, which: str = "largest",
+            max_iter: Optional[int] = None, tol: float = 1e-4, seed: int = 0, device=None,
+            dtype: torch.dtype = torch.float64, eigenvectors: bool = False) -> Spectrum:
+    """``k`` extreme eigenpairs of the symmetric ``n x n`` operator ``matvec`` by Lanczos.
+
+    Full reorthogonalisation (twice per step, against every basis vector), so the Ritz
+    values carry no spurious copies. When the Krylov space closes (an invariant
+    subspace: the new vector vanishes) the iteration restarts with a fresh random
+    vector orthogonal to the basis, which is how repeated eigenvalues are found; the
+    start vectors are drawn from a CPU generator seeded with ``seed``. It stops when the
+    ``k`` wanted Ritz values have residual estimates ``|beta_m s_mi| <= tol * max |theta|``
+    (checked only after a step that did not restart), after ``max_iter`` products
+    (default ``min(n, max(4 k, 40))``), or when the basis spans all ``n`` dimensions.
+
+    A cluster of nearly equal eigenvalues may show fewer copies than it has if the
+    iteration stops on the tolerance before the space closes: exact multiplicities need
+    ``max_iter`` up to ``n``.
+
+    Args:
+        matvec: ``v (n,) -> H v (n,)`` in ``dtype``.
+        dtype: of the basis (``max_iter x n`` of it is kept); the tridiagonal matrix and
+            its eigenproblem are float64.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the {n} parameters: the Hessian has only {n} eigenvalues")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if max_iter is None:
+        max_iter = min(n, max(4 * k, 40))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k:
+        raise ValueError(f"max_iter must be an int >= k={k}, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    m_max = min(n, max_iter)
+    gen = torch.Generator().manual_seed(seed)
+    # breakdown: the new vector is rounding noise against the operator's scale
+    eps = 100 * torch.finfo(dtype).eps
+    V = torch.zeros(m_max, n, dtype=dtype, device=device)
+    alpha, beta = [], []  # beta[j] couples vectors j and j+1 (0 after a restart)
+
+    def fresh(j: int) -> Optional[torch.Tensor]:
+        for _ in range(3):
+            v = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            for _ in range(2):
+                v = v - V[:j].T @ (V[:j] @ v) if j else v
+            nv = v.norm()
+            if nv > 1e-3:
+                return v / nv
+        return None
+
+    v = fresh(0)
+    theta = S = None
+    converged, m, last = False, 0, 0.0  # last: the norm of the residual vector after step m
+    while m < m_max:
+        V[m] = v
+        w = matvec(v).to(dtype)
+        a = torch.dot(w, v)
+        w = w - a * v
+        if m > 0 and beta[-1] != 0:
+            w = w - beta[-1] * V[m - 1]
+        for _ in range(2):
+            w = w - V[: m + 1].T @ (V[: m + 1] @ w)
+        b = float(w.norm())
+        alpha.append(float(a))
+        m += 1
+        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(beta, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        scale = max(float(theta.abs().max()), b)
+        restarted = b <= eps * scale or scale == 0.0
+        last = 0.0 if restarted else b
+        if m == n:  # the basis spans the space: the Ritz values are the eigenvalues
+            converged, last = True, 0.0
+            break
+        if not restarted and m >= k:
+            res = b * S[-1, _wanted(theta, k, which)].abs()
+            if bool((res <= tol * scale).all()):
+                converged = True
+                break
+        if m == m_max:
+            break
+        if restarted:
+            v = fresh(m)
+            if v is None:  # no direction left: the basis spans the space
+                converged = True
+                break
+            beta.append(0.0)
+        else:
+            v = w / b
+            beta.append(b)
+    idx = _wanted(theta, k, which)
+    residuals = last * S[-1, idx].abs()
+    vecs = None
+    if eigenvectors:
+        vecs = (S[:, idx].T.to(dtype) @ V[:m]).to(torch.float64)
+    return Spectrum(theta[idx], vecs, residuals, m, converged, which=which)
+
+
+# --- Hessian spectrum -----------------------------------------------------------------------------
+
+def _flatten(ts: list, dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in ts])
+
+
+def _split(v: torch.Tensor, like: list) -> list:
+    out, start = [], 0
+    for t in like:
+        out.append(v[start:start + t.numel()].reshape(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def _hvp(grads: list, tensors: list, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> H v`` by one backward pass through the graph of ``grads`` (double backward)."""
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        parts = _split(v, tensors)
+        out = [torch.zeros_like(t) for t in tensors]
+        if live:
+            hv = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
+                                     grad_outputs=[parts[i] for i in live], retain_graph=True, allow_unused=True)
+            for i, h in zip(live, hv):
+                if h is not None:
+                    out[i] = h
+        return _flatten(out, dtype)
+
+    return matvec
+
+
+def _basis_dtype(tensors: list) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _spectrum(grads: list, chosen: Params, term: str, k: int, which: str, max_iter, tol, lanczos_seed,
+              eigenvectors: bool) -> Spectrum:
+    dtype = _basis_dtype(chosen.tensors)
+    s = lanczos(_hvp(grads, chosen.tensors, dtype), chosen.numel, k, which=which, max_iter=max_iter, tol=tol,
+                seed=lanczos_seed, device=chosen.tensors[0].device, dtype=dtype, eigenvectors=eigenvectors)
+    return Spectrum(s.eigenvalues, s.eigenvectors, s.residuals, s.iterations, s.converged, term, which,
+                    tuple(chosen.names))
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def hessian_spectrum(model: Callable, inputs: Any, target: Any, *, spec: Spec, term: str = "total", k: int = 8,
+                     which: str = "largest", samples: Optional[int] = None, params=None, mask=None,
+                     loss_weights=None, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                     chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True,
+                     eval_mode: bool = True, max_iter: Optional[int] = None, tol: float = 1e-4,
+                     lanczos_seed: int = 0, eigenvectors: bool = False) -> Spectrum:
+    """The ``k`` extreme eigenvalues of the Hessian of L_total, L_mean or L_equiv.
+
+    One forward over the K stacked copies and one backward that keeps its graph
+    (``create_graph=True``); then Lanczos (:func:`lanczos`), each step one Hessian-vector
+    product by double backward through that graph. The rotations are drawn once, so
+    every product is of the same function. The reductions run on the ``"torch"``
+    backend (the compiled ones have no second derivative); ``backend`` still rotates the
+    inputs. The model must be twice differentiable (on CUDA, fused attention kernels are
+    not: wrap the call in ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``).
+
+    Args:
+        term: ``"total"``, ``"mean"`` or ``"equiv"``.
+        k: how many eigenvalues.
+        which: ``"largest"`` (algebraic, descending), ``"smallest"`` (ascending) or
+            ``"magnitude"`` (largest ``|lambda|``).
+        max_iter, tol, lanczos_seed: Lanczos' budget of Hessian-vector products, relative
+            tolerance on the residuals, and the seed of its start vectors.
+        eigenvectors: also return the Ritz vectors (``(k, n)``).
+        the rest: as in :func:`gradient_alignment`.
+    Returns:
+        a :class:`Spectrum`.
+    """
+    _check_term(term)
+    _check_k(k)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    chosen = select_params(model, params)
+    if k > chosen.numel:
+        raise ValueError(f"k={k} exceeds the {chosen.numel} parameters differentiated")
+    with evaluating(model, eval_mode), torch.enable_grad():
+        d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
+                          seed=seed, generator=generator, chunk_size=chunk_size, backend=backend,
+                          reduce_backend="torch", check_finite=check_finite)
+        grads = _grads(getattr(d, term), chosen.tensors, create_graph=True, retain_graph=True)
+        return _spectrum(grads, chosen, term, k, which, max_iter, tol, lanczos_seed, eigenvectors)
+
+
+# --- per-element attribution ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PerElement:
+    """L_equiv element by element: where the model breaks the symmetry.
+
+    ``heads[name]`` has the shape of that head's target (``(B, *E)``; ``(N, *E)`` for
+    per-node outputs of a graph batch) and holds, for each element (atom and component),
+    its spread over the K copies, ``(1/K) sum_k (a_k - abar)^2``, times ``K / (K - 1)``
+    for i.i.d. draws (the unbiased estimator); padded elements are 0. Divided by the
+    sample's ``count`` and summed over the sample it gives the per-sample L_equiv, whose
+    batch mean (``loss_weights``-weighted over heads) is ``fe.equivariance_error(...).equiv``.
+
+    Attributes:
+        heads: per-element values, per head.
+        count: ``(B,)`` valid elements per sample, per head (the MSE normalisation).
+        batch: the sample of each row per head (``(N,)`` for per-node heads), else None.
+        weights: the ``loss_weights`` of the heads.
+        samples, exhaustive: K, and whether the twirl was exhaustive.
+    """
+
+    heads: dict
+    count: dict
+    batch: dict
+    weights: dict
+    samples: int
+    exhaustive: bool
+
+    def per_sample(self) -> torch.Tensor:
+        """``(B,)`` L_equiv of each sample (weighted sum over heads)."""
+        total = 0
+        for name, v in self.heads.items():
+            flat = v.reshape(v.shape[0], -1).sum(1)
+            idx = self.batch[name]
+            B = self.count[name].shape[0]
+            if idx is not None:
+                flat = torch.zeros(B, dtype=flat.dtype, device=flat.device).index_add(0, idx, flat)
+            total = total + self.weights[name] * flat / self.count[name].clamp_min(1)
+        return total
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(B,)`` samples with a valid element in every head."""
+        out = None
+        for c in self.count.values():
+            out = c > 0 if out is None else out & (c > 0)
+        return out
+
+    @property
+    def equiv(self) -> torch.Tensor:
+        """The batch's L_equiv: the mean of :meth:`per_sample` over the valid samples."""
+        valid = self.valid
+        ps = self.per_sample()
+        return torch.where(valid, ps, torch.zeros_like(ps)).sum() / valid.sum()
+
+
+def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec: Spec,
+                             samples: Optional[int] = None, mask=None, loss_weights=None,
+                             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                             chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True,
+                             eval_mode: bool = True) -> PerElement:
+    """L_equiv per output element (atom and component), no grad (see :class:`PerElement`).
+
+    The same stacked copies and rotations as :func:`fastequiv.equivariance_error` with the
+    same arguments; each copy's back-rotated prediction ``a_k`` comes from the public
+    :func:`fastequiv.ops.twirl_reduce` on that copy alone (positions back-rotate about
+    their copy's centroid, as in the full reduction).
+    """
+    K, exhaustive = _plan(spec, samples)
+    weights = _weights(spec, loss_weights)
+    with evaluating(model, eval_mode), torch.no_grad():
+        st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
+                            chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+        heads, count, batch = {}, {}, {}
+        factor = 1.0 if exhaustive else K / (K - 1)
+        for head, y in _heads_and_targets(st, spec, target):
+            out, R = head.value, st.action.R
+            s = twirl_reduce(out, st.action, y, head.rep, head.mask, batch=head.batch, backend=backend)
+            a = torch.stack([twirl_reduce(out[k:k + 1], R[k:k + 1], y, head.rep, head.mask, batch=head.batch,
+                                          backend=backend).mean for k in range(K)])
+            spread = ((a - s.mean) ** 2).mean(0) * factor
+            m = mask_for(head.mask, y.shape, "target")
+            if m is not None:
+                spread = spread * m.to(spread.dtype)
+            heads[head.name], count[head.name], batch[head.name] = spread, s.count, head.batch
+    return PerElement(heads, count, batch, weights, K, exhaustive)
+
+
+# --- one call for a training log ------------------------------------------------------------------
+
+def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Spec, samples: Optional[int] = None,
+                 k: int = 1, params=None, mask=None, loss_weights=None, seed: Optional[int] = 0,
+                 backend: str = "auto", eval_mode: bool = True, max_iter: Optional[int] = None,
+                 tol: float = 1e-3, lanczos_seed: int = 0) -> dict:
+    """The training-dynamics numbers worth logging every few hundred steps, as floats.
+
+    One forward over the K stacked copies and one backward per term that keeps its graph,
+    then Lanczos on the Hessians of L_mean and L_equiv (``max_iter`` products each):
+
+    ``{"mean", "equiv", "cos", "norm_mean", "norm_equiv", "top_eig_mean", "top_eig_equiv"}``:
+    the two estimators, the cosine and norms of their gradients (over every parameter, or
+    ``params``), and the largest Hessian eigenvalue of each term (with ``k > 1``, also
+    ``"eig_mean"`` and ``"eig_equiv"``: the ``k`` largest, descending, as lists, and
+    ``"cond_mean"``/``"cond_equiv"``: :meth:`Spectrum.condition` of those).
+    """
+    _check_k(k)
+    chosen = select_params(model, params)
+    with evaluating(model, eval_mode), torch.enable_grad():
+        d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
+                          seed=seed, backend=backend, reduce_backend="torch", check_finite=True)
+        gm = _grads(d.mean, chosen.tensors, create_graph=True, retain_graph=True)
+        ge = _grads(d.equiv, chosen.tensors, create_graph=True, retain_graph=True)
+        stats = _alignment([g.detach() for g in gm], [g.detach() for g in ge], chosen)
+        sm = _spectrum(gm, chosen, "mean", k, "largest", max_iter, tol, lanczos_seed, False)
+        se = _spectrum(ge, chosen, "equiv", k, "largest", max_iter, tol, lanczos_seed, False)
+    out = {"mean": float(d.mean), "equiv": float(d.equiv), "cos": float(stats["cos"][ALL]),
+           "norm_mean": float(stats["norm_mean"][ALL]), "norm_equiv": float(stats["norm_equiv"][ALL]),
+           "top_eig_mean": float(sm.eigenvalues[0]), "top_eig_equiv": float(se.eigenvalues[0]),
+           "iterations": sm.iterations + se.iterations}
+    if k > 1:
+        out.update(eig_mean=sm.eigenvalues.tolist(), eig_equiv=se.eigenvalues.tolist(),
+                   cond_mean=float(sm.condition()), cond_equiv=float(se.condition()))
+    return out
