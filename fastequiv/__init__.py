@@ -21,6 +21,7 @@ from . import distributed
 from .monitor import EquivarianceMonitor
 from .lie import lie_derivative
 from . import voxels
+from . import diagnostics
 
 try:
     from importlib.metadata import version as _version
@@ -39,6 +40,7 @@ __all__ = [
     "Twirled",
     "Voxels",
     "build_info",
+    "diagnostics",
     "equivariance_error",
     "group_elements",
     "lie_derivative",
