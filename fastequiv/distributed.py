@@ -65,7 +65,8 @@ def all_reduce(d: Decomposition, *, valid: Optional[torch.Tensor] = None, head_v
     d = d.detach()
     if not is_distributed():
         return d
-    parts = [(d, _valid_of(d, valid))]
+    top_valid = _valid_of(d, valid)
+    parts = [(d, top_valid)]
     for name, h in d.heads.items():
         hv = (head_valid or {}).get(name, valid)
         parts.append((h, _valid_of(h, hv)))
@@ -81,6 +82,19 @@ def all_reduce(d: Decomposition, *, valid: Optional[torch.Tensor] = None, head_v
     torch.distributed.all_reduce(sums, group=group)
     sums = sums.reshape(len(parts), 4)
     n, means = sums[:, 0], sums[:, 1:] / sums[:, :1]
+    if d.heads and d.weights:
+        # the top level is the weighted sum of the global head means (estimators.combine); its
+        # per-sample terms are rebuilt with the global numbers of valid samples
+        per = []
+        for t in range(3):
+            acc = 0
+            for i, (part, v) in enumerate(parts[1:], start=1):
+                x = part.per_sample[t]
+                acc = acc + d.weights[list(d.heads)[i - 1]] * torch.where(v, x, torch.zeros_like(x)) * (n[0] / n[i])
+            per.append(acc)
+        parts[0] = (dataclasses.replace(d, per_sample=Terms(*per)), top_valid)
+        weights = torch.tensor([d.weights[h] for h in d.heads], dtype=dtype, device=means.device)
+        means = torch.cat([(weights[:, None] * means[1:]).sum(0, keepdim=True), means[1:]])
 
     # pass 2: squared deviations from the global means
     second = []

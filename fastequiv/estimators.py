@@ -26,6 +26,11 @@ slightly negative on a single draw; its expectation is not. For any other convex
 Per-sample values are averaged over the batch (samples with no valid element are left
 out); ``pct = L_equiv / L_total`` is the ratio of the batch means, and each standard
 error is that of a batch mean of independent per-sample values.
+
+Several heads (energy and forces, say) are combined by :func:`combine`: each head is the
+mean over the samples that have a valid element in that head, and the top level is
+exactly the ``loss_weights``-weighted sum of the heads' batch means. A sample masked out
+entirely in one head still counts in the others.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Decomposition:
         exhaustive: True when every element of a finite group was used once.
         heads: per-head decompositions of a multi-head output (empty for one head);
             the top-level values are their ``loss_weights``-weighted sums.
+        weights: the weight of each head (empty for one head).
     """
 
     total: torch.Tensor
@@ -73,6 +79,7 @@ class Decomposition:
     exact: bool
     exhaustive: bool
     heads: dict = dataclasses.field(default_factory=dict)
+    weights: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self, prefix: str = "") -> dict:
         """Plain floats for a logger (TensorBoard, W&B, Lightning ``log_dict``).
@@ -127,7 +134,8 @@ def _batch_stats(per_sample: Terms, valid: torch.Tensor) -> tuple[Terms, Terms]:
     return Terms(*means), Terms(*errs)
 
 
-def _finish(per_sample: Terms, valid: torch.Tensor, samples: int, exact: bool, exhaustive: bool, heads=None) -> Decomposition:
+def _finish(per_sample: Terms, valid: torch.Tensor, samples: int, exact: bool, exhaustive: bool, heads=None,
+            weights=None) -> Decomposition:
     means, errs = _batch_stats(per_sample, valid)
     return Decomposition(
         total=means.total,
@@ -140,6 +148,7 @@ def _finish(per_sample: Terms, valid: torch.Tensor, samples: int, exact: bool, e
         exact=exact,
         exhaustive=exhaustive,
         heads=heads or {},
+        weights=weights or {},
     )
 
 
@@ -175,18 +184,37 @@ def decompose(
     return _finish(Terms(total, mean, equiv), count > 0, K, exact, exhaustive)
 
 
-def combine(heads: dict, weights: dict, valid: torch.Tensor) -> Decomposition:
-    """Weighted sum of per-head decompositions: ``weights[name]`` per head; ``valid``
-    ``(B,)`` marks the samples that have a valid element in every head."""
+def combine(heads: dict, weights: dict, head_valid: dict) -> Decomposition:
+    """Weighted sum of per-head decompositions.
+
+    ``weights[name]`` per head; ``head_valid[name]`` ``(B,)`` marks the samples that have a
+    valid element in that head. The top-level batch means are exactly
+    ``sum_h weights[h] * heads[h]`` (each head averaged over its own valid samples); the
+    top-level samples are those valid in any head, and its per-sample values
+    ``sum_h weights[h] (n / n_h) v_h[b]`` (``n``, ``n_h`` the numbers of valid samples
+    overall and in head ``h``; a head adds nothing where the sample is masked out) are
+    the independent terms whose mean that is, so the standard error follows from them.
+    """
     first = next(iter(heads.values()))
-    per_sample = Terms(
-        *(sum(weights[h] * getattr(d.per_sample, t) for h, d in heads.items()) for t in Terms._fields)
-    )
+    valid = None
+    for v in head_valid.values():
+        valid = v if valid is None else valid | v
+    dtype = first.per_sample.total.dtype
+    n = valid.sum().to(dtype)  # an int count: divided as is, it would round in float32
+    per_sample = []
+    for t in Terms._fields:
+        total = 0
+        for h, d in heads.items():
+            v = head_valid[h]
+            x = torch.where(v, getattr(d.per_sample, t), torch.zeros_like(getattr(d.per_sample, t)))
+            total = total + weights[h] * x * (n / v.sum().to(dtype))
+        per_sample.append(total)
     return _finish(
-        per_sample,
+        Terms(*per_sample),
         valid,
         first.samples,
         all(d.exact for d in heads.values()),
         first.exhaustive,
         heads=heads,
+        weights=weights,
     )

@@ -135,6 +135,26 @@ def rebuild_object(obj, values: dict, layout: "GraphLayout", K: int):
     return new
 
 
+def index_range(index: torch.Tensor) -> Optional[tuple[int, int]]:
+    """``(min, max)`` of an index tensor (one host copy), or None where reading it is not
+    allowed: an empty tensor, inside ``torch.compile``, during CUDA-graph capture."""
+    if index.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()
+    return lo, hi
+
+
+def check_index_values(index: torch.Tensor, upper: int, name: str, what: str) -> None:
+    """Raise a ValueError unless every value of ``index`` is in ``[0, upper)`` (see
+    :func:`index_range` for when the values are read)."""
+    span = index_range(index)
+    if span is not None and (span[0] < 0 or span[1] >= upper):
+        raise ValueError(f"{name} holds values from {span[0]} to {span[1]}, but it indexes {what}: every value "
+                         f"must be in [0, {upper})")
+
+
 class GraphLayout:
     """The sizes of a graph batch and how each of its inputs is stacked (see module docs)."""
 
@@ -147,16 +167,27 @@ class GraphLayout:
         self.E = first.shape[-1] if first is not None else None
         self.edge_batch = self.batch[first[0]] if first is not None and first.dim() == 2 and self.E else None
         self.num_graphs_name = roles.get("num_graphs")
+        # the batch index is read once per call (one host copy on a GPU; none inside
+        # torch.compile or CUDA-graph capture, where it is trusted)
+        span = index_range(self.batch)
         if self.num_graphs_name is not None:
             self.B = int(values[self.num_graphs_name])
         elif obj is not None and isinstance(getattr(obj, "num_graphs", None), int):
             self.B = obj.num_graphs
         elif self.N:
-            self.B = int(self.batch.max()) + 1  # one host copy; name a "num_graphs" input to avoid it
+            if span is None:
+                raise ValueError(f"the number of graphs cannot be read from {roles['batch']!r} here (inside "
+                                 "torch.compile or CUDA-graph capture): name a \"num_graphs\" input")
+            self.B = span[1] + 1
         else:
             self.B = 0
         if self.B <= 0:
             raise ValueError("the graph batch has no graph (batch size 0): there is nothing to decompose")
+        if span is not None and (span[0] < 0 or span[1] >= self.B):
+            raise ValueError(f"{roles['batch']!r} holds graph indices from {span[0]} to {span[1]}, but the batch "
+                             f"has B = {self.B} graphs: every value must be in [0, {self.B})")
+        for name in self.index_names:
+            check_index_values(values[name], max(self.N, 1), repr(name), f"the N = {self.N} nodes")
 
     def level(self, rows: int, name: str) -> str:
         if rows == self.N:

@@ -89,17 +89,9 @@ class EquivarianceMonitor:
         if not self.due(step):
             return {}
         inputs, target, kwargs = self._subset(inputs, target)
-        module = self.model if isinstance(self.model, torch.nn.Module) else None
-        modes = [(m, m.training) for m in module.modules()] if module is not None and self.eval_mode else []
-        try:
-            if modes:
-                module.eval()
-            d = equivariance_error(self.model, inputs, target, spec=self.spec, samples=self.samples,
-                                   seed=(self.seed + step) % SEED_MAX, sync=self.sync,
-                                   process_group=self.process_group, **kwargs)
-        finally:
-            for m, training in modes:
-                m.training = training
+        d = equivariance_error(self.model, inputs, target, spec=self.spec, samples=self.samples,
+                               seed=(self.seed + step) % SEED_MAX, sync=self.sync, process_group=self.process_group,
+                               eval_mode=self.eval_mode, **kwargs)
         return self.values(d)
 
     def values(self, d) -> dict:

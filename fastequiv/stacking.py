@@ -19,6 +19,7 @@ Every measuring function (:func:`fastequiv.equivariance_error`, :func:`fastequiv
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,12 +29,12 @@ from . import graph, groups
 from .graph import GraphLayout, Role
 from .ops import rotate_copies
 from .ops.action import Action
-from .ops.layout import accumulate_dtype
+from .ops.layout import accumulate_dtype, mask_for
 from .ops.random_rotations import random_rotations_seeded, seed_tensor
 from .reps import Rep
 from .spec import Spec, describe
 
-__all__ = ["Inputs", "Stacked", "stack", "read_inputs", "draw_rotations", "stack_copies", "call_model",
+__all__ = ["Inputs", "Stacked", "eval_mode", "stack", "read_inputs", "draw_rotations", "stack_copies", "call_model",
            "split_heads", "plan"]
 
 
@@ -194,10 +195,42 @@ def split_heads(out, spec: Spec, batch: Inputs, K: int, check_finite: bool) -> l
                 f"model output {name!r} has {value.shape[0]} rows in dim 0 but expected {what}: the model "
                 f"was called on {K} stacked copies of a batch of {B}; the model must keep the batch size"
             )
-        if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"model output {name!r} has non-finite values (NaN or inf) on the rotated copies")
-        heads.append(Head(name, value.reshape((K, n) + tuple(value.shape[1:])), rep, index, mask))
+        value = value.reshape((K, n) + tuple(value.shape[1:]))
+        if check_finite:
+            _check_finite(value, mask, name)
+        heads.append(Head(name, value, rep, index, mask))
     return heads
+
+
+def _check_finite(value: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> None:
+    """Raise a ValueError if a valid element of ``value`` ``(K, rows, ...)`` is NaN or inf
+    (masked-out elements may hold anything). One host copy; skipped inside torch.compile
+    and CUDA-graph capture."""
+    if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    bad = ~torch.isfinite(value)
+    m = mask_for(mask, value.shape[1:], f"output {name!r}") if value.is_floating_point() else None
+    if m is not None:
+        bad = bad & m
+    if bool(bad.any()):
+        raise ValueError(f"model output {name!r} has non-finite values (NaN or inf) at valid elements of the "
+                         "rotated copies (check_finite=False skips this check)")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Evaluate ``model`` (if an ``nn.Module``) in eval mode and restore every submodule's
+    own mode afterwards: a measurement must not count dropout noise as equivariance error
+    nor move BatchNorm's running statistics."""
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, training in zip(modules, modes):
+            m.training = training
 
 
 @dataclass

@@ -8,6 +8,7 @@ independently (no batch statistics across rows: put BatchNorm in eval mode).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -20,6 +21,7 @@ from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
 from .spec import Spec, describe
 from .stacking import Head, Stacked, plan, stack
+from .stacking import eval_mode as stacking_eval_mode
 
 __all__ = ["equivariance_error", "twirl_loss", "Twirled"]
 
@@ -61,7 +63,7 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     targets = spec.output_leaves(target, "target")
-    heads, valid, head_valid = {}, None, {}
+    heads, head_valid = {}, {}
     for head, (_, y, _) in zip(st.heads, targets):
         name, out = head.name, head.value
         if y.shape != out.shape[1:]:
@@ -76,11 +78,26 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
             d, count = _jensen_gap(loss, st, head, y)
         heads[name] = d
         head_valid[name] = count > 0
-        valid = count > 0 if valid is None else valid & (count > 0)
-    head_valid[""] = valid
+    _check_some_valid(head_valid)
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
-        return next(iter(heads.values())), head_valid
-    return combine(heads, weights, valid), head_valid
+        d = next(iter(heads.values()))
+        return d, {"": head_valid[name]}
+    d = combine(heads, weights, head_valid)
+    return d, {"": torch.stack(list(head_valid.values())).any(0), **head_valid}
+
+
+def _check_some_valid(head_valid: dict) -> None:
+    """Raise a ValueError when a head has no valid element in the whole batch (its loss
+    is undefined). One host copy of a (heads,) flag; not checked inside torch.compile or
+    CUDA-graph capture, where such a head gives NaN."""
+    flags = torch.stack([v.any() for v in head_valid.values()])
+    if torch.compiler.is_compiling() or (flags.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    empty = [name for name, ok in zip(head_valid, flags.tolist()) if not ok]
+    if empty:
+        what = "the batch" if list(head_valid) == ["output"] else f"output head(s) {empty}"
+        raise ValueError(f"every element of {what} is masked out: there is nothing to decompose (the loss of an "
+                         "empty set is undefined; drop the batch, or unmask at least one element)")
 
 
 def _sync(d: Decomposition, head_valid: dict, sync: bool, process_group) -> Decomposition:
@@ -158,14 +175,20 @@ def equivariance_error(
     check_finite: bool = True,
     sync: bool = False,
     process_group=None,
+    eval_mode: bool = True,
 ) -> Decomposition:
     """Decompose the augmented loss of ``model`` on a batch into L_mean + L_equiv (no grad).
 
     Args:
         samples: group elements per input, K: default 8 i.i.d. Haar draws for SO(3)/O(3),
             and every element once (exact) for a finite group.
+        eval_mode: evaluate an ``nn.Module`` in eval mode (no dropout noise counted as
+            equivariance error, BatchNorm's running statistics untouched) and restore each
+            submodule's own mode afterwards. ``False`` measures the model as it is.
     """
-    with torch.no_grad():
+    if not isinstance(eval_mode, bool):
+        raise ValueError(f"eval_mode must be a bool, got {eval_mode!r}")
+    with torch.no_grad(), (stacking_eval_mode(model) if eval_mode else contextlib.nullcontext()):
         d, head_valid = _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed,
                                    generator, chunk_size, backend, check_finite)
         return _sync(d, head_valid, sync, process_group)

@@ -54,7 +54,9 @@ def action_matrices(rep: Rep, R: torch.Tensor, backend: str) -> torch.Tensor:
     """``M`` ``(K, B, d, d)``: how each copy's group element acts on one row of ``rep``:
     :meth:`Rep.matrix`, with the irreps' Wigner-D blocks computed on ``backend``."""
     if rep.kind == "irreps":
-        return wigner_D_key(rep.key, R, backend).contiguous()
+        # the Wigner-D kernels have no gradient with respect to R: where R needs one, its
+        # (small, K x B) matrices come from the differentiable reference
+        return wigner_D_key(rep.key, R, "torch" if R.requires_grad else backend).contiguous()
     return rep.matrix(R).contiguous()
 
 

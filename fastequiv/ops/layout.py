@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..graph import check_index_values
 from ..reps import Rep
 
 ROW_KINDS = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "irreps")
@@ -94,7 +95,9 @@ def rows_of(shape: torch.Size, rep: Rep, mask: Optional[torch.Tensor], batch: Op
 def centroids(x: torch.Tensor, rows: Rows, B: int) -> torch.Tensor:
     """Per-sample centroid of the valid rows of ``x`` ``(..., N, 3)`` -> ``(..., B, 3)``."""
     w = torch.ones(rows.N, dtype=x.dtype, device=x.device) if rows.valid is None else rows.valid.to(x.dtype)
-    total = segment_sum(x * w[:, None], rows.sample, rows.P, B)
+    # selected, not multiplied: a padded row may hold inf or 1e20, and inf * 0 is NaN
+    kept = x if rows.valid is None else torch.where(rows.valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    total = segment_sum(kept, rows.sample, rows.P, B)
     count = segment_sum(w[:, None], rows.sample, rows.P, B)
     return total / count.clamp_min(1)
 
@@ -130,6 +133,18 @@ def segment_sum(v: torch.Tensor, sample: Optional[torch.Tensor], P: int, B: int)
     return out.index_add_(v.dim() - 2, sample_index(N, P, sample, v.device), v)
 
 
+def segment_outer(v: torch.Tensor, u: torch.Tensor, sample: Optional[torch.Tensor], P: int, B: int) -> torch.Tensor:
+    """``(K, B, d, d)``: ``sum over the rows r of sample b of v[k, r] u[k, r]^T`` for ``v``
+    ``(K, N, d)`` and ``u`` ``(K, N, d)`` (or ``(N, d)``, the same for every copy): the
+    gradient of a per-sample matrix ``M[k, b]`` acting on the rows."""
+    K, N, d = v.shape
+    u = u.expand(K, N, d)
+    if sample is None and N == B * P:
+        return torch.einsum("kbpi,kbpj->kbij", v.reshape(K, B, P, d), u.reshape(K, B, P, d))
+    outer = (v[..., :, None] * u[..., None, :]).reshape(K, N, d * d)
+    return segment_sum(outer, sample, P, B).reshape(K, B, d, d)
+
+
 def mask_for(mask: Optional[torch.Tensor], shape: torch.Size, name: str) -> Optional[torch.Tensor]:
     """``mask`` reshaped to broadcast against a tensor of ``shape``, or None.
 
@@ -161,7 +176,7 @@ def tile(mask: Optional[torch.Tensor], K: int) -> Optional[torch.Tensor]:
 def per_sample_sum(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``(B,)`` sum of ``t`` ``(B, *E)`` over each sample's valid elements (``mask`` from :func:`mask_for`)."""
     if mask is not None:
-        t = t * mask
+        t = torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))  # inf * 0 would be NaN
     return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
 
 
@@ -172,17 +187,21 @@ def valid_count(y: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtyp
     return per_sample_sum(torch.ones(y.shape, dtype=dtype, device=y.device), mask)
 
 
-def check_batch(batch: Optional[torch.Tensor], n: int, name: str) -> None:
-    """Raise a ValueError unless ``batch`` is None or an int64 ``(n,)`` index vector.
+def check_batch(batch: Optional[torch.Tensor], n: int, name: str, B: int) -> None:
+    """Raise a ValueError unless ``batch`` is None or an int64 ``(n,)`` index vector with
+    values in ``[0, B)``.
 
-    Its values (each node's sample, in ``[0, B)``) are not checked: that would sync with
-    the device.
+    The values are read on CPU tensors (free), the same for every backend; on a GPU that
+    would cost a host sync in every op, so there the measuring functions check them once
+    per call (:class:`fastequiv.graph.GraphLayout`) and the ops trust them.
     """
     if batch is None:
         return
     if not isinstance(batch, torch.Tensor) or batch.dtype != torch.int64 or batch.dim() != 1 or batch.shape[0] != n:
         got = f"{batch.dtype} tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
         raise ValueError(f"batch must be an int64 tensor of shape ({n},) (one sample index per row of {name}), got {got}")
+    if batch.device.type == "cpu":
+        check_index_values(batch, B, "batch", f"the B = {B} samples of R (dim 1)")
 
 
 def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:

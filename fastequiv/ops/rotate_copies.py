@@ -27,7 +27,7 @@ from ..reps import Rep
 from .action import Action, as_action
 from .interop import accepts_arrays
 from .layout import accumulate_dtype, by_sample, centroids, check_batch, mask_for, rows_of, sample_index, \
-    segment_sum, tile
+    segment_outer, segment_sum, tile
 from .voxels import rotate_copies as rotate_grids
 
 __all__ = ["rotate_copies", "rotate_copies_reference", "rotate_rows_reference", "rotate_rows_backward_reference"]
@@ -93,19 +93,25 @@ def _(grad, M, sample, P, backend):
 
 def _rotate_setup(ctx, inputs, output):
     x, M, sample, P, center, backend = inputs
-    ctx.save_for_backward(M, sample)
+    ctx.save_for_backward(M, sample, x, center)
     ctx.P, ctx.backend, ctx.x_dtype, ctx.has_center = P, backend, x.dtype, center is not None
 
 
 def _rotate_backward(ctx, grad):
-    M, sample = ctx.saved_tensors
+    M, sample, x, center = ctx.saved_tensors
     B = M.shape[1]
     gx = rotate_rows_backward(grad.contiguous(), M, sample, ctx.P, ctx.backend)
-    gc = None
+    gc = gM = None
     if ctx.has_center and ctx.needs_input_grad[4]:
         # out = M (x - c) + c: dc = sum over rows and copies of (g - M^T g)
         gc = segment_sum(grad.to(M.dtype).sum(0), sample, ctx.P, B) - segment_sum(gx, sample, ctx.P, B)
-    return gx.to(ctx.x_dtype), None, None, None, gc, None
+    if ctx.needs_input_grad[1]:
+        # dL/dM[k, b] = sum over the sample's rows of g (x - c)^T
+        u = x.to(M.dtype)
+        if center is not None:
+            u = u - center[sample_index(x.shape[0], ctx.P, sample, x.device)]
+        gM = segment_outer(grad.to(M.dtype), u, sample, ctx.P, B)
+    return gx.to(ctx.x_dtype), gM, None, None, gc, None
 
 
 rotate_rows.register_autograd(_rotate_backward, setup_context=_rotate_setup)
@@ -155,7 +161,7 @@ def rotate_copies(
         K, B = R.shape[:2]
         if batch is None and R.shape[1] != x.shape[0]:
             raise ValueError(f"R must have shape (K, B={x.shape[0]}, 3, 3), got {tuple(R.shape)}")
-        check_batch(batch, x.shape[0], "x")
+        check_batch(batch, x.shape[0], "x", B)
         if rep.kind == "voxels" and batch is None:
             return rotate_grids(x, R, rep, backend=backend)
         mask = mask_for(mask, x.shape, "x")

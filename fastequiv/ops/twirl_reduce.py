@@ -23,7 +23,7 @@ from ..reps import Rep
 from .action import Action, as_action
 from .interop import accepts_arrays
 from .layout import TwirlSums, accumulate_dtype, by_sample, centroids, check_batch, mask_for, per_sample_sum, rows_of, \
-    sample_index, segment_sum, tile, valid_count
+    sample_index, segment_outer, segment_sum, tile, valid_count
 from .voxels import twirl_reduce as reduce_grids
 
 __all__ = ["TwirlSums", "twirl_reduce", "twirl_reduce_reference", "back_rotate", "reduce_rows_reference",
@@ -74,8 +74,8 @@ def reduce_rows_reference(out: torch.Tensor, M: torch.Tensor, target: torch.Tens
         ((abar - y) ** 2).sum(-1),
         ((a - abar) ** 2).sum(-1).mean(0),
     ])
-    if valid is not None:
-        per_row = per_row * valid.to(acc)
+    if valid is not None:  # selected, not multiplied: masked-out outputs may be inf
+        per_row = torch.where(valid, per_row, torch.zeros((), dtype=acc, device=per_row.device))
     return abar.contiguous(), segment_sum(per_row.t(), sample, P, B).t().contiguous()
 
 
@@ -100,17 +100,24 @@ def reduce_rows_backward_reference(grad_mean: Optional[torch.Tensor], grad_sums:
     Returns:
         ``(K, N, d)`` in ``out.dtype``.
     """
+    ga = grad_of_copies(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean)
+    return by_sample(M, ga, sample, P, transpose=False).to(out.dtype).contiguous()
+
+
+def grad_of_copies(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean) -> torch.Tensor:
+    """``dL/da_k`` ``(K, N, d)`` in acc for the back-rotated copies ``a_k`` (see
+    :func:`reduce_rows_backward_reference`); zero on invalid rows but for ``grad_mean``."""
     K, N = out.shape[:2]
     acc = M.dtype
     a = back_rotated(out, M, sample, P, center)
     y = target.to(acc)
     g = grad_sums.to(acc)[:, sample_index(N, P, sample, out.device)]
-    if valid is not None:
-        g = g * valid.to(acc)
     ga = (2.0 / K) * (g[0, :, None] * (a - y) + g[1, :, None] * (mean - y) + g[2, :, None] * (a - mean))
+    if valid is not None:  # invalid rows get no gradient from the sums, whatever they hold
+        ga = torch.where(valid[:, None], ga, torch.zeros((), dtype=acc, device=ga.device))
     if grad_mean is not None:
         ga = ga + grad_mean.to(acc) / K
-    return by_sample(M, ga, sample, P, transpose=False).to(out.dtype).contiguous()
+    return ga
 
 
 registry.register("reduce_rows", "torch")(reduce_rows_reference)
@@ -158,19 +165,31 @@ def _reduce_backward(ctx, grad_mean, grad_sums):
     grad_out = reduce_rows_backward(grad_mean, grad_sums.contiguous(), out, M, target, sample, ctx.P, valid,
                                     center, mean, ctx.backend)
     acc = M.dtype
-    grad_target = grad_center = None
+    grad_target = grad_center = grad_M = None
     if ctx.needs_input_grad[2]:
         s = sample_index(out.shape[1], ctx.P, sample, out.device)
         g = grad_sums.to(acc)[:, s]
-        if valid is not None:
-            g = g * valid.to(acc)
         # total and bias are the only sums that see y: d/dy = -2 (g_total + g_bias) (abar - y)
-        grad_target = (-2.0 * (g[0] + g[1])[:, None] * (mean - target.to(acc))).to(ctx.target_dtype)
+        gy = -2.0 * (g[0] + g[1])[:, None] * (mean - target.to(acc))
+        if valid is not None:
+            gy = torch.where(valid[:, None], gy, torch.zeros((), dtype=acc, device=gy.device))
+        grad_target = gy.to(ctx.target_dtype)
+    if ctx.needs_input_grad[1]:
+        # a_k = M^T (o_k - c_k) + c_k: dL/dM[k, b] = sum over the sample's rows of (o - c) dL/da^T
+        u = out.to(acc)
+        if center is not None:
+            u = u - center[:, sample_index(out.shape[1], ctx.P, sample, out.device)]
+        # the sums see only valid rows (whatever the others hold); the mean sees every row
+        ga = grad_of_copies(None, grad_sums, out, M, target, sample, ctx.P, valid, center, mean)
+        uv = u if valid is None else torch.where(valid[:, None], u, torch.zeros((), dtype=acc, device=u.device))
+        grad_M = segment_outer(uv, ga, sample, ctx.P, B)
+        if grad_mean is not None:
+            grad_M = grad_M + segment_outer(u, grad_mean.to(acc).expand_as(u) / u.shape[0], sample, ctx.P, B)
     if center is not None and ctx.needs_input_grad[6]:
         # a = M^T (o - c) + c: dc = sum over rows of (I - M^T) dL/da, and dL/do = M dL/da
         S = segment_sum(grad_out.to(acc), sample, ctx.P, B)
         grad_center = torch.einsum("kbji,kbj->kbi", M, S) - S
-    return grad_out, None, grad_target, None, None, None, grad_center, None, None
+    return grad_out, grad_M, grad_target, None, None, None, grad_center, None, None
 
 
 reduce_rows.register_autograd(_reduce_backward, setup_context=_reduce_setup)
@@ -253,11 +272,11 @@ def twirl_reduce(
         if target.shape != out.shape[1:]:
             raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} "
                              "(the output per copy)")
-        check_batch(batch, target.shape[0], "target")
+        K, B = R.shape[:2]
+        check_batch(batch, target.shape[0], "target", B)
         if rep.kind == "voxels" and batch is None:
             return reduce_grids(out, R, target, rep, mask, backend=backend)
         mask = mask_for(mask, target.shape, "target")
-        K, B = R.shape[:2]
         rows = rows_of(target.shape, rep, mask, batch)
         if rows is None:
             raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
@@ -271,7 +290,7 @@ def twirl_reduce(
         mean, sums = reduce_rows_reference(*args) if name == "torch" else reduce_rows(*args, name)
         per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
         if rows.valid is not None:
-            per_row = per_row * rows.valid
+            per_row = torch.where(rows.valid, per_row, torch.zeros((), dtype=acc, device=out.device))
         count = segment_sum(per_row[:, None], rows.sample, rows.P, B)[:, 0]
         n = count.clamp_min(1)
         return TwirlSums(mean.reshape(target.shape), sums[0] / n, sums[1] / n, sums[2] / n, count)
