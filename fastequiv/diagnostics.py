@@ -123,18 +123,9 @@ def select_params(model, params=None) -> Params:
     return Params([n for n, _ in chosen], [p for _, p in chosen], owners)
 
 
-@contextlib.contextmanager
 def evaluating(model, enabled: bool = True):
-    """Eval mode for ``model`` (an ``nn.Module``) inside the block; each submodule's own
-    mode is restored on the way out, exceptions included."""
-    modes = [(m, m.training) for m in model.modules()] if enabled and isinstance(model, nn.Module) else []
-    try:
-        if modes:
-            model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    """:func:`fastequiv.stacking.eval_mode` when ``enabled``, else nothing."""
+    return stacking.eval_mode(model) if enabled else contextlib.nullcontext()
 
 
 def _weights(spec: Spec, loss_weights) -> dict:
@@ -181,15 +172,15 @@ def stacked_terms(model, inputs, target, *, spec: Spec, samples=None, mask=None,
     weights = _weights(spec, loss_weights)
     st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                         chunk_size=chunk_size, backend=backend, check_finite=check_finite)
-    heads, valid = {}, None
+    heads, head_valid = {}, {}
     for head, y in _heads_and_targets(st, spec, target):
         s = twirl_reduce(head.value, st.action, y, head.rep, head.mask, batch=head.batch,
                          backend=reduce_backend or backend)
         heads[head.name] = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
-        valid = s.count > 0 if valid is None else valid & (s.count > 0)
+        head_valid[head.name] = s.count > 0
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
         return next(iter(heads.values()))
-    return combine(heads, weights, valid)
+    return combine(heads, weights, head_valid)
 
 
 def _check_term(term) -> str:
@@ -223,6 +214,9 @@ class Alignment:
             L_total (``g_total = g_mean + g_equiv``).
         mean, equiv: the values of the two estimators on this batch.
         samples, exhaustive: K, and whether the twirl was exhaustive (exact).
+        names: the differentiated parameters, in the order of the gradients.
+        grads_mean, grads_equiv: the gradients themselves (a list like ``names``, detached)
+            with ``return_grads=True``, else None.
     """
 
     cos: dict
@@ -234,6 +228,9 @@ class Alignment:
     equiv: torch.Tensor
     samples: int
     exhaustive: bool
+    names: tuple = ()
+    grads_mean: Optional[list] = None
+    grads_equiv: Optional[list] = None
 
     def to_dict(self, prefix: str = "") -> dict:
         """Plain floats for a logger, ``{prefix + "cos/all": ..., "norm_mean/all": ...}`` (one host sync)."""
@@ -265,7 +262,8 @@ def _alignment(gm: list, ge: list, params: Params) -> tuple:
 def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Spec, samples: Optional[int] = None,
                        params=None, mask=None, loss_weights=None, seed: Optional[int] = None,
                        generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = None,
-                       backend: str = "auto", check_finite: bool = True, eval_mode: bool = True) -> Alignment:
+                       backend: str = "auto", check_finite: bool = True, eval_mode: bool = True,
+                       return_grads: bool = False) -> Alignment:
     """Cosine and norms of ``grad L_mean`` and ``grad L_equiv`` with respect to the parameters.
 
     One forward over the K stacked copies, then two backward passes (one per term), with
@@ -278,6 +276,7 @@ def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Spec,
         params: None (every parameter that requires grad), or an iterable of parameters,
             or of names of parameters or modules (a name takes every parameter under it).
         eval_mode: evaluate ``model`` in eval mode (then restore every submodule's mode).
+        return_grads: keep the two gradients in the result (``grads_mean``, ``grads_equiv``).
     Returns:
         an :class:`Alignment`.
     """
@@ -290,7 +289,8 @@ def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Spec,
         ge = _grads(d.equiv, chosen.tensors, create_graph=False, retain_graph=False)
     stats = _alignment(gm, ge, chosen)
     return Alignment(**stats, mean=d.mean.detach(), equiv=d.equiv.detach(), samples=d.samples,
-                     exhaustive=d.exhaustive)
+                     exhaustive=d.exhaustive, names=tuple(chosen.names), grads_mean=gm if return_grads else None,
+                     grads_equiv=ge if return_grads else None)
 
 
 # --- Lanczos --------------------------------------------------------------------------------------
@@ -568,32 +568,42 @@ class PerElement:
     samples: int
     exhaustive: bool
 
-    def per_sample(self) -> torch.Tensor:
-        """``(B,)`` L_equiv of each sample (weighted sum over heads)."""
-        total = 0
-        for name, v in self.heads.items():
-            flat = v.reshape(v.shape[0], -1).sum(1)
-            idx = self.batch[name]
-            B = self.count[name].shape[0]
-            if idx is not None:
-                flat = torch.zeros(B, dtype=flat.dtype, device=flat.device).index_add(0, idx, flat)
-            total = total + self.weights[name] * flat / self.count[name].clamp_min(1)
-        return total
+    def head_per_sample(self, name: str) -> torch.Tensor:
+        """``(B,)`` L_equiv of head ``name`` per sample: its elements summed over the
+        sample and divided by the sample's count (0 where the head has no valid element)."""
+        v = self.heads[name]
+        flat = v.reshape(v.shape[0], -1).sum(1)
+        idx, count = self.batch[name], self.count[name]
+        if idx is not None:
+            flat = torch.zeros(count.shape[0], dtype=flat.dtype, device=flat.device).index_add(0, idx, flat)
+        return flat / count.clamp_min(1)
 
     @property
     def valid(self) -> torch.Tensor:
-        """``(B,)`` samples with a valid element in every head."""
-        out = None
-        for c in self.count.values():
-            out = c > 0 if out is None else out & (c > 0)
-        return out
+        """``(B,)`` samples with a valid element in some head."""
+        return torch.stack([c > 0 for c in self.count.values()]).any(0)
+
+    def per_sample(self) -> torch.Tensor:
+        """``(B,)`` per-sample values whose mean over :attr:`valid` is :attr:`equiv`:
+        ``sum_h w_h (n / n_h) v_h[b]`` (``n``, ``n_h``: the valid samples in some head and in
+        head ``h``), as ``Decomposition.per_sample.equiv`` of a multi-head output."""
+        if len(self.heads) == 1 and list(self.heads) == ["output"]:
+            return self.head_per_sample("output")
+        n = self.valid.sum()
+        total = 0
+        for name in self.heads:
+            v = self.count[name] > 0
+            total = total + self.weights[name] * self.head_per_sample(name) * (n / v.sum())
+        return total
 
     @property
     def equiv(self) -> torch.Tensor:
-        """The batch's L_equiv: the mean of :meth:`per_sample` over the valid samples."""
-        valid = self.valid
-        ps = self.per_sample()
-        return torch.where(valid, ps, torch.zeros_like(ps)).sum() / valid.sum()
+        """The batch's L_equiv: ``sum_h w_h`` (head ``h``'s mean over its valid samples)."""
+        total = 0
+        for name in self.heads:
+            v = self.count[name] > 0
+            total = total + self.weights[name] * self.head_per_sample(name)[v].mean()
+        return total
 
 
 def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec: Spec,
@@ -622,8 +632,8 @@ def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec:
                                           backend=backend).mean for k in range(K)])
             spread = ((a - s.mean) ** 2).mean(0) * factor
             m = mask_for(head.mask, y.shape, "target")
-            if m is not None:
-                spread = spread * m.to(spread.dtype)
+            if m is not None:  # selected away: padded outputs may hold anything
+                spread = torch.where(m, spread, torch.zeros((), dtype=spread.dtype, device=spread.device))
             heads[head.name], count[head.name], batch[head.name] = spread, s.count, head.batch
     return PerElement(heads, count, batch, weights, K, exhaustive)
 
@@ -655,7 +665,7 @@ def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Spec, sampl
         stats = _alignment([g.detach() for g in gm], [g.detach() for g in ge], chosen)
         sm = _spectrum(gm, chosen, "mean", k, "largest", max_iter, tol, lanczos_seed, False)
         se = _spectrum(ge, chosen, "equiv", k, "largest", max_iter, tol, lanczos_seed, False)
-    out = {"mean": float(d.mean), "equiv": float(d.equiv), "cos": float(stats["cos"][ALL]),
+    out = {"mean": float(d.mean.detach()), "equiv": float(d.equiv.detach()), "cos": float(stats["cos"][ALL]),
            "norm_mean": float(stats["norm_mean"][ALL]), "norm_equiv": float(stats["norm_equiv"][ALL]),
            "top_eig_mean": float(sm.eigenvalues[0]), "top_eig_equiv": float(se.eigenvalues[0]),
            "iterations": sm.iterations + se.iterations}
