@@ -1,10 +1,14 @@
-"""fastequiv demo: the task's physics, and a short run of the command end to end."""
+"""fastequiv demo: the task's physics, the protocol (finite training set, held-out set, EMA),
+``--data``, and a short run of the command end to end."""
 
+import argparse
 import csv
+import math
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastequiv as fe
@@ -41,22 +45,144 @@ def test_the_model_keeps_padding_at_zero_and_rows_independent():
     torch.testing.assert_close(one, out[1:2], rtol=1e-5, atol=1e-6)
 
 
+def _same(a, b) -> bool:
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_training_set_is_fixed_per_seed_and_the_held_out_set_for_every_seed():
+    a = demo.datasets(train_size=20, held_out=8, train_eval=5, seed=3)
+    b = demo.datasets(train_size=20, held_out=8, train_eval=5, seed=3)
+    c = demo.datasets(train_size=20, held_out=8, train_eval=5, seed=4)
+    assert a.train[1].shape[0] == 20 and a.heldout[1].shape[0] == 8 and a.train_eval[1].shape[0] == 5
+    assert _same(a.train, b.train) and _same(a.heldout, b.heldout)
+    assert not _same(a.train, c.train) and _same(a.heldout, c.heldout)
+    # the training subset that is decomposed is the first structures of the training set
+    assert _same(a.train_eval, demo._take(a.train, torch.arange(5)))
+    # a training-eval size above the training set takes all of it
+    assert demo.datasets(train_size=6, held_out=4, train_eval=512).train_eval[1].shape[0] == 6
+    inf = demo.datasets(train_size=0, held_out=4)
+    assert inf.train is None and inf.train_eval is None and inf.task is not None
+
+
+def test_training_batches_visit_every_structure_once_per_epoch_in_a_new_order():
+    batches = demo._batches(10, 4, torch.Generator().manual_seed(0))
+    seen = torch.cat([next(batches) for _ in range(5)])  # 20 indices: two epochs
+    first, second = seen[:10], seen[10:]
+    assert sorted(first.tolist()) == list(range(10)) and sorted(second.tolist()) == list(range(10))
+    assert not torch.equal(first, second)
+
+
+def _tiny(tmp_path, **kw):
+    args = dict(steps=12, batch_size=4, held_out=8, train_size=12, train_eval=4, eval_every=6, progress=False,
+                plot=False, out=str(tmp_path / "out"), seed=0)
+    return demo.run(**{**args, **kw})
+
+
+def test_the_evaluated_model_is_an_ema_of_the_weights(tmp_path):
+    res = _tiny(tmp_path)
+    raw, ema = res["model"], res["ema_model"]
+    diffs = [float((p.detach() - q).abs().max()) for p, q in zip(raw.parameters(), ema.parameters())]
+    assert max(diffs) > 1e-6  # the average lags the raw weights
+    assert res["final"]["heldout"]["equiv"] != res["final_raw"]["heldout"]["equiv"]
+    with open(res["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["model"] for r in rows if r["split"] == "heldout"} == {"ema", "raw"}
+    assert [int(r["step"]) for r in rows if r["split"] == "heldout" and r["model"] == "raw"] == [12]
+
+    plain = _tiny(tmp_path, ema=False)
+    assert plain["ema_model"] is None and plain["final"] is plain["final_raw"]
+    with open(plain["csv"]) as fh:
+        assert {r["model"] for r in csv.DictReader(fh)} == {"raw"}
+
+
+def test_infinite_data_trains_on_fresh_clusters_and_has_no_training_split(tmp_path):
+    res = _tiny(tmp_path, train_size=0)
+    assert res["datasets"].train is None and res["train"] == [] and "train" not in res["final"]
+    with open(res["csv"]) as fh:
+        splits = {r["split"] for r in csv.DictReader(fh)}
+    assert splits == {"batch", "heldout"}
+    assert res["heldout"][-1][1] < res["heldout"][0][1]  # it learns
+
+
 def test_demo_command_writes_its_log_and_plot(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "fastequiv", "demo", "--steps", "24", "--batch-size", "8", "--eval-every", "12",
-           "--held-out", "16", "--out", str(out), "--no-progress"]
+           "--held-out", "16", "--train-size", "40", "--train-eval", "10", "--out", str(out), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
     assert res.returncode == 0, res.stderr
     assert str(out / "log.csv") in res.stdout and str(out / "decomposition.png") in res.stdout
+    assert "40 training clusters, 16 held-out clusters" in res.stdout
+    assert "L_equiv, the part that changes with the orientation" in res.stdout
     with open(out / "log.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    train = [r for r in rows if r["split"] == "train"]
-    held = [r for r in rows if r["split"] == "heldout"]
-    assert [int(r["step"]) for r in train] == list(range(24))
-    assert [int(r["step"]) for r in held] == [0, 1, 2, 5, 10, 12, 24]
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert {"step", "split", "model", "lr", "total", "mean", "equiv", "pct", "mean_worst1pct"} <= set(reader.fieldnames)
+    batch = [r for r in rows if r["split"] == "batch"]
+    held = [r for r in rows if r["split"] == "heldout" and r["model"] == "ema"]
+    train = [r for r in rows if r["split"] == "train" and r["model"] == "ema"]
+    assert [int(r["step"]) for r in batch] == list(range(24))
+    assert [int(r["step"]) for r in held] == [int(r["step"]) for r in train] == [0, 12, 24]
+    lrs = [float(r["lr"]) for r in batch]
+    assert max(lrs) == pytest.approx(2e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)  # warmup, then cosine to 0
     for r in rows:
         total, mean, equiv, pct = (float(r[k]) for k in ("total", "mean", "equiv", "pct"))
         assert total > 0 and equiv >= 0 and abs(total - mean - equiv) < 1e-4 * total
         assert abs(pct - equiv / total) < 1e-5
+        if r["split"] != "batch":
+            assert 0 < float(r["mean_worst1pct"]) <= 1
     assert float(held[-1]["total"]) < float(held[0]["total"])  # it learns, even in 24 steps
     assert (out / "decomposition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write_clusters(path, n=15):
+    """Small Cu/Al clusters with EMT forces, written as extxyz."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    import ase.io
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(n):
+        atoms_n = int(rng.integers(3, 6))
+        atoms = Atoms(["Cu" if rng.random() < 0.6 else "Al" for _ in range(atoms_n)],
+                      positions=rng.normal(size=(atoms_n, 3)) * 1.5)
+        atoms.calc = EMT()
+        forces, energy = atoms.get_forces(), atoms.get_potential_energy()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        frames.append(atoms)
+    ase.io.write(str(path), frames, format="extxyz")
+    return frames
+
+
+def test_data_file_structures_are_read_split_and_trained_on(tmp_path, capsys):
+    pytest.importorskip("ase")
+    path = tmp_path / "clusters.extxyz"
+    frames = _write_clusters(path)
+    inputs, forces, info = demo.load_structures(str(path))
+    assert info["elements"] == [13, 29] and info["periodic"] == 0
+    n = len(frames[4])
+    assert inputs["mask"][4].sum() == n and not inputs["mask"][4, n:].any()
+    torch.testing.assert_close(inputs["pos"][4, :n].double(), torch.tensor(frames[4].positions), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(forces[4, :n].double(), torch.tensor(frames[4].get_forces()), rtol=1e-5, atol=1e-5)
+    assert inputs["species"][4, :n].tolist() == [0 if z == 13 else 1 for z in frames[4].numbers]
+
+    sets = demo.datasets(held_out=100, data=str(path))
+    assert sets.heldout[1].shape[0] == 3 and sets.train[1].shape[0] == 12  # at most a fifth held out
+    m = sets.train[0]["mask"]
+    assert float(sets.train[1][m].pow(2).mean()) == pytest.approx(1.0, rel=1e-5)  # forces / their training RMS
+    assert demo.datasets(train_size=5, held_out=2, data=str(path)).train[1].shape[0] == 5
+    with pytest.raises(ValueError, match="train-size 0"):
+        demo.datasets(train_size=0, data=str(path))
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--data", str(path), "--steps", "8", "--batch-size", "4", "--eval-every", "4",
+                              "--no-progress", "--out", str(tmp_path / "out")])
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "15 structures of AlCu" in out and "12 for training, 3 held out" in out
+    with open(tmp_path / "out" / "log.csv") as fh:
+        held = [r for r in csv.DictReader(fh) if r["split"] == "heldout"]
+    assert held and all(math.isfinite(float(r["total"])) for r in held)
