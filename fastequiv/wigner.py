@@ -120,8 +120,24 @@ def recursion_terms(l: int) -> tuple[np.ndarray, ...]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result  # tables built with numpy: constants to torch.compile
+# Tables built with numpy are constants to torch.compile: the functions that hand them out
+# are marked assume_constant_result (run eagerly while tracing) and cache in a plain dict
+# (dynamo would warn on every compiled call about tracing through an lru_cache wrapper).
+_TABLES: dict = {}
+
+
+def _cached(build):
+    @functools.wraps(build)
+    def get(*args):
+        key = (build.__name__,) + args
+        if key not in _TABLES:
+            _TABLES[key] = build(*args)
+        return _TABLES[key]
+
+    return torch.compiler.assume_constant_result(get)
+
+
+@_cached
 def recursion_tensors(l: int, device: torch.device, dtype: torch.dtype):
     """Torch form of :func:`recursion_terms` for ``l`` on ``device``: flat indices."""
     r, c, coef, i, j, a, b = recursion_terms(l)
@@ -205,8 +221,7 @@ def irreps_key(irreps: "o3.Irreps") -> tuple[tuple[int, int, int], ...]:
     return tuple((mul, ir.l, ir.p) for mul, ir in irreps)
 
 
-@functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result
+@_cached
 def block_layout(key: tuple[tuple[int, int, int], ...], device: torch.device):
     """``(dim, lmax, odd, source)`` of the block-diagonal output of the irreps ``key`` (see
     :func:`irreps_key`).
