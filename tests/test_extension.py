@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from vectors import PHILOX_KAT
 
-from fastequiv import _extension
+from fastequiv import backends
+from fastequiv.backends import extension as _extension
 
 
 @pytest.fixture(scope="module")
 def C():
     ext = _extension.load()
     if ext is None:
-        pytest.fail(f"fastequiv._C did not import: {_extension.build_info()['extension_error']}")
+        pytest.fail(f"fastequiv._C did not import: {_extension.load_error()}")
     return ext
 
 
@@ -85,7 +86,7 @@ def test_native_build_info(C):
 
 
 def test_build_info():
-    info = _extension.build_info()
+    info = backends.build_info()
     types = {"version": str, "extension": bool, "cuda": bool, "cuda_archs": list, "openmp": bool, "backends": list}
     for key, typ in types.items():
         assert isinstance(info[key], typ), (key, info[key])
@@ -106,7 +107,7 @@ def test_built_with_cuda_when_nvcc_is_available():
             pytest.skip("FASTEQUIV_CUDA=OFF")
         if shutil.which("nvcc") is None:
             pytest.skip("nvcc is not on PATH")
-    info = _extension.build_info()
+    info = backends.build_info()
     assert info["extension"], info["extension_error"]
     assert info["cuda"] is True
     assert info["cuda_archs"]

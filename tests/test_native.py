@@ -9,9 +9,14 @@ import pytest
 import torch
 
 import fastequiv as fe
-import fastequiv._native as native
-from fastequiv import _backend, _extension
-from fastequiv.ops import _rows
+import fastequiv.backends.native as native
+from fastequiv.backends import extension as _extension, host
+from fastequiv.backends import registry as _backend
+from fastequiv.ops.layout import sample_index
+from fastequiv.ops.random_rotations import random_rotations_seeded_reference
+from fastequiv.ops.rotate_copies import rotate_rows_backward_reference, rotate_rows_reference
+from fastequiv.ops.twirl_reduce import reduce_rows_backward_reference, reduce_rows_reference
+from fastequiv.ops.wigner_d import wigner_blocks_reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # tolerance of an output element of each dtype (relative to the data's scale ~1)
@@ -65,7 +70,7 @@ class Case:
         self.valid = None
         if mask:
             v = torch.rand(N, generator=g) > 0.3
-            s = _rows.sample_index(N, self.P, self.sample, "cpu").cpu()
+            s = sample_index(N, self.P, self.sample, "cpu").cpu()
             v[s == 2] = False  # a fully masked sample
             self.valid = v.to(device)
         self.grad_sums = torch.randn(3, B, generator=g, dtype=torch.float64).to(acc).to(device)
@@ -77,17 +82,17 @@ def check_row_ops(case: Case, backend: str, tol: float):
     c = case
     dev = c.M.device
     got = impl("rotate_rows", backend, dev)(c.x, c.M, c.sample, c.P, c.center_x)
-    want = _rows.rotate_rows(c.x, c.M, c.sample, c.P, c.center_x)
+    want = rotate_rows_reference(c.x, c.M, c.sample, c.P, c.center_x)
     assert got.dtype == c.x.dtype and got.shape == want.shape
     close(got, want, tol * 10, "rotate_rows")
 
     got = impl("rotate_rows_backward", backend, dev)(c.grad_rot, c.M, c.sample, c.P)
-    want = _rows.rotate_rows_backward(c.grad_rot, c.M, c.sample, c.P)
+    want = rotate_rows_backward_reference(c.grad_rot, c.M, c.sample, c.P)
     assert got.dtype == c.acc
     close(got, want, 1e-4 if c.acc == torch.float32 else 1e-11, "rotate_rows_backward")
 
     mean, sums = impl("reduce_rows", backend, dev)(c.out, c.M, c.target, c.sample, c.P, c.valid, c.center, c.B)
-    want_mean, want_sums = _rows.reduce_rows(c.out, c.M, c.target, c.sample, c.P, c.valid, c.center, c.B)
+    want_mean, want_sums = reduce_rows_reference(c.out, c.M, c.target, c.sample, c.P, c.valid, c.center, c.B)
     assert mean.dtype == sums.dtype == c.acc and sums.shape == (3, c.B)
     acc_tol = 1e-4 if c.acc == torch.float32 else 1e-11
     close(mean, want_mean, acc_tol, "reduce_rows mean")
@@ -96,7 +101,7 @@ def check_row_ops(case: Case, backend: str, tol: float):
     for gm in (c.grad_mean, None):
         got = impl("reduce_rows_backward", backend, dev)(gm, c.grad_sums, c.out, c.M, c.target, c.sample, c.P,
                                                          c.valid, c.center, want_mean)
-        want = _rows.reduce_rows_backward(gm, c.grad_sums, c.out, c.M, c.target, c.sample, c.P, c.valid,
+        want = reduce_rows_backward_reference(gm, c.grad_sums, c.out, c.M, c.target, c.sample, c.P, c.valid,
                                           c.center, want_mean)
         assert got.dtype == c.out.dtype
         close(got, want, tol * 10, "reduce_rows_backward")
@@ -162,7 +167,7 @@ def test_cpu_spread_has_no_cancellation(C):
     dev = torch.randn(K, N, 3, dtype=torch.float64) * 1e-2
     out = (base + dev).float()
     _, sums = impl("reduce_rows")(out, M, base.float(), None, N, None, None, 1)
-    _, want = _rows.reduce_rows(out.double(), M.double(), base, None, N, None, None, 1)
+    _, want = reduce_rows_reference(out.double(), M.double(), base, None, N, None, None, 1)
     torch.testing.assert_close(sums[2].double(), want[2], rtol=1e-2, atol=0)
     a = out.reshape(K, N * 3)
     naive = ((a * a).mean(0) - a.mean(0) ** 2).sum()
@@ -175,11 +180,11 @@ def test_cpu_backward_matches_autograd_of_reference(C, layout, d):
     c = Case(K=3, d=d, dtype=torch.float64, layout=layout, center=True, mask=True)
     # rotate_rows: d/dx of <grad, rotate_rows(x)> for a fixed centre
     x = c.x.clone().requires_grad_()
-    (_rows.rotate_rows(x, c.M, c.sample, c.P, c.center_x) * c.grad_rot).sum().backward()
+    (rotate_rows_reference(x, c.M, c.sample, c.P, c.center_x) * c.grad_rot).sum().backward()
     close(impl("rotate_rows_backward")(c.grad_rot, c.M, c.sample, c.P), x.grad, 1e-11, "rotate_rows_backward")
     # reduce_rows: d/dout of <grad_mean, mean> + <grad_sums, sums>
     out = c.out.clone().requires_grad_()
-    mean, sums = _rows.reduce_rows(out, c.M, c.target, c.sample, c.P, c.valid, c.center, c.B)
+    mean, sums = reduce_rows_reference(out, c.M, c.target, c.sample, c.P, c.valid, c.center, c.B)
     ((mean * c.grad_mean).sum() + (sums * c.grad_sums).sum()).backward()
     got = impl("reduce_rows_backward")(c.grad_mean, c.grad_sums, c.out, c.M, c.target, c.sample, c.P, c.valid,
                                        c.center, mean.detach())
@@ -191,10 +196,10 @@ def test_cpu_non_contiguous_inputs(C):
     x = c.x.t().contiguous().t()  # same values, column-major
     out = c.out.transpose(0, 1).contiguous().transpose(0, 1)
     assert not x.is_contiguous() and not out.is_contiguous()
-    close(impl("rotate_rows")(x, c.M, None, c.P, c.center_x), _rows.rotate_rows(c.x, c.M, None, c.P, c.center_x),
+    close(impl("rotate_rows")(x, c.M, None, c.P, c.center_x), rotate_rows_reference(c.x, c.M, None, c.P, c.center_x),
           1e-12, "rotate_rows")
     mean, sums = impl("reduce_rows")(out, c.M, c.target, None, c.P, c.valid, c.center, c.B)
-    want = _rows.reduce_rows(c.out, c.M, c.target, None, c.P, c.valid, c.center, c.B)
+    want = reduce_rows_reference(c.out, c.M, c.target, None, c.P, c.valid, c.center, c.B)
     close(mean, want[0], 1e-12, "mean")
     close(sums, want[1], 1e-11, "sums")
 
@@ -208,30 +213,30 @@ def test_cpu_kernels_take_numpy_arrays(C):
     K, N, d, B = c.K, c.N, c.d, c.B
     out = np.empty((K, N, d))
     C.rotate_rows_cpu(np_["x"], np_["M"], np_["sample"], 0, np_["center_x"], out)
-    np.testing.assert_allclose(out, _rows.rotate_rows(c.x, c.M, c.sample, 0, c.center_x).numpy(), atol=1e-12)
+    np.testing.assert_allclose(out, rotate_rows_reference(c.x, c.M, c.sample, 0, c.center_x).numpy(), atol=1e-12)
 
     g = np.empty((N, d))
     C.rotate_rows_backward_cpu(np_["grad_rot"], np_["M"], np_["sample"], 0, g)
-    np.testing.assert_allclose(g, _rows.rotate_rows_backward(c.grad_rot, c.M, c.sample, 0).numpy(), atol=1e-11)
+    np.testing.assert_allclose(g, rotate_rows_backward_reference(c.grad_rot, c.M, c.sample, 0).numpy(), atol=1e-11)
 
     mean, sums = np.empty((N, d)), np.full((3, B), np.nan)
     C.reduce_rows_cpu(np_["out"], np_["M"], np_["target"], np_["sample"], 0, np_["valid"], np_["center"], mean, sums)
-    want_mean, want_sums = _rows.reduce_rows(c.out, c.M, c.target, c.sample, 0, c.valid, c.center, B)
+    want_mean, want_sums = reduce_rows_reference(c.out, c.M, c.target, c.sample, 0, c.valid, c.center, B)
     np.testing.assert_allclose(mean, want_mean.numpy(), atol=1e-12)
     np.testing.assert_allclose(sums, want_sums.numpy(), atol=1e-10)
 
     grad_out = np.empty((K, N, d))
     C.reduce_rows_backward_cpu(None, np_["grad_sums"], np_["out"], np_["M"], np_["target"], np_["sample"], 0,
                                np_["valid"], np_["center"], mean, grad_out)
-    want = _rows.reduce_rows_backward(None, c.grad_sums, c.out, c.M, c.target, c.sample, 0, c.valid, c.center,
+    want = reduce_rows_backward_reference(None, c.grad_sums, c.out, c.M, c.target, c.sample, 0, c.valid, c.center,
                                       want_mean)
     np.testing.assert_allclose(grad_out, want.numpy(), atol=1e-11)
 
     R = fe.random_rotations(7, seed=3, dtype=torch.float64)
-    index, coef, start = native.wigner_term_table(3)
+    index, coef, start = host.wigner_term_table(3)
     D = np.empty((7, 84))
     C.wigner_blocks_cpu(R.numpy(), 3, index, coef, start, D)
-    np.testing.assert_allclose(D, _rows.wigner_blocks(R, 3).numpy(), atol=1e-12)
+    np.testing.assert_allclose(D, wigner_blocks_reference(R, 3).numpy(), atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -271,7 +276,7 @@ def test_wrapper_refuses_float64_elements_with_float32_accumulation(C):
 def test_cpu_wigner_blocks_match_reference(C, lmax, dtype):
     R = fe.random_rotations(37, seed=lmax, dtype=torch.float64)
     got = impl("wigner_blocks")(R.to(dtype), lmax)
-    want = _rows.wigner_blocks(R, lmax)
+    want = wigner_blocks_reference(R, lmax)
     assert got.dtype == dtype and got.shape == want.shape
     tol = {torch.float64: 1e-10, torch.float32: 1e-5 * (lmax + 1), torch.float16: 4e-3 * (lmax + 1)}[dtype]
     close(got, want, tol, "wigner_blocks")
@@ -291,12 +296,12 @@ def test_cpu_wigner_blocks_match_e3nn(C):
 
 
 def test_wigner_term_table_is_the_reference_recursion():
-    from fastequiv.wigner import _recursion_terms
+    from fastequiv.wigner import recursion_terms
 
-    index, coef, start = native.wigner_term_table(4)
+    index, coef, start = host.wigner_term_table(4)
     assert start.tolist()[:3] == [0, 0, 0] and len(start) == 6
     for l in range(2, 5):
-        r, c, k, i, j, a, b = _recursion_terms(l)
+        r, c, k, i, j, a, b = recursion_terms(l)
         seg = slice(start[l], start[l + 1])
         np.testing.assert_array_equal(index[seg, 0], r * (2 * l + 1) + c)
         np.testing.assert_array_equal(index[seg, 1], i * 3 + j)
@@ -316,7 +321,7 @@ def test_cpu_seeded_rotations_match_torch_stream(C, dtype, improper):
 
 
 def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
-    for name in native.CPU_AUTO:
+    for name in host.ROW_OPS:
         assert _backend.resolve(name, "auto", "cpu")[0] == "cpu"
 
 
@@ -362,10 +367,10 @@ def test_cuda_wigner_and_seeded_rotations(C):
     R = fe.random_rotations(1001, seed=1, dtype=torch.float64)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         got = impl("wigner_blocks", "cuda", "cuda")(R.to(dtype).cuda(), 10)
-        close(got.cpu(), _rows.wigner_blocks(R, 10), tol, "wigner_blocks")
+        close(got.cpu(), wigner_blocks_reference(R, 10), tol, "wigner_blocks")
     seed = torch.tensor(2**35 + 1, device="cuda")
     got = impl("random_rotations_seeded", "cuda", "cuda")(seed, 1001, 2**32 - 3, True, torch.float32)
-    want = _rows.random_rotations_seeded(seed.cpu(), 1001, 2**32 - 3, True, torch.float64)
+    want = random_rotations_seeded_reference(seed.cpu(), 1001, 2**32 - 3, True, torch.float64)
     close(got.cpu(), want, 2e-6, "seeded rotations")
 
 
@@ -381,7 +386,7 @@ def test_cuda_seeded_rotations_replay_in_a_cuda_graph(C):
         out = fn(seed, 64, 0, False, torch.float32)
     seed.fill_(99)
     graph.replay()
-    want = _rows.random_rotations_seeded(torch.tensor(99), 64, 0, False, torch.float64)
+    want = random_rotations_seeded_reference(torch.tensor(99), 64, 0, False, torch.float64)
     close(out.cpu(), want, 2e-6, "replayed rotations")
 
 
@@ -399,6 +404,6 @@ def test_cpu_dense_rows_of_three_across_tiles(C, dtype):
     center = torch.randn(K, B, 3, generator=g, dtype=dtype)
     for v, c in ((None, None), (valid, center)):
         mean, sums = impl("reduce_rows")(out, M, y, None, P, v, c, B)
-        want_mean, want_sums = _rows.reduce_rows(out, M, y, None, P, v, c, B)
+        want_mean, want_sums = reduce_rows_reference(out, M, y, None, P, v, c, B)
         torch.testing.assert_close(mean, want_mean, rtol=TOL[dtype], atol=TOL[dtype])
         torch.testing.assert_close(sums, want_sums, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)

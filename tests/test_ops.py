@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastequiv as fe
+import fastequiv.backends.triton
 from fastequiv.ops import rotate_copies, twirl_reduce
 from fastequiv.reps import as_rep
 
@@ -149,7 +150,7 @@ def test_gradients_of_the_ops():
 
 
 def test_op_argument_errors(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the Triton backend then cannot run CPU tensors
+    monkeypatch.setattr(fastequiv.backends.triton, "INTERPRET", False)  # the Triton backend then cannot run CPU tensors
     x = torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="R must have shape"):
         rotate_copies(x, torch.randn(3, 3, 3, 3), as_rep("vector"))

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import fastequiv as fe
-from fastequiv import _backend
-from fastequiv.ops import _library, _rows
-from fastequiv.ops._masks import mask_for
-from fastequiv.ops.random_rotations import random_rotations_seeded, seed_tensor
-from fastequiv.ops.rotate_copies import _rotate_copies_act
-from fastequiv.ops.twirl_reduce import _twirl_reduce_act
+from fastequiv.backends import registry as _backend
+from fastequiv.ops.layout import mask_for
+from fastequiv.ops.random_rotations import _seeded_op, random_rotations_seeded, seed_tensor
+from fastequiv.ops.rotate_copies import rotate_copies_reference as _rotate_copies_act, rotate_rows, rotate_rows_backward_reference, \
+    rotate_rows_reference
+from fastequiv.ops.twirl_reduce import reduce_rows, reduce_rows_backward_reference, reduce_rows_reference, \
+    twirl_reduce_reference as _twirl_reduce_act
+from fastequiv.ops.wigner_d import wigner_blocks
 from fastequiv.reps import as_rep
 
 REPS = ["scalar", "pseudoscalar", "vector", "pseudovector", "position", "1x0e + 2x1o + 1x2e", "1x1e + 1x3o"]
@@ -52,17 +54,17 @@ def test_row_backward_formulas_match_autograd(graph, center):
     y = torch.randn(N, d, dtype=torch.float64)
     valid = torch.rand(N) > 0.3
     c = torch.randn(K, B, d, dtype=torch.float64) if center else None
-    mean, sums = _rows.reduce_rows(out, M, y, sample, P_arg, valid, c, B)
+    mean, sums = reduce_rows_reference(out, M, y, sample, P_arg, valid, c, B)
     gm, gs = torch.randn_like(mean), torch.randn_like(sums)
     (expected,) = torch.autograd.grad((mean * gm).sum() + (sums * gs).sum(), out)
-    got = _rows.reduce_rows_backward(gm, gs, out.detach(), M, y, sample, P_arg, valid, c, mean.detach())
+    got = reduce_rows_backward_reference(gm, gs, out.detach(), M, y, sample, P_arg, valid, c, mean.detach())
     torch.testing.assert_close(got, expected)
 
     x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
-    copies = _rows.rotate_rows(x, M, sample, P_arg, c[0] if center else None)
+    copies = rotate_rows_reference(x, M, sample, P_arg, c[0] if center else None)
     g = torch.randn_like(copies)
     (expected,) = torch.autograd.grad((copies * g).sum(), x)
-    torch.testing.assert_close(_rows.rotate_rows_backward(g, M, sample, P_arg), expected)
+    torch.testing.assert_close(rotate_rows_backward_reference(g, M, sample, P_arg), expected)
 
 
 def test_reduce_rows_spread_has_no_cancellation():
@@ -73,7 +75,7 @@ def test_reduce_rows_spread_has_no_cancellation():
     base = torch.full((N, d), 100.0)
     dev = torch.tensor([1.0, -1.0, 2.0, -2.0])[:, None, None] * 1e-2
     out = base + dev
-    _, sums = _rows.reduce_rows(out, M, base, None, N, None, None, 1)
+    _, sums = reduce_rows_reference(out, M, base, None, N, None, None, 1)
     expected = (dev.squeeze().double() ** 2).mean() * N * d
     torch.testing.assert_close(sums[2, 0].double(), expected, rtol=1e-2, atol=0)
 
@@ -249,17 +251,17 @@ def test_opcheck(backend):
     M = torch.linalg.qr(torch.randn(K, B, d, d, generator=g))[0].to(dev)
     x = torch.randn(N, d, generator=g).to(dev).requires_grad_()
     c = torch.randn(B, d, generator=g).to(dev).requires_grad_()
-    torch.library.opcheck(_library.rotate_rows, (x, M, None, P, c, backend))
+    torch.library.opcheck(rotate_rows, (x, M, None, P, c, backend))
     out = torch.randn(K, N, d, generator=g).to(dev).requires_grad_()
     y = torch.randn(N, d, generator=g).to(dev).requires_grad_()
     cc = torch.randn(K, B, d, generator=g).to(dev).requires_grad_()
     valid = (torch.rand(N, generator=g) > 0.3).to(dev)
     sample = torch.randint(0, B, (N,), generator=g).to(dev)
-    torch.library.opcheck(_library.reduce_rows, (out, M, y, None, P, valid, cc, B, backend))
-    torch.library.opcheck(_library.reduce_rows, (out, M, y, sample, 0, None, None, B, backend))
+    torch.library.opcheck(reduce_rows, (out, M, y, None, P, valid, cc, B, backend))
+    torch.library.opcheck(reduce_rows, (out, M, y, sample, 0, None, None, B, backend))
     seed = torch.tensor(5, device=dev)
-    torch.library.opcheck(_library.random_rotations_seeded, (seed, 7, 3, True, torch.float32, backend))
-    torch.library.opcheck(_library.wigner_blocks, (M.reshape(-1, 3, 3), 4, backend))
+    torch.library.opcheck(_seeded_op, (seed, 7, 3, True, torch.float32, backend))
+    torch.library.opcheck(wigner_blocks, (M.reshape(-1, 3, 3), 4, backend))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

@@ -14,15 +14,19 @@ import pytest
 import torch
 
 import fastequiv as fe
-import fastequiv._triton  # noqa: F401  (registers the "triton" backend)
-from fastequiv import _backend
-from fastequiv.ops import _rows
+import fastequiv.backends.triton
+from fastequiv.backends import registry as _backend
+from fastequiv.ops.layout import sample_index
+from fastequiv.ops.random_rotations import random_rotations_seeded_reference
+from fastequiv.ops.rotate_copies import rotate_rows_backward_reference, rotate_rows_reference
+from fastequiv.ops.twirl_reduce import reduce_rows_backward_reference, reduce_rows_reference
+from fastequiv.ops.wigner_d import wigner_blocks_reference
 
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ["random_rotations_seeded", "rotate_rows", "rotate_rows_backward", "reduce_rows", "reduce_rows_backward",
-       "wigner_blocks", "rotate_rows_seeded"]
+       "wigner_blocks"]
 
 
 def triton_op(name):
@@ -79,11 +83,11 @@ def test_registered_for_every_op_and_auto_prefers_triton_on_cuda():
 
 
 def test_available_says_what_is_missing(monkeypatch):
-    from fastequiv._triton import available
+    from fastequiv.backends.triton import available
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fastequiv.backends.triton, "INTERPRET", True)
     assert available(torch.device("cpu")) is None
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fastequiv.backends.triton, "INTERPRET", False)
     assert "TRITON_INTERPRET=1" in available(torch.device("cpu"))
     assert "CUDA" in available(torch.device("meta"))
     if not torch.cuda.is_available():
@@ -97,19 +101,19 @@ def test_the_backend_imports_triton_only_when_called(tmp_path):
     the backend reports what is missing instead of failing at import time."""
     code = textwrap.dedent(
         """
-        import importlib.abc, os, sys
+        import os, sys
 
-        class NoTriton(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "triton" or name.startswith("triton."):
-                    raise ImportError("blocked: " + name)
-                return None
-
-        sys.meta_path.insert(0, NoTriton())
+        sys.modules["triton"] = None  # what an install without triton looks like to importlib
+        try:
+            import triton
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("triton still imports")
         os.environ["TRITON_INTERPRET"] = "1"
-        import fastequiv, fastequiv._triton
+        import fastequiv, fastequiv.backends.triton
         assert not any(m.startswith("fastequiv.kernels.") for m in sys.modules)
-        print(fastequiv._triton.available("cpu"))
+        print(fastequiv.backends.triton.available("cpu"))
         """
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -134,7 +138,7 @@ def test_random_rotations_seeded_is_the_reference_stream(seed, offset, improper)
     got32 = op(s, n, offset, improper, torch.float32)
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.cpu().double(), want, rtol=0, atol=1e-6)
-    ref = _rows.random_rotations_seeded(s, n, offset, improper, torch.float64)
+    ref = random_rotations_seeded_reference(s, n, offset, improper, torch.float64)
     torch.testing.assert_close(got64, ref, rtol=0, atol=1e-12)
 
 
@@ -143,7 +147,7 @@ def test_random_rotations_seeded_float32_over_many_draws():
     s = torch.tensor(12345, device=DEVICE)
     n = 20000
     got = triton_op("random_rotations_seeded")(s, n, 3, True, torch.float32)
-    want = _rows.random_rotations_seeded(s, n, 3, True, torch.float64)
+    want = random_rotations_seeded_reference(s, n, 3, True, torch.float64)
     assert (got.double() - want).abs().max().item() < 1e-6
 
 
@@ -153,7 +157,7 @@ def test_random_rotations_seeded_empty_and_other_dtypes():
     assert op(s, 0, 0, False, torch.float32).shape == (0, 3, 3)
     half = op(s, 5, 0, False, torch.bfloat16)
     assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half, _rows.random_rotations_seeded(s, 5, 0, False, torch.bfloat16))
+    torch.testing.assert_close(half, random_rotations_seeded_reference(s, 5, 0, False, torch.bfloat16))
 
 
 def test_random_rotations_seeded_takes_a_device_tensor_seed():
@@ -177,7 +181,7 @@ def test_rotate_rows_matches_reference(K, d, graph, with_center):
     x, M = rand(N, d, seed=2), mats(K, B, d, torch.float32)
     center = rand(B, d, seed=3) if with_center else None
     got = triton_op("rotate_rows")(x, M, sample, P, center)
-    torch.testing.assert_close(got, _rows.rotate_rows(x, M, sample, P, center), **tol(torch.float32))
+    torch.testing.assert_close(got, rotate_rows_reference(x, M, sample, P, center), **tol(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -189,7 +193,7 @@ def test_rotate_rows_dtypes(dtype, graph):
     center = rand(B, d, dtype=acc_of(dtype), seed=5)
     got = triton_op("rotate_rows")(x, M, sample, P, center)
     assert got.dtype == dtype and got.shape == (K, N, d)
-    torch.testing.assert_close(got, _rows.rotate_rows(x, M, sample, P, center), **tol(dtype))
+    torch.testing.assert_close(got, rotate_rows_reference(x, M, sample, P, center), **tol(dtype))
 
 
 @pytest.mark.parametrize("graph", [False, True])
@@ -200,20 +204,20 @@ def test_row_ops_over_many_programs(graph):
     sample, P, N = layout(B, 201, graph, empty_sample=0)
     assert N > 2 * 256 and N % 256
     x, M = rand(N, d, seed=6), mats(K, B, d, torch.float32)
-    torch.testing.assert_close(triton_op("rotate_rows")(x, M, sample, P, None), _rows.rotate_rows(x, M, sample, P, None),
+    torch.testing.assert_close(triton_op("rotate_rows")(x, M, sample, P, None), rotate_rows_reference(x, M, sample, P, None),
                                **tol(torch.float32))
     g = rand(K, N, d, seed=7)
     torch.testing.assert_close(triton_op("rotate_rows_backward")(g, M, sample, P),
-                               _rows.rotate_rows_backward(g, M, sample, P), **tol(torch.float32))
+                               rotate_rows_backward_reference(g, M, sample, P), **tol(torch.float32))
     valid = torch.arange(N, device=DEVICE) % 5 != 0
     args = (g, M, x, sample, P, valid, None)
     mean, sums = triton_op("reduce_rows")(*args, B)
-    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B)
     torch.testing.assert_close(mean, ref_mean, **tol(torch.float32))
     torch.testing.assert_close(sums, ref_sums, **tol(torch.float32))
     gs = rand(3, B, seed=8)
     torch.testing.assert_close(triton_op("reduce_rows_backward")(x, gs, *args, ref_mean),
-                               _rows.reduce_rows_backward(x, gs, *args, ref_mean), **tol(torch.float32))
+                               reduce_rows_backward_reference(x, gs, *args, ref_mean), **tol(torch.float32))
 
 
 def test_rotate_rows_empty():
@@ -236,11 +240,11 @@ def test_rotate_rows_backward_is_the_gradient(dtype, K, d, graph):
     x = rand(N, d, dtype=acc, seed=7).requires_grad_()
     M = mats(K, B, d, acc)
     grad = rand(K, N, d, dtype=dtype, seed=8)
-    (auto,) = torch.autograd.grad(_rows.rotate_rows(x, M, sample, P, None), x, grad.to(acc))
+    (auto,) = torch.autograd.grad(rotate_rows_reference(x, M, sample, P, None), x, grad.to(acc))
     got = triton_op("rotate_rows_backward")(grad, M, sample, P)
     assert got.dtype == acc
     torch.testing.assert_close(got, auto, **tol(acc))
-    torch.testing.assert_close(got, _rows.rotate_rows_backward(grad, M, sample, P), **tol(acc))
+    torch.testing.assert_close(got, rotate_rows_backward_reference(grad, M, sample, P), **tol(acc))
 
 
 def test_non_contiguous_inputs_are_copied_not_misread():
@@ -252,19 +256,19 @@ def test_non_contiguous_inputs_are_copied_not_misread():
     center = rand(d, B, seed=10).t()
     assert not (x.is_contiguous() or M.is_contiguous() or center.is_contiguous())
     got = triton_op("rotate_rows")(x, M, None, P, center)
-    torch.testing.assert_close(got, _rows.rotate_rows(x.contiguous(), M.contiguous(), None, P, center.contiguous()))
+    torch.testing.assert_close(got, rotate_rows_reference(x.contiguous(), M.contiguous(), None, P, center.contiguous()))
     grad = rand(K, d, N, seed=11).transpose(1, 2)
     torch.testing.assert_close(triton_op("rotate_rows_backward")(grad, M, None, P),
-                               _rows.rotate_rows_backward(grad.contiguous(), M.contiguous(), None, P))
+                               rotate_rows_backward_reference(grad.contiguous(), M.contiguous(), None, P))
     out = rand(K, d, N, seed=12).transpose(1, 2)
     target = rand(d, N, seed=13).t()
     valid = torch.ones(2 * N, dtype=torch.bool, device=DEVICE)[::2]
     mean, sums = triton_op("reduce_rows")(out, M, target, None, P, valid, None, B)
-    ref_mean, ref_sums = _rows.reduce_rows(out.contiguous(), M.contiguous(), target.contiguous(), None, P, None, None, B)
+    ref_mean, ref_sums = reduce_rows_reference(out.contiguous(), M.contiguous(), target.contiguous(), None, P, None, None, B)
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(sums, ref_sums)
     R = fe.random_rotations(6, seed=1, dtype=torch.float64).to(DEVICE).transpose(1, 2)
-    torch.testing.assert_close(triton_op("wigner_blocks")(R, 3), _rows.wigner_blocks(R.contiguous(), 3))
+    torch.testing.assert_close(triton_op("wigner_blocks")(R, 3), wigner_blocks_reference(R.contiguous(), 3))
 
 
 def test_bad_arguments_raise_value_errors():
@@ -295,7 +299,7 @@ def reduce_inputs(K, B, P, d, dtype, graph, masked, with_center, seed=0):
     center = rand(K, B, d, dtype=acc, seed=seed + 4) if with_center else None
     valid = None
     if masked:
-        s = _rows.sample_index(N, P, sample, DEVICE)
+        s = sample_index(N, P, sample, DEVICE)
         g = torch.Generator().manual_seed(seed + 5)
         valid = (torch.rand(N, generator=g) > 0.3).to(DEVICE) & (s != B - 1)  # last sample fully masked
     return out, M, target, sample, P, valid, center
@@ -308,7 +312,7 @@ def test_reduce_rows_matches_reference(K, d, graph):
     B = 4
     args = reduce_inputs(K, B, 6, d, torch.float32, graph, masked=True, with_center=d == 3)
     mean, sums = triton_op("reduce_rows")(*args, B)
-    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B)
     assert mean.dtype == sums.dtype == torch.float32 and sums.shape == (3, B)
     torch.testing.assert_close(mean, ref_mean, **tol(torch.float32))
     torch.testing.assert_close(sums, ref_sums, **tol(torch.float32))
@@ -323,7 +327,7 @@ def test_reduce_rows_dtypes_masks_centers(dtype, graph, masked, with_center):
     B = 3
     args = reduce_inputs(3, B, 5, 3, dtype, graph, masked, with_center, seed=10)
     mean, sums = triton_op("reduce_rows")(*args, B)
-    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B)
     assert mean.dtype == acc_of(dtype)
     # both accumulate in acc from the same rounded inputs: acc's tolerance
     torch.testing.assert_close(mean, ref_mean, **tol(acc_of(dtype)))
@@ -337,7 +341,7 @@ def test_reduce_rows_dense_blocking(P):
     B, d = 3, 9
     args = reduce_inputs(2, B, P, d, torch.float64, False, masked=True, with_center=False, seed=20)
     mean, sums = triton_op("reduce_rows")(*args, B)
-    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B)
     torch.testing.assert_close(mean, ref_mean, **tol(torch.float64))
     torch.testing.assert_close(sums, ref_sums, **tol(torch.float64))
 
@@ -353,7 +357,7 @@ def test_reduce_rows_graph_block_inside_one_sample(d):
     out, target = rand(2, N, d, seed=80), rand(N, d, seed=81)
     args = (out, mats(2, B, d, torch.float32), target, sample, 0, valid, None)
     mean, sums = triton_op("reduce_rows")(*args, B)
-    ref_mean, ref_sums = _rows.reduce_rows(*args, B)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B)
     torch.testing.assert_close(mean, ref_mean, **tol(torch.float32))
     torch.testing.assert_close(sums, ref_sums, **tol(torch.float32))
 
@@ -374,7 +378,7 @@ def test_reduce_rows_spread_has_no_cancellation():
     M = torch.eye(d, dtype=torch.float32, device=DEVICE).expand(K, B, d, d).contiguous()
     target = torch.zeros(B * P, d, device=DEVICE)
     _, sums = triton_op("reduce_rows")(out, M, target, None, P, None, None, B)
-    _, exact = _rows.reduce_rows(out.double(), M.double(), target.double(), None, P, None, None, B)
+    _, exact = reduce_rows_reference(out.double(), M.double(), target.double(), None, P, None, None, B)
     torch.testing.assert_close(sums[2].double(), exact[2], rtol=1e-2, atol=0)
     assert ((sums[0] - sums[1]).double() - exact[2]).abs().max() > 10 * (sums[2].double() - exact[2]).abs().max()
 
@@ -398,12 +402,12 @@ def reduce_backward_case(K, d, dtype, graph, masked, with_center, with_grad_mean
     grad_sums = rand(3, B, dtype=acc, seed=seed + 6)
     grad_mean = rand(N, d, dtype=acc, seed=seed + 7) if with_grad_mean else None
     leaf = out.to(acc).requires_grad_()
-    mean, sums = _rows.reduce_rows(leaf, M, target, sample, P, valid, center, B)
+    mean, sums = reduce_rows_reference(leaf, M, target, sample, P, valid, center, B)
     loss = (grad_sums * sums).sum() + ((grad_mean * mean).sum() if with_grad_mean else 0)
     (auto,) = torch.autograd.grad(loss, leaf)
     got = triton_op("reduce_rows_backward")(grad_mean, grad_sums, out, M, target, sample, P, valid, center,
                                             mean.detach())
-    ref = _rows.reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean.detach())
+    ref = reduce_rows_backward_reference(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean.detach())
     assert got.dtype == dtype and got.shape == out.shape
     torch.testing.assert_close(got, ref, **tol(dtype))
     torch.testing.assert_close(got.to(acc), auto.to(dtype).to(acc), **tol(dtype))
@@ -431,7 +435,7 @@ def test_reduce_rows_backward_dtypes(dtype, masked, with_center, with_grad_mean)
 def test_wigner_blocks_float64(lmax):
     R = fe.random_rotations(21, seed=lmax, dtype=torch.float64).to(DEVICE)
     got = triton_op("wigner_blocks")(R, lmax)
-    torch.testing.assert_close(got, _rows.wigner_blocks(R, lmax), rtol=0, atol=1e-10)
+    torch.testing.assert_close(got, wigner_blocks_reference(R, lmax), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("lmax", [0, 1, 2, 5, 10])
@@ -439,7 +443,7 @@ def test_wigner_blocks_float32(lmax):
     R = fe.random_rotations(70, seed=3, dtype=torch.float32).to(DEVICE)  # more than one interpreter block
     got = triton_op("wigner_blocks")(R, lmax)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, _rows.wigner_blocks(R, lmax), rtol=0, atol=2e-5)
+    torch.testing.assert_close(got, wigner_blocks_reference(R, lmax), rtol=0, atol=2e-5)
 
 
 def test_wigner_blocks_empty_and_e3nn():
@@ -450,34 +454,3 @@ def test_wigner_blocks_empty_and_e3nn():
     D3 = o3.Irrep(3, 1).D_from_matrix(R.cpu())
     # e3nn goes through Euler angles (and loses digits there): this checks the basis, not rounding
     torch.testing.assert_close(got[:, 35:84].reshape(5, 7, 7).cpu(), D3, rtol=0, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- rotate_rows_seeded
-
-
-def rotate_rows_seeded_reference(x, seed, offset, K, B, sample, P, center, improper, pseudo):
-    """The contract of the fused op: sample the rotations, then rotate_rows."""
-    acc = torch.float64 if torch.float64 in (x.dtype, getattr(center, "dtype", None)) else torch.float32
-    R = _rows.random_rotations_seeded(seed, K * B, offset, improper, acc).reshape(K, B, 3, 3)
-    M = R * fe.groups.orientation(R)[..., None, None] if pseudo else R
-    return _rows.rotate_rows(x, M, sample, P, None if center is None else center.to(acc)), R
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [1, 3])
-@pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("improper,pseudo", [(False, False), (True, False), (True, True)])
-def test_rotate_rows_seeded_matches_sampling_then_rotating(dtype, K, graph, improper, pseudo):
-    B = 3
-    sample, P, N = layout(B, 5, graph, empty_sample=2)
-    x = rand(N, 3, dtype=dtype, seed=70)
-    center = rand(B, 3, dtype=acc_of(dtype), seed=71) if graph else None
-    seed = torch.tensor(2**63 - 1 if graph else 17, device=DEVICE)
-    offset = 2**33 + 1
-    got, R = triton_op("rotate_rows_seeded")(x, seed, offset, K, B, sample, P, center, improper, pseudo)
-    want, R_ref = rotate_rows_seeded_reference(x, seed, offset, K, B, sample, P, center, improper, pseudo)
-    assert got.dtype == dtype and R.dtype == acc_of(dtype)
-    atol = 1e-12 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(R, R_ref, rtol=0, atol=atol)
-    t = tol(dtype) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, want, **t)

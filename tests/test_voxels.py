@@ -12,6 +12,7 @@ from torch import nn
 
 import fastequiv as fe
 from fastequiv import voxels as V
+from fastequiv.backends import registry
 
 TRITON = importlib.util.find_spec("triton") is not None  # a test extra on Linux
 needs_triton = pytest.mark.skipif(not TRITON, reason="triton is not installed")
@@ -166,7 +167,7 @@ def test_trilinear_is_exact_on_linear_fields_inside_and_at_cube_elements():
     xs = _grids(torch.Generator().manual_seed(2), (48, 4, 4, 4, 4))
     vec = torch.tensor([1], dtype=torch.int32)
     for backend, tol in (("torch", 1e-14), ("triton", 0))[:2 if TRITON else 1]:
-        impl = fe._backend.resolve("voxels_resample", backend, "cpu")[1]
+        impl = registry.resolve("voxels_resample", backend, "cpu")[1]
         torch.testing.assert_close(impl(xs, G, vec, False), impl(xs, G, vec, True), rtol=0, atol=tol)
 
 

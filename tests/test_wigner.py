@@ -6,8 +6,9 @@ import torch
 import fastequiv as fe
 from e3nn import o3
 
-from fastequiv._backend import BackendUnavailableError
-from fastequiv.wigner import _recursion_terms, wigner_D, wigner_D_blocks
+from fastequiv.backends.registry import BackendUnavailableError
+from fastequiv.ops.wigner_d import wigner_D
+from fastequiv.wigner import recursion_terms, wigner_D_blocks
 
 LMAX = 8
 TOL = {torch.float64: dict(atol=1e-10, rtol=0), torch.float32: dict(atol=1e-5, rtol=0)}
@@ -127,7 +128,7 @@ def test_gradcheck():
 
 def test_recursion_table_layout():
     for l in range(2, LMAX + 1):
-        r, c, coef, i, j, a, b = _recursion_terms(l)
+        r, c, coef, i, j, a, b = recursion_terms(l)
         assert len({len(x) for x in (r, c, coef, i, j, a, b)}) == 1
         assert r.max() == 2 * l and c.max() == 2 * l and i.max() <= 2 and a.max() <= 2 * l - 2
         assert (coef != 0).all()
