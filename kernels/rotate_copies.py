@@ -9,7 +9,9 @@ Contract (the torch references in ``fastequiv/ops/rotate_copies.py``):
   ``M.dtype``: ``sum_k M[k, s]^T grad[k, r]``.
 
 Layout: one program per block of ``BLOCK_N`` rows; it reads its rows once, in their own
-dtype, and loops over the K copies, computing in ``M.dtype`` (float32 or float64).
+dtype, and loops over the K copies, computing in ``M.dtype`` (float32 or float64). Rows
+wider than one tile (``d > BLOCK_D``, :func:`~.triton_common.row_block`) are walked in
+``BLOCK_D``-column chunks of the matrix, re-reading the row's chunks for every copy.
 Inputs are made contiguous by the launchers (a no-op for contiguous ones).
 """
 
@@ -27,7 +29,7 @@ from .triton_common import (
     check_sample,
     contiguous,
     device_guard,
-    load_matrices,
+    load_tile,
     matvec,
     matvec_t,
     row_block,
@@ -40,22 +42,44 @@ def _rotate_rows_kernel(x_ptr, M_ptr, sample_ptr, center_ptr, out_ptr, N, B, K, 
                         D: tl.constexpr, GRAPH: tl.constexpr, HAS_CENTER: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = M_ptr.dtype.element_ty
+    out_ty = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_D)
-    tmask = rmask[:, None] & (cols[None, :] < D)
     s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
-    if HAS_CENTER:
-        c = tl.load(center_ptr + s[:, None] * D + cols[None, :], mask=tmask, other=0.0)
-        x = x - c
+    row_off = rows.to(tl.int64)[:, None] * D
     copy_stride = tl.cast(N, tl.int64) * D
-    for k in range(K):
-        y = matvec(load_matrices(M_ptr, k * B + s, rmask, D, BLOCK_D), x)
+    if D <= BLOCK_D:
+        # the row is one tile: read it once, keep it for every copy
+        tmask = rmask[:, None] & (cols[None, :] < D)
+        offs = row_off + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
         if HAS_CENTER:
-            y = y + c
-        tl.store(out_ptr + k * copy_stride + offs, y.to(out_ptr.dtype.element_ty), mask=tmask)
+            c = tl.load(center_ptr + s[:, None] * D + cols[None, :], mask=tmask, other=0.0)
+            x = x - c
+        for k in range(K):
+            y = matvec(load_tile(M_ptr, k * B + s, rmask, 0, 0, D, BLOCK_D), x)
+            if HAS_CENTER:
+                y = y + c
+            tl.store(out_ptr + k * copy_stride + offs, y.to(out_ty), mask=tmask)
+    else:
+        # a wide row: output chunk i0 of copy k is the sum over column chunks j0
+        for k in range(K):
+            mat = k * B + s
+            for i0 in range(0, D, BLOCK_D):
+                ci = i0 + cols
+                imask = rmask[:, None] & (ci[None, :] < D)
+                y = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_ty)
+                for j0 in range(0, D, BLOCK_D):
+                    cj = j0 + cols
+                    jmask = rmask[:, None] & (cj[None, :] < D)
+                    xj = tl.load(x_ptr + row_off + cj[None, :], mask=jmask, other=0.0).to(acc_ty)
+                    if HAS_CENTER:
+                        xj = xj - tl.load(center_ptr + s[:, None] * D + cj[None, :], mask=jmask, other=0.0)
+                    y += matvec(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), xj)
+                if HAS_CENTER:
+                    y = y + tl.load(center_ptr + s[:, None] * D + ci[None, :], mask=imask, other=0.0)
+                tl.store(out_ptr + k * copy_stride + row_off + ci[None, :], y.to(out_ty), mask=imask)
 
 
 @triton.jit
@@ -66,15 +90,21 @@ def _rotate_rows_backward_kernel(grad_ptr, M_ptr, sample_ptr, out_ptr, N, B, K, 
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_D)
-    tmask = rmask[:, None] & (cols[None, :] < D)
     s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    row_off = rows.to(tl.int64)[:, None] * D
     copy_stride = tl.cast(N, tl.int64) * D
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_ty)
-    for k in range(K):
-        g = tl.load(grad_ptr + k * copy_stride + offs, mask=tmask, other=0.0).to(acc_ty)
-        acc += matvec_t(load_matrices(M_ptr, k * B + s, rmask, D, BLOCK_D), g)
-    tl.store(out_ptr + offs, acc, mask=tmask)
+    # output chunk j0 (one chunk when D <= BLOCK_D): sum over copies and row chunks i0
+    for j0 in range(0, D, BLOCK_D):
+        cj = j0 + cols
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_ty)
+        for k in range(K):
+            mat = k * B + s
+            for i0 in range(0, D, BLOCK_D):
+                ci = i0 + cols
+                imask = rmask[:, None] & (ci[None, :] < D)
+                g = tl.load(grad_ptr + k * copy_stride + row_off + ci[None, :], mask=imask, other=0.0).to(acc_ty)
+                acc += matvec_t(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), g)
+        tl.store(out_ptr + row_off + cj[None, :], acc, mask=rmask[:, None] & (cj[None, :] < D))
 
 
 def _check_M(M: torch.Tensor, d: int) -> None:

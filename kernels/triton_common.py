@@ -1,10 +1,14 @@
 """Pieces shared by the Triton kernels of the row-level contract (``fastequiv/ops/layout.py``).
 
-Rows ``x`` ``(N, d)`` are read as 2D tiles ``(BLOCK_N, BLOCK_D)`` (``BLOCK_D`` the next
-power of two of ``d``, masked to ``d``); the ``d x d`` matrix of every row's sample as a
-3D tile ``(BLOCK_N, BLOCK_D, BLOCK_D)`` indexed ``[row, i, j]``, so that ``M v`` is a sum
-over the last axis and ``M^T v`` a sum over the middle one. Matrices are gathered per row
-(``M[k, s(r)]``); rows of one sample hit the same cache lines.
+Rows ``x`` ``(N, d)`` are read as 2D tiles ``(BLOCK_N, BLOCK_D)`` of ``BLOCK_D`` columns at
+a time, and the ``d x d`` matrix of every row's sample as 3D tiles
+``(BLOCK_N, BLOCK_D, BLOCK_D)`` indexed ``[row, i, j]`` (rows ``i0 + i``, columns
+``j0 + j`` of the matrix), so that ``M v`` is a sum over the last axis and ``M^T v`` a sum
+over the middle one. ``BLOCK_D`` is the next power of two of ``d``, capped (32 on a GPU):
+a row of up to ``BLOCK_D`` components is one tile (the common case, d = 1, 3, 5, 9, 25),
+a wider one is walked in ``BLOCK_D x BLOCK_D`` chunks of its matrix, so the tile, and the
+registers it takes, stay bounded whatever ``d`` is (d = 1152 compiles like d = 32).
+Matrices are gathered per row (``M[k, s(r)]``); rows of one sample hit the same cache lines.
 
 Launchers size their blocks for the GPU, or larger for Triton's CPU interpreter
 (``TRITON_INTERPRET=1``), where every program costs a Python-level pass.
@@ -26,6 +30,10 @@ import triton.language as tl
 _GPU_TILE = 1024
 _GPU_MAX_ROWS = 128
 _INTERPRETER_TILE = 1 << 16
+# Widest column chunk of a matrix tile: 32 x 32 = _GPU_TILE on a GPU (d = 288 as one
+# 512 x 512 tile spilled and took 10 s to compile; d > 1024 did not compile at all).
+_GPU_MAX_BLOCK_D = 32
+_INTERPRETER_MAX_BLOCK_D = 256
 
 _ACC_DTYPES = (torch.float32, torch.float64)
 
@@ -36,11 +44,14 @@ def interpreting() -> bool:
 
 
 def row_block(N: int, d: int) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_D)`` for a row kernel over ``N`` rows of ``d`` components."""
-    block_d = triton.next_power_of_2(max(d, 1))
+    """``(BLOCK_N, BLOCK_D)`` for a row kernel over ``N`` rows of ``d`` components:
+    ``BLOCK_D`` columns per chunk (all of them when ``d <= BLOCK_D``), and a matrix tile
+    of ``BLOCK_N * BLOCK_D**2`` elements, bounded whatever ``d`` is."""
     if interpreting():
+        block_d = min(triton.next_power_of_2(max(d, 1)), _INTERPRETER_MAX_BLOCK_D)
         block_n = max(1, min(triton.next_power_of_2(max(N, 1)), _INTERPRETER_TILE // block_d**2))
     else:
+        block_d = min(triton.next_power_of_2(max(d, 1)), _GPU_MAX_BLOCK_D)
         block_n = max(1, min(_GPU_MAX_ROWS, _GPU_TILE // block_d**2))
     return block_n, block_d
 
@@ -88,11 +99,14 @@ def sample_of(rows, rmask, sample_ptr, P, GRAPH: tl.constexpr):
 
 
 @triton.jit
-def load_matrices(M_ptr, mat, rmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tile ``[row, i, j] = M[mat[row], i, j]`` of the ``D x D`` matrices (``mat`` int64)."""
+def load_tile(M_ptr, mat, rmask, i0, j0, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tile ``[row, i, j] = M[mat[row], i0 + i, j0 + j]`` of the ``D x D`` matrices
+    (``mat`` int64), zero outside the matrix."""
     i = tl.arange(0, BLOCK_D)
-    offs = mat[:, None, None] * (D * D) + i[None, :, None] * D + i[None, None, :]
-    m = rmask[:, None, None] & (i[None, :, None] < D) & (i[None, None, :] < D)
+    r = i0 + i
+    c = j0 + i
+    offs = mat[:, None, None] * (D * D) + r[None, :, None] * D + c[None, None, :]
+    m = rmask[:, None, None] & (r[None, :, None] < D) & (c[None, None, :] < D)
     return tl.load(M_ptr + offs, mask=m, other=0.0)
 
 
@@ -106,3 +120,4 @@ def matvec(Mt, v):
 def matvec_t(Mt, v):
     """``M^T v`` per row."""
     return tl.sum(Mt * v[:, :, None], axis=1)
+

@@ -15,6 +15,10 @@ Contract (the torch references in ``fastequiv/ops/twirl_reduce.py``):
 
 Both are one pass over ``out``: a program owns a block of rows, loads its K copies one
 after the other (in their own dtype, fp16/bf16/fp32/fp64) and computes in ``M.dtype``.
+Rows wider than one tile (``d > BLOCK_D``, :func:`~.triton_common.row_block`) are walked
+in ``BLOCK_D``-column chunks of the matrix: the forward keeps its Welford state per
+chunk of columns; the backward writes ``dL/da_k`` of the copy to a scratch row (acc)
+before multiplying it by ``M_k``.
 The forward keeps a running mean and the sum of squared deviations (Welford's update),
 so the spread is a sum of squares of deviations ``a_k - abar`` in registers, never the
 difference of two large sums.
@@ -40,7 +44,7 @@ from .triton_common import (
     check_sample,
     contiguous,
     device_guard,
-    load_matrices,
+    load_tile,
     matvec,
     matvec_t,
     row_block,
@@ -49,20 +53,36 @@ from .triton_common import (
 
 
 @triton.jit
-def _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
-                 D: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``(Mt, a_k)``: the matrix tile of copy ``k`` and ``M^T (out_k - c) + c`` in acc."""
+def _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                 D: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns ``j0 .. j0 + BLOCK_D`` of ``a_k = M^T (out_k - c) + c`` in acc, summed over
+    the row chunks ``i0`` of ``out_k`` (one chunk when ``D <= BLOCK_D``)."""
     acc_ty = M_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_D)
     mat = k * B + s
-    Mt = load_matrices(M_ptr, mat, rmask, D, BLOCK_D)
-    o = tl.load(out_ptr + k * copy_stride + offs, mask=tmask, other=0.0).to(acc_ty)
-    if HAS_CENTER:
-        cols = tl.arange(0, BLOCK_D)
-        c = tl.load(center_ptr + mat[:, None] * D + cols[None, :], mask=tmask, other=0.0)
-        a = matvec_t(Mt, o - c) + c
+    if D <= BLOCK_D:  # one tile (j0 = 0): the centre is read once
+        tmask = rmask[:, None] & (cols[None, :] < D)
+        o = tl.load(out_ptr + k * copy_stride + row_off + cols[None, :], mask=tmask, other=0.0).to(acc_ty)
+        Mt = load_tile(M_ptr, mat, rmask, 0, 0, D, BLOCK_D)
+        if HAS_CENTER:
+            c = tl.load(center_ptr + mat[:, None] * D + cols[None, :], mask=tmask, other=0.0)
+            a = matvec_t(Mt, o - c) + c
+        else:
+            a = matvec_t(Mt, o)
     else:
-        a = matvec_t(Mt, o)
-    return Mt, a
+        a = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_ty)
+        for i0 in range(0, D, BLOCK_D):
+            ci = i0 + cols
+            imask = rmask[:, None] & (ci[None, :] < D)
+            o = tl.load(out_ptr + k * copy_stride + row_off + ci[None, :], mask=imask, other=0.0).to(acc_ty)
+            if HAS_CENTER:
+                o = o - tl.load(center_ptr + mat[:, None] * D + ci[None, :], mask=imask, other=0.0)
+            a += matvec_t(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), o)
+        if HAS_CENTER:
+            cj = j0 + cols
+            a += tl.load(center_ptr + mat[:, None] * D + cj[None, :], mask=rmask[:, None] & (cj[None, :] < D),
+                         other=0.0)
+    return a
 
 
 @triton.jit
@@ -71,10 +91,11 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
                         D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CENTER: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = M_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_S * BLOCK_P
     pid = tl.program_id(0)
-    lane = tl.arange(0, BLOCK_S * BLOCK_P)
+    lane = tl.arange(0, LANES)
     if GRAPH:
-        rows = pid * (BLOCK_S * BLOCK_P) + lane
+        rows = pid * LANES + lane
         rmask = rows < N
     else:
         # lane -> (sample of this program, position in the sample's chunk)
@@ -84,31 +105,40 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
         rows = s_dense * P + p
     s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
     cols = tl.arange(0, BLOCK_D)
-    tmask = rmask[:, None] & (cols[None, :] < D)
-    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+    row_off = tl.cast(rows, tl.int64)[:, None] * D
     copy_stride = tl.cast(N, tl.int64) * D
-    y = tl.load(target_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
 
-    mean = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
-    m2 = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
-    tot = tl.zeros((BLOCK_S * BLOCK_P, BLOCK_D), dtype=acc_ty)
-    for k in range(K):
-        _, a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
-                            D, HAS_CENTER, BLOCK_D)
-        e = a - y
-        tot += e * e
-        delta = a - mean
-        mean += delta / (k + 1)
-        m2 += delta * (a - mean)
-    tl.store(mean_ptr + offs, mean, mask=tmask)
+    # per row, summed over its column chunks (one chunk when D <= BLOCK_D)
+    total_row = tl.zeros((LANES,), dtype=acc_ty)
+    bias_row = tl.zeros((LANES,), dtype=acc_ty)
+    spread_row = tl.zeros((LANES,), dtype=acc_ty)
+    for j0 in range(0, D, BLOCK_D):
+        cj = j0 + cols
+        jmask = rmask[:, None] & (cj[None, :] < D)
+        y = tl.load(target_ptr + row_off + cj[None, :], mask=jmask, other=0.0).to(acc_ty)
+        mean = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
+        m2 = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
+        tot = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
+        for k in range(K):
+            a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                             D, HAS_CENTER, LANES, BLOCK_D)
+            e = a - y
+            tot += e * e
+            delta = a - mean
+            mean += delta / (k + 1)
+            m2 += delta * (a - mean)
+        tl.store(mean_ptr + row_off + cj[None, :], mean, mask=jmask)
+        bias = mean - y
+        total_row += tl.sum(tot, axis=1)
+        bias_row += tl.sum(bias * bias, axis=1)
+        spread_row += tl.sum(m2, axis=1)
 
     keep = rmask
     if HAS_VALID:
         keep = keep & (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0)
-    bias = mean - y
-    total_row = tl.where(keep, tl.sum(tot, axis=1) / K, 0.0)
-    bias_row = tl.where(keep, tl.sum(bias * bias, axis=1), 0.0)
-    spread_row = tl.where(keep, tl.sum(m2, axis=1) / K, 0.0)
+    total_row = tl.where(keep, total_row / K, 0.0)
+    bias_row = tl.where(keep, bias_row, 0.0)
+    spread_row = tl.where(keep, spread_row / K, 0.0)
     if GRAPH:
         # a block inside one sample (sorted batches of large graphs) adds its sums once
         s_lo = tl.min(tl.where(keep, s, B), axis=0)
@@ -133,18 +163,27 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
 
 
 @triton.jit
+def _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN: tl.constexpr):
+    """``dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar)) + grad_mean / K``."""
+    ga = 2.0 * (g_total[:, None] * (a - y) + g_bias[:, None] * (mean - y) + g_spread[:, None] * (a - mean)) / K
+    if HAS_GRAD_MEAN:
+        ga += tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(a.dtype) / K
+    return ga
+
+
+@triton.jit
 def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr,
-                                 center_ptr, mean_ptr, grad_out_ptr, N, B, K, P,
+                                 center_ptr, mean_ptr, grad_out_ptr, work_ptr, N, B, K, P,
                                  D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr,
                                  HAS_CENTER: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = M_ptr.dtype.element_ty
+    out_ty = grad_out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
     cols = tl.arange(0, BLOCK_D)
-    tmask = rmask[:, None] & (cols[None, :] < D)
-    offs = tl.cast(rows, tl.int64)[:, None] * D + cols[None, :]
+    row_off = tl.cast(rows, tl.int64)[:, None] * D
     copy_stride = tl.cast(N, tl.int64) * D
 
     keep = rmask
@@ -153,18 +192,49 @@ def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, t
     g_total = tl.load(grad_sums_ptr + s, mask=keep, other=0.0).to(acc_ty)
     g_bias = tl.load(grad_sums_ptr + B + s, mask=keep, other=0.0).to(acc_ty)
     g_spread = tl.load(grad_sums_ptr + 2 * B + s, mask=keep, other=0.0).to(acc_ty)
-    y = tl.load(target_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
-    mean = tl.load(mean_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
-    # the part of dL/da_k that is the same for every copy
-    common = g_bias[:, None] * (mean - y)
-    out_ty = grad_out_ptr.dtype.element_ty
-    for k in range(K):
-        Mt, a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, offs, tmask, rmask, s, B,
-                             D, HAS_CENTER, BLOCK_D)
-        ga = 2.0 * (g_total[:, None] * (a - y) + common + g_spread[:, None] * (a - mean)) / K
-        if HAS_GRAD_MEAN:
-            ga += tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(acc_ty) / K
-        tl.store(grad_out_ptr + k * copy_stride + offs, matvec(Mt, ga).to(out_ty), mask=tmask)
+    if D <= BLOCK_D:
+        # the row is one tile: y and abar read once, each copy's matrix tile used twice
+        tmask = rmask[:, None] & (cols[None, :] < D)
+        offs = row_off + cols[None, :]
+        y = tl.load(target_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
+        mean = tl.load(mean_ptr + offs, mask=tmask, other=0.0).to(acc_ty)
+        for k in range(K):
+            mat = k * B + s
+            Mt = load_tile(M_ptr, mat, rmask, 0, 0, D, BLOCK_D)
+            o = tl.load(out_ptr + k * copy_stride + offs, mask=tmask, other=0.0).to(acc_ty)
+            if HAS_CENTER:
+                c = tl.load(center_ptr + mat[:, None] * D + cols[None, :], mask=tmask, other=0.0)
+                a = matvec_t(Mt, o - c) + c
+            else:
+                a = matvec_t(Mt, o)
+            ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN)
+            tl.store(grad_out_ptr + k * copy_stride + offs, matvec(Mt, ga).to(out_ty), mask=tmask)
+    else:
+        # a wide row, per copy in two passes over its column chunks: dL/da_k into the
+        # program's rows of the scratch ``work`` (acc), then M_k dL/da_k chunk by chunk
+        for k in range(K):
+            mat = k * B + s
+            for j0 in range(0, D, BLOCK_D):
+                cj = j0 + cols
+                jmask = rmask[:, None] & (cj[None, :] < D)
+                offs = row_off + cj[None, :]
+                y = tl.load(target_ptr + offs, mask=jmask, other=0.0).to(acc_ty)
+                mean = tl.load(mean_ptr + offs, mask=jmask, other=0.0).to(acc_ty)
+                a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                                 D, HAS_CENTER, BLOCK_N, BLOCK_D)
+                ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, jmask, K, HAS_GRAD_MEAN)
+                tl.store(work_ptr + offs, ga, mask=jmask)
+            tl.debug_barrier()
+            for i0 in range(0, D, BLOCK_D):
+                ci = i0 + cols
+                acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_ty)
+                for j0 in range(0, D, BLOCK_D):
+                    cj = j0 + cols
+                    ga = tl.load(work_ptr + row_off + cj[None, :], mask=rmask[:, None] & (cj[None, :] < D), other=0.0)
+                    acc += matvec(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), ga)
+                tl.store(grad_out_ptr + k * copy_stride + row_off + ci[None, :], acc.to(out_ty),
+                         mask=rmask[:, None] & (ci[None, :] < D))
+            tl.debug_barrier()  # the next copy overwrites work
 
 
 def _check(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample, P: int, valid, center, B: int):
@@ -243,11 +313,13 @@ def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Ten
         contiguous(t) for t in (grad_mean, grad_sums, out, M, target, sample, center, mean))
     valid_u8 = None if valid is None else contiguous(valid).view(torch.uint8)
     block_n, block_d = row_block(N, d)
+    # rows wider than one tile keep dL/da_k of the copy at hand here (acc)
+    work = torch.empty(N, d, dtype=M.dtype, device=out.device) if d > block_d else M
     with device_guard(out):
         _reduce_rows_backward_kernel[(triton.cdiv(N, block_n),)](
             grad_mean if grad_mean is not None else M, grad_sums, out, M, target,
             sample if sample is not None else out, valid_u8 if valid_u8 is not None else out,
-            center if center is not None else M, mean, grad_out, N, B, K, max(P, 1),
+            center if center is not None else M, mean, grad_out, work, N, B, K, max(P, 1),
             D=d, GRAPH=sample is not None, HAS_VALID=valid is not None, HAS_CENTER=center is not None,
             HAS_GRAD_MEAN=grad_mean is not None, BLOCK_N=block_n, BLOCK_D=block_d,
         )
