@@ -27,17 +27,20 @@ condition number ``lambda_max / lambda_min`` is infinite or meaningless.
 eigenvalues whose ``|lambda|`` exceeds ``rtol * max |lambda|``: the conditioning of the
 Hessian restricted to its ``k`` computed directions, with the near-null ones left out. It
 depends on ``k``, ``which`` and ``rtol``, so only values computed with the same three are
-comparable; comparing L_mean with L_equiv at the same settings is what the diagnostic is
-for (the paper behind fastequiv reports the L_equiv Hessian of a force-field model as
-about 1000x better conditioned than the L_mean one).
+comparable; comparing L_mean with L_equiv at the same settings is what it is for. The
+paper behind fastequiv (Shen, Nowara, Maser and Cho, "Training Dynamics of Learning
+3D-Rotational Equivariance", TMLR 2025) compares the Hessian condition numbers of L_mean
+and L_equiv of the same model and reports L_equiv's as far lower in force-field
+prediction (about 1000x); its estimator of a condition number need not be this one, so
+read :meth:`Spectrum.condition` as a ratio between the terms, not as the paper's figure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -49,7 +52,7 @@ from .ops.layout import mask_for
 from .spec import Spec
 
 __all__ = ["Alignment", "Spectrum", "PerElement", "gradient_alignment", "hessian_spectrum", "lanczos",
-           "equivariance_per_element", "log_dynamics", "TERMS"]
+           "equivariance_per_element", "log_dynamics", "stacked_terms", "select_params", "TERMS"]
 
 TERMS = ("total", "mean", "equiv")
 WHICH = ("largest", "smallest", "magnitude")

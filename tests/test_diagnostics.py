@@ -67,8 +67,9 @@ def test_the_octahedral_twirls_the_closed_form_rests_on():
     G = fe.group_elements("octahedral", dtype=DT)
     x = torch.randn(3, dtype=DT)
     A = torch.randn(3, 3, dtype=DT)
-    torch.testing.assert_close(torch.einsum("gij,j,k,glk->il", G, x, x, G) / 24, x.dot(x) / 3 * torch.eye(3, dtype=DT))
-    torch.testing.assert_close(torch.einsum("gji,jk,gkl->il", G, A, G) / 24, torch.trace(A) / 3 * torch.eye(3, dtype=DT))
+    eye = torch.eye(3, dtype=DT)
+    torch.testing.assert_close(torch.einsum("gij,j,k,glk->il", G, x, x, G) / 24, x.dot(x) / 3 * eye)
+    torch.testing.assert_close(torch.einsum("gji,jk,gkl->il", G, A, G) / 24, torch.trace(A) / 3 * eye)
 
 
 def test_linear_losses_match_equivariance_error():
