@@ -2,8 +2,8 @@
 
 Contract (``fastequiv/ops/random_rotations.py`` and :mod:`fastequiv.groups`): rotation number ``i``
 of the stream keyed by the int64 ``seed`` is one Philox-4x32-10 block with key
-``(seed mod 2^32, seed >> 32)`` and counter ``(i mod 2^32, i >> 32, 0, 0)``, which is
-``tl.randint4x(seed, i)`` with an int64 ``i``. Its words ``x0, x1, x2`` give uniforms
+``(seed mod 2^32, seed >> 32)`` and counter ``(i mod 2^32, i >> 32, 0, 0)``
+(:func:`philox_words`). Its words ``x0, x1, x2`` give uniforms
 ``u_j = (x_j >> 8) 2^-24`` and Shoemake's quaternion
 ``(a sin 2 pi u1, a cos 2 pi u1, b sin 2 pi u2, b cos 2 pi u2)``, ``a = sqrt(1 - u0)``,
 ``b = sqrt(u0)``, turned into the usual active-rotation matrix; for O(3), bit 0 of
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import device_guard, interpreting
+from .triton_common import device_guard, interpreting, sqrt_rn
 
 _BLOCK_GPU = 256
 _BLOCK_INTERPRETER = 4096
@@ -51,13 +51,29 @@ def _sin_cos_turns(n, dtype: tl.constexpr):
 
 
 @triton.jit
+def philox_words(seed, idx):
+    """The four 32-bit words of Philox-4x32-10 block ``idx`` (int64) of the stream ``seed``:
+    key ``(seed mod 2^32, seed >> 32)``, counter ``(idx mod 2^32, idx >> 32, 0, 0)``.
+
+    The counter is handed to ``tl.philox`` as explicit uint32 words, which selects the 4x32
+    generator in every Triton from 3.0 on. ``tl.randint4x(seed, idx)`` with an int64 ``idx``
+    means the same only from Triton 3.4: before, it ran Philox-4x64 on the int64 counter
+    (other words, and uniforms outside [0, 1), so NaN rotations).
+    """
+    lo = idx.to(tl.uint32)  # truncates: idx mod 2^32
+    hi = (idx >> 32).to(tl.uint32)
+    zero = lo * 0
+    return tl.philox(seed, lo, hi, zero, zero)
+
+
+@triton.jit
 def haar_matrix(seed, idx, FLIP_IMPROPER: tl.constexpr, dtype: tl.constexpr):
     """The 9 entries (row-major) of rotation number ``idx`` (int64) of the stream ``seed``."""
-    r0, r1, r2, r3 = tl.randint4x(seed, idx)
+    r0, r1, r2, r3 = philox_words(seed, idx)
     u0 = (r0 >> 8).to(dtype) * 5.9604644775390625e-08  # 2^-24
     a2 = 1.0 - u0  # a^2 and b^2, exact
-    a = tl.sqrt(a2)
-    b = tl.sqrt(u0)
+    a = sqrt_rn(a2)
+    b = sqrt_rn(u0)
     s1, c1 = _sin_cos_turns((r1 >> 8).to(tl.int32), dtype)
     s2, c2 = _sin_cos_turns((r2 >> 8).to(tl.int32), dtype)
     w, x, y, z = a * s1, a * c1, b * s2, b * c2
@@ -83,12 +99,12 @@ def haar_matrix(seed, idx, FLIP_IMPROPER: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _random_rotations_kernel(seed_ptr, out_ptr, n, offset, IMPROPER: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
     m = i < n
     seed = tl.load(seed_ptr)
     dtype = out_ptr.dtype.element_ty
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = haar_matrix(seed, offset + tl.cast(i, tl.int64), IMPROPER, dtype)
-    o = out_ptr + tl.cast(i, tl.int64) * 9
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = haar_matrix(seed, offset + i, IMPROPER, dtype)
+    o = out_ptr + i * 9
     tl.store(o + 0, m00, mask=m)
     tl.store(o + 1, m01, mask=m)
     tl.store(o + 2, m02, mask=m)

@@ -121,3 +121,14 @@ def matvec_t(Mt, v):
     """``M^T v`` per row."""
     return tl.sum(Mt * v[:, :, None], axis=1)
 
+
+@triton.jit
+def sqrt_rn(x):
+    """Correctly rounded ``sqrt(x)``: ``tl.sqrt`` is the approximate instruction in float32
+    on a GPU (the interpreter rounds exactly either way), so float32 takes ``tl.sqrt_rn``."""
+    if x.dtype == tl.float32:
+        y = tl.sqrt_rn(x)
+    else:
+        y = tl.sqrt(x)
+    return y
+

@@ -199,3 +199,80 @@ def test_row_kernels_compile_for_sm90_without_spills(sm90):
         assert u["stack"] == 0, f"{name} spills: {u}"
         assert u["seconds"] < 5, f"{name} took {u['seconds']:.1f} s to compile"
         assert u["registers"] <= 168, f"{name}: {u}"
+
+
+# --------------------------------------------------------------------- Philox on every Triton
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastequiv import groups  # noqa: E402
+from fastequiv.kernels import random_rotations as rotation_kernels  # noqa: E402
+
+
+@triton.jit
+def _randint4x_before_triton_3_4(seed, offset, n_rounds: tl.constexpr = 10):
+    """``tl.randint4x`` as Triton 3.0 - 3.3 wrote it: an int64 offset is one 64-bit counter
+    word, which selects Philox-4x64."""
+    _0 = offset * 0
+    return tl.philox(seed, offset, _0, _0, _0, n_rounds)
+
+
+@triton.jit
+def _words_kernel(seed_ptr, out_ptr, offset, OLD_RANDINT4X: tl.constexpr, BLOCK: tl.constexpr):
+    i = offset + tl.arange(0, BLOCK).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    if OLD_RANDINT4X:
+        w0, w1, w2, w3 = _randint4x_before_triton_3_4(seed, i)
+    else:
+        w0, w1, w2, w3 = rotation_kernels.philox_words(seed, i)
+    o = out_ptr + tl.arange(0, BLOCK) * 4
+    tl.store(o, w0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(o + 1, w1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(o + 2, w2.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(o + 3, w3.to(tl.int64) & 0xFFFFFFFF)
+
+
+def _words(seed: int, offset: int, old: bool) -> torch.Tensor:
+    out = torch.zeros(16, 4, dtype=torch.int64, device=DEVICE)
+    _words_kernel[(1,)](torch.tensor(seed, device=DEVICE), out, offset, OLD_RANDINT4X=old, BLOCK=16)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 1, 2**63 - 1])
+@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**40 + 9])
+def test_philox_words_are_the_4x32_stream_on_any_triton(seed, offset):
+    """The kernel hands ``tl.philox`` the counter as explicit uint32 words (offset mod 2^32,
+    offset >> 32), which runs Philox-4x32-10 in every Triton since 3.0: the words equal the
+    reference stream. ``tl.randint4x(seed, int64 offset)`` gives them only from Triton 3.4;
+    before, it ran Philox-4x64 on the int64 counter (other words, and 64-bit values that
+    made every rotation NaN), as its 3.0 - 3.3 form shows here."""
+    want = groups.philox_words(16, torch.tensor(seed), offset).to(torch.int64)
+    assert torch.equal(_words(seed, offset, old=False), want)
+    assert not torch.equal(_words(seed, offset, old=True), want)
+
+
+def test_no_kernel_calls_tritons_offset_based_rng():
+    """No Triton kernel calls ``tl.randint4x`` / ``tl.rand*`` (their counter layout changed
+    in Triton 3.4): the Philox words come from :func:`philox_words` only."""
+    import ast
+
+    calls = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "randint", "randint4x", "rand", "rand4x", "randn", "randn4x"):
+                calls.append(f"{path.name}:{node.lineno} {node.func.attr}")
+    assert not calls, calls
+
+
+def test_seeded_rotations_match_the_reference_past_2_to_the_32():
+    """The seeded kernel (sqrt_rn for a and b in float32) against the float64 reference,
+    an offset range that crosses 2^32."""
+    seed = torch.tensor(2**62 + 3, device=DEVICE)
+    want = groups.elements_from_words(groups.philox_words(4096, seed.cpu(), 2**32 - 2048), "O3")
+    got = rotation_kernels.random_rotations_seeded(seed, 4096, 2**32 - 2048, True, torch.float32)
+    assert torch.isfinite(got).all()
+    assert (got.cpu().double() - want.double()).abs().max().item() < 1e-6
+    got64 = rotation_kernels.random_rotations_seeded(seed, 4096, 2**32 - 2048, True, torch.float64)
+    torch.testing.assert_close(got64.cpu(), want.double(), rtol=0, atol=1e-12)
