@@ -18,12 +18,13 @@ three sums (over channels) and torch sums them per sample: deterministic, no ato
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import device_guard, interpreting
 
 
 @triton.jit
@@ -35,6 +36,17 @@ def _narrow(val, dtype: tl.constexpr):
     else:
         out = val.to(tl.float32).to(dtype)
     return out
+
+
+@triton.jit
+def flat_elements(pid, count_a, count_b, BLOCK: tl.constexpr):
+    """``(e, live, total)``: program ``pid``'s block of the flat index over
+    ``total = count_a * count_b`` elements and which of them exist. Everything is int64:
+    ``B * n^3`` reaches 2^31 on large batches of grids (16 grids of 512^3), where an int32
+    product wraps and would mask off every lane."""
+    total = tl.cast(count_a, tl.int64) * count_b
+    e = tl.cast(pid, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return e, e < total, total
 
 
 @triton.jit
@@ -85,11 +97,10 @@ def _gather(ptr, off, ok, w):
 
 
 @triton.jit
-def _resample_kernel(x_ptr, M_ptr, out_ptr, scal_ptr, vec_ptr, n_scal, n_vec, B, C, n, V, total,
+def _resample_kernel(x_ptr, M_ptr, out_ptr, scal_ptr, vec_ptr, n_scal, n_vec, B, C, n, V, rows,
                      EXACT: tl.constexpr, BLOCK: tl.constexpr):
     """``out[r]`` ``(C, V)`` from ``x[r mod B]`` and ``M[r]``, over the flat ``(rows, V)`` index."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = e < total
+    e, live, _ = flat_elements(tl.program_id(0), rows, V, BLOCK)
     r = e // V
     v = e % V
     m00, m01, m02, m10, m11, m12, m20, m21, m22 = _matrices(M_ptr, r, live)
@@ -125,8 +136,7 @@ def _reduce_kernel(out_ptr, M_ptr, y_ptr, w_ptr, mean_ptr, sums_ptr, scal_ptr, v
     every copy ``k``, ``mean[b] = (1/K) sum_k a_k``, and the voxel's (total, bias, spread)
     summed over channels, written to ``sums[:, b, v]``."""
     acc: tl.constexpr = M_ptr.dtype.element_ty
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = e < B * V
+    e, live, BV = flat_elements(tl.program_id(0), B, V, BLOCK)
     b = e // V
     v = e % V
     at = b * C * V + v  # element (b, channel 0, v) of y, w and mean
@@ -198,16 +208,23 @@ def _reduce_kernel(out_ptr, M_ptr, y_ptr, w_ptr, mean_ptr, sums_ptr, scal_ptr, v
         bia += wt0 * (mean0 - y0) * (mean0 - y0) + wt1 * (mean1 - y1) * (mean1 - y1) + wt2 * (mean2 - y2) * (mean2 - y2)
         spr += (wt0 * m2_0 + wt1 * m2_1 + wt2 * m2_2) * inv_k
     tl.store(sums_ptr + e, tot, mask=live)
-    tl.store(sums_ptr + B * V + e, bia, mask=live)
-    tl.store(sums_ptr + 2 * B * V + e, spr, mask=live)
+    tl.store(sums_ptr + BV + e, bia, mask=live)
+    tl.store(sums_ptr + 2 * BV + e, spr, mask=live)
 
 
 def _block(total: int) -> int:
     # the interpreter runs a block as numpy arrays, at a fixed cost per operation: fewer,
     # larger blocks are much faster there
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return min(1 << 14, triton.next_power_of_2(max(total, 16)))
     return 128
+
+
+def _check_grid(n: int) -> None:
+    """Voxel offsets within one grid are int32 in the kernels (``n^3 < 2^31``); the flat
+    index over grids is int64."""
+    if n ** 3 >= 2**31:
+        raise ValueError(f"grid side n={n}: n^3 voxels must stay below 2^31 (n <= 1290)")
 
 
 def _tables(vec: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +232,9 @@ def _tables(vec: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     is_vec = torch.zeros(C, dtype=torch.bool, device=vec.device)
     if vec.numel():
         is_vec[(vec.long()[:, None] + torch.arange(3, device=vec.device)).reshape(-1)] = True
-    scal = torch.nonzero(~is_vec).reshape(-1).to(torch.int32)
+    # the scalar channels in order without torch.nonzero (a host sync, which a CUDA graph
+    # cannot capture): a stable sort puts them first, and there are C - 3 G of them
+    scal = torch.argsort(is_vec.to(torch.uint8), stable=True)[: C - 3 * vec.numel()].to(torch.int32)
     return scal, vec.to(torch.int32).contiguous()
 
 
@@ -230,10 +249,12 @@ def resample(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: bool) -
     out = torch.empty((rows, C, n, n, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    _check_grid(n)
     scal, vec = _tables(vec, C)
     BLOCK = _block(rows * V)
-    _resample_kernel[(triton.cdiv(rows * V, BLOCK),)](
-        x, M, out, scal, vec, scal.numel(), vec.numel(), B, C, n, V, rows * V, EXACT=exact, BLOCK=BLOCK)
+    with device_guard(x):
+        _resample_kernel[(triton.cdiv(rows * V, BLOCK),)](
+            x, M, out, scal, vec, scal.numel(), vec.numel(), B, C, n, V, rows, EXACT=exact, BLOCK=BLOCK)
     return out
 
 
@@ -250,9 +271,11 @@ def twirl_reduce(out: torch.Tensor, M: torch.Tensor, y: torch.Tensor, w: Optiona
     mean = torch.empty((B, C, V), dtype=acc, device=out.device)
     sums = torch.zeros((3, B, V), dtype=acc, device=out.device)
     if B and C and V and K:
+        _check_grid(n)
         scal, vec = _tables(vec, C)
         BLOCK = _block(B * V)
-        _reduce_kernel[(triton.cdiv(B * V, BLOCK),)](
-            out, M, y, mean if w is None else w, mean, sums, scal, vec, scal.numel(), vec.numel(),
-            K, B, C, n, V, HAS_W=w is not None, EXACT=exact, BLOCK=BLOCK)
+        with device_guard(out):
+            _reduce_kernel[(triton.cdiv(B * V, BLOCK),)](
+                out, M, y, mean if w is None else w, mean, sums, scal, vec, scal.numel(), vec.numel(),
+                K, B, C, n, V, HAS_W=w is not None, EXACT=exact, BLOCK=BLOCK)
     return mean, sums.sum(dim=2)
