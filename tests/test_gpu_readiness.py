@@ -386,3 +386,92 @@ def test_voxel_channel_tables_need_no_host_sync(monkeypatch):
         vector_channels = {s + i for s in starts for i in range(3)}
         assert scal.tolist() == [c for c in range(C) if c not in vector_channels]
         assert scal.dtype == vec.dtype == torch.int32
+
+
+# --------------------------------------------------------------------- CuPy, without CuPy
+
+import types  # noqa: E402
+
+import fastequiv.kernels  # noqa: E402
+from fastequiv.backends import cupy as cupy_backend  # noqa: E402
+
+
+def _stand_in_cupy() -> types.ModuleType:
+    """A ``cupy`` whose ``from_dlpack`` takes the DLPack capsule the way CuPy does: through
+    torch's own export, which refuses tensors that require grad (``BufferError``)."""
+    fake = types.ModuleType("cupy")
+    fake.from_dlpack = lambda t: torch.from_dlpack(t.__dlpack__())
+    return fake
+
+
+def test_cupy_kernel_arguments_of_tensors_that_require_grad(monkeypatch):
+    """Inside a ``torch.library`` op the inputs keep ``requires_grad=True``, and DLPack
+    refuses to export them: ``_arg`` detaches first. Shown on the whole path from
+    ``torch.ops.fastequiv.rotate_rows(..., "cupy")`` to the kernel's arguments (the launch
+    itself stubbed: there is no GPU), with the same memory handed over."""
+    monkeypatch.setitem(sys.modules, "cupy", _stand_in_cupy())
+    x = torch.randn(6, 3, requires_grad=True)
+    with pytest.raises(BufferError, match="require gradient"):
+        sys.modules["cupy"].from_dlpack(x)
+    assert cupy_backend._arg(x).data_ptr() == x.data_ptr()
+    assert cupy_backend._arg(x.detach().bfloat16().requires_grad_()).dtype == torch.int16
+
+    handed = []
+
+    def launch(op, kernel, device, blocks, *args):
+        handed.extend(cupy_backend._arg(a) for a in args)
+
+    monkeypatch.setattr(cupy_backend, "_launch", launch)
+    M = torch.randn(2, 2, 3, 3, requires_grad=True)
+    out = torch.ops.fastequiv.rotate_rows(x, M, None, 3, None, "cupy")
+    out.sum().backward()  # the backward op hands its inputs over the same way
+    tensors = [a for a in handed if isinstance(a, torch.Tensor)]
+    assert any(t.data_ptr() == x.data_ptr() for t in tensors)
+    assert not any(t.requires_grad for t in tensors)
+
+
+def test_nvrtc_source_changes_with_every_header(tmp_path, monkeypatch):
+    """CuPy caches NVRTC binaries keyed on the source text: the text handed to it ends
+    with a hash of every ``*.cuh``, so editing a header compiles anew instead of reusing
+    a stale binary, while the .cu text itself is unchanged."""
+    (tmp_path / "k.cu").write_text('#include "a.cuh"\nextern "C" __global__ void k() {}\n')
+    (tmp_path / "a.cuh").write_text("#define A 1\n")
+    (tmp_path / "b.cuh").write_text("#define B 1\n")
+    monkeypatch.setattr(fastequiv.kernels, "SOURCE_DIR", tmp_path)
+    first = fastequiv.kernels.nvrtc_source("k.cu")
+    assert first.startswith(fastequiv.kernels.cuda_source("k.cu"))
+    assert fastequiv.kernels.nvrtc_source("k.cu") == first  # stable: the cache still hits
+    (tmp_path / "a.cuh").write_text("#define A 2\n")
+    second = fastequiv.kernels.nvrtc_source("k.cu")
+    (tmp_path / "b.cuh").write_text("#define B 2\n")
+    third = fastequiv.kernels.nvrtc_source("k.cu")
+    assert len({first, second, third}) == 3
+
+
+def test_the_cupy_backend_compiles_the_hashed_source(monkeypatch):
+    """``_module`` hands ``RawModule`` the text of :func:`nvrtc_source` (the header hash
+    included) and the kernels folder as the include path."""
+    fake = _stand_in_cupy()
+    seen = {}
+
+    class RawModule:
+        def __init__(self, code, options):
+            seen.update(code=code, options=options)
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    fake.RawModule = RawModule
+    fake.cuda = types.SimpleNamespace(Device=Device)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cupy_backend._module.__wrapped__("twirl_reduce.cu", 0)
+    assert seen["code"] == fastequiv.kernels.nvrtc_source("twirl_reduce.cu")
+    assert "fastequiv headers: sha256" in seen["code"]
+    assert f"-I{fastequiv.kernels.SOURCE_DIR}" in seen["options"]

@@ -68,13 +68,14 @@ def available(device=None) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def _module(source: str, device_index: int):
     """The NVRTC-compiled module of ``kernels/<source>`` for one device (CuPy also caches
-    the binary on disk)."""
+    the binary on disk, keyed on the source text and options)."""
     import cupy
 
-    from fastequiv.kernels import SOURCE_DIR, cuda_source
+    from fastequiv.kernels import SOURCE_DIR, nvrtc_source
 
+    # nvrtc_source ends with a hash of the headers: CuPy's cache is keyed on the text
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=cuda_source(source), options=("--std=c++17", f"-I{SOURCE_DIR}"))
+        return cupy.RawModule(code=nvrtc_source(source), options=("--std=c++17", f"-I{SOURCE_DIR}"))
 
 
 def _device_index(device: torch.device) -> int:
