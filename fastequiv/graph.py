@@ -14,31 +14,38 @@ role                    the K stacked copies (one model call)
 ``"batch"``             ``cat_k (batch + k * B)``: copy ``k`` of graph ``b`` is graph ``k * B + b``
 ``"index"``             ``cat_k (index + k * N)`` along the last dim (``(2, K * E)`` for ``edge_index``)
 ``"num_graphs"``        ``K * B`` (an int, or a tensor like the input)
+``"ptr"``               ``(K B + 1,)`` node offsets of the stacked graphs
 ======================  =============================================================
 
-Every tensor with a rep is stacked along dim 0 by its level, told by its size:
+Every tensor with a rep is stacked along dim 0 by its level:
 
-* ``N`` rows: per node. Copy ``k`` of node ``i`` is row ``k * N + i``, rotated by rotation
-  number ``k * B + batch[i]``; positions turn about their graph's centroid.
-* otherwise ``B`` rows: per graph (e.g. a cell, a total charge): row ``k * B + b``.
-* otherwise ``E`` rows (the last dim of the first ``"index"`` input): per edge (e.g.
-  edge vectors), rotated with the graph of the edge's first node (``index[0]``).
+* per node (``N`` rows): copy ``k`` of node ``i`` is row ``k * N + i``, rotated by
+  rotation number ``k * B + batch[i]``; positions turn about their graph's centroid.
+* per graph (``B`` rows; a cell may also come flattened as ``3 B`` rows, MACE's layout):
+  row ``k * B + b``.
+* per edge (``E`` rows, the last dim of the first ``"index"`` input): edge vectors, the
+  periodic shifts of MACE and NequIP, rotated with the graph of the edge's first node
+  (``index[0]``).
 
-(If two of these sizes coincide, the first level listed wins.) Outputs are per node
-(``K * N`` rows, reduced per graph with the batch index: a graph's loss is the mean over
-its nodes' elements) or per graph (``K * B`` rows, e.g. energies). So the decomposition of
-a graph batch equals that of the same graphs padded into a dense batch with a mask,
-rotation for rotation.
+A rep may declare its level (``"vector@edge"``, ``"scalar@graph"``, ``"cell"``); otherwise
+its row count decides, and only where it is unambiguous: a tensor whose row count is
+both ``N`` and ``E`` (or ``B``) raises a ValueError that says how to declare it, instead
+of being rotated the wrong way. Outputs are per node (``K * N`` rows, reduced per graph
+with the batch index: a graph's loss is the mean over its nodes' elements) or per graph
+(``K * B`` rows, e.g. energies). So the decomposition of a graph batch equals that of the
+same graphs padded into a dense batch with a mask, rotation for rotation.
 
 The number of graphs ``B`` comes from a ``"num_graphs"`` input if there is one, else
 from ``inputs.num_graphs`` for an object input (a PyG ``Batch``), else from
 ``batch.max() + 1``, which copies one number to the host.
 
 Object inputs. When the inputs are one object whose attributes the spec names (a
-``torch_geometric.data.Batch``, or any object with those attributes), the model is
-called with a shallow copy (``copy.copy``) whose attributes are the stacked copies; its
-``ptr`` (``(B + 1,)`` node offsets) and ``_num_graphs`` are updated when present.
-torch_geometric is never imported.
+``torch_geometric.data.Batch``, a MACE batch, or any object with those attributes), the
+model is called with a shallow copy (``copy.copy``) whose attributes are the stacked
+copies; its ``ptr`` (``(B + 1,)`` node offsets) and its number of graphs (PyG keeps it
+in the data store as ``_num_graphs``) describe the ``K B`` stacked graphs. A tensor
+attribute the spec does not name raises, as a dict key does, unless the spec says
+``unnamed="keep"`` (carried unchanged). torch_geometric is never imported.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from .reps import describe
 
 __all__ = ["ROLES", "Role", "GraphLayout", "is_object_input", "object_leaves", "rebuild_object"]
 
-ROLES = ("batch", "index", "num_graphs")
+ROLES = ("batch", "index", "num_graphs", "ptr")
 
 
 class Role:
@@ -83,6 +90,8 @@ class Role:
             raise ValueError(f"{name} is a graph {self.kind} input and must be an int64 tensor, got {describe(x)}")
         if self.kind == "batch" and x.dim() != 1:
             raise ValueError(f"{name} is the batch index and must have shape (N,), got {tuple(x.shape)}")
+        if self.kind == "ptr" and x.dim() != 1:
+            raise ValueError(f"{name} is the node offsets (ptr) and must have shape (B + 1,), got {tuple(x.shape)}")
         if self.kind == "index" and x.dim() < 1:
             raise ValueError(f"{name} is a node index and needs at least one dim (e.g. (2, E)), got a 0-dim tensor")
 
@@ -117,22 +126,52 @@ def is_object_input(inputs, spec) -> bool:
             and all(hasattr(inputs, k) for k in spec.inputs))
 
 
+def _attribute_names(obj) -> list:
+    keys = getattr(obj, "keys", None)
+    if keys is not None:
+        keys = keys() if callable(keys) else keys  # PyG: a method; MACE's batch: a list
+        return [k for k in keys if isinstance(k, str)]
+    return [k for k in vars(obj) if not k.startswith("_")]
+
+
 def object_leaves(obj, spec) -> dict:
-    return {k: getattr(obj, k) for k in spec.inputs}
+    """The inputs held by ``obj``: the spec's names, and (``unnamed="keep"``) the rest.
+
+    A tensor attribute the spec does not name raises unless ``unnamed="keep"``; the
+    node offsets ``ptr`` of a PyG/MACE batch, which describe the structure, are stacked
+    with the batch whether named or not."""
+    values = {k: getattr(obj, k) for k in spec.inputs}
+    unnamed = [k for k in _attribute_names(obj)
+               if k not in spec.inputs and k != "ptr" and isinstance(getattr(obj, k, None), torch.Tensor)]
+    if unnamed and spec.unnamed != "keep":
+        raise ValueError(
+            f"the input object has tensor attributes {unnamed} that the spec does not name: give each a rep or a "
+            "role in spec.inputs (\"scalar\" if rotations leave it unchanged, \"scalar@graph\" if per graph), or "
+            "pass fe.Spec(..., unnamed=\"keep\") to hand them to the model unchanged (not stacked)")
+    return values
 
 
 def rebuild_object(obj, values: dict, layout: "GraphLayout", K: int):
-    """A shallow copy of ``obj`` holding the stacked ``values``, with ``ptr``/``_num_graphs`` updated."""
+    """A shallow copy of ``obj`` holding the stacked ``values``, its ``ptr`` and number of
+    graphs describing the ``K B`` stacked graphs."""
     new = copy.copy(obj)
     for k, v in values.items():
         setattr(new, k, v)
     ptr = getattr(obj, "ptr", None)
     if isinstance(ptr, torch.Tensor) and "ptr" not in values and ptr.dim() == 1 and ptr.numel() == layout.B + 1:
-        shifted = [ptr[:-1] + k * layout.N for k in range(K)] + [ptr[-1:] + (K - 1) * layout.N]
-        setattr(new, "ptr", torch.cat(shifted))
+        setattr(new, "ptr", stack_ptr(ptr, layout.N, K))
+    # PyG keeps the number of graphs in its data store, read through hasattr/getattr
     if "_num_graphs" in getattr(obj, "__dict__", {}):
         new.__dict__["_num_graphs"] = K * layout.B
+    elif hasattr(obj, "_num_graphs"):
+        setattr(new, "_num_graphs", K * layout.B)
     return new
+
+
+def stack_ptr(ptr: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The ``(K B + 1,)`` node offsets of K stacked copies of a batch with offsets ``ptr``."""
+    shifted = [ptr[:-1] + k * N for k in range(K)] + [ptr[-1:] + (K - 1) * N]
+    return torch.cat(shifted)
 
 
 def index_range(index: torch.Tensor) -> Optional[tuple[int, int]]:
@@ -189,13 +228,29 @@ class GraphLayout:
         for name in self.index_names:
             check_index_values(values[name], max(self.N, 1), repr(name), f"the N = {self.N} nodes")
 
-    def level(self, rows: int, name: str) -> str:
-        if rows == self.N:
-            return "node"
-        if rows == self.B:
-            return "graph"
-        if self.E is not None and rows == self.E:
-            return "edge"
-        edges = f", E = {self.E} edges" if self.E is not None else ""
-        raise ValueError(f"{name} has {rows} rows in dim 0; a graph batch has N = {self.N} nodes, "
-                         f"B = {self.B} graphs{edges}")
+    def sizes(self) -> dict:
+        return {"node": self.N, "graph": self.B, **({"edge": self.E} if self.E is not None else {})}
+
+    def level(self, rows: int, name: str, rep=None) -> str:
+        """Where a tensor of ``rows`` rows lives: its rep's declared level, or the one level
+        whose size is ``rows`` (a ValueError when none is, or several are)."""
+        sizes = self.sizes()
+        what = ", ".join(f"{n} = {s} {lvl}s" for lvl, n, s in
+                         [("node", "N", self.N), ("graph", "B", self.B)] + ([("edge", "E", self.E)] if self.E is not None else []))
+        declared = getattr(rep, "level", None)
+        if declared is not None:
+            if declared == "edge" and self.E is None:
+                raise ValueError(f"{name} is declared per edge, but the spec names no \"index\" input (edge_index)")
+            want = sizes[declared]
+            if rows == want or (getattr(rep, "cell", False) and rows == 3 * self.B):
+                return declared
+            raise ValueError(f"{name} is declared per {declared} but has {rows} rows in dim 0; the graph batch has {what}")
+        found = [lvl for lvl, size in sizes.items() if rows == size]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ValueError(f"{name} has {rows} rows in dim 0; the graph batch has {what}")
+        base = str(rep).removeprefix("Rep(").removesuffix(")").strip("'") if rep is not None else "scalar"
+        options = " or ".join(f"'{base}@{lvl}'" for lvl in found)
+        raise ValueError(f"{name} has {rows} rows in dim 0, which is the number of {' and of '.join(l + 's' for l in found)} "
+                         f"in this graph batch: declare where its rows live in the spec, {options}")

@@ -12,10 +12,19 @@ rep                       action of ``g = R`` (``R`` may be improper under O(3))
 ``"vector"``              ``v -> R v``, components ``(x, y, z)``  (e3nn ``1o``)
 ``"pseudovector"``        ``v -> det(R) R v``                     (e3nn ``1e``)
 ``"position"``            ``p -> R (p - c) + c``, ``c`` the per-sample centroid
+``"rank2"``               ``S -> R S R^T`` on the last two dims ``(..., 3, 3)``
+                          (stress, virials, polarisability; symmetric or not)
+``"cell"``                a periodic cell whose rows are lattice vectors:
+                          ``cell -> cell R^T``; per graph, ``(B, 3, 3)`` or MACE's
+                          flattened ``(3 B, 3)``
 irreps (str / Irreps)     ``x -> D(R) x``, e3nn's basis and parity rules
 ``"voxels"``              a field on a grid ``(B, ..., C, n, n, n)``, moved by
                           resampling (:class:`fastequiv.voxels.Voxels`)
 ========================  =====================================================
+
+Graph batches: a rep may say where its rows live, ``"vector@edge"`` (per-edge shift or
+edge vectors), ``"scalar@graph"``, ``"scalar@node"``; without it the row count decides,
+and only where it is unambiguous (see :mod:`fastequiv.graph`).
 
 e3nn's ``1o`` basis is ``(x, y, z)`` (``Irreps("1o").D_from_matrix(R) == R``), so a
 ``"vector"`` and a ``"1x1o"`` tensor are interchangeable. The centroid of a position
@@ -39,7 +48,8 @@ from .wigner import irreps_key, parse_irreps, wigner_D_matrix
 
 __all__ = ["Rep", "Voxels", "as_rep", "centroid", "describe"]
 
-_NAMED = ("scalar", "pseudoscalar", "vector", "pseudovector", "position")
+_NAMED = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "rank2", "cell")
+LEVELS = ("node", "edge", "graph")
 
 
 def describe(x) -> str:
@@ -52,25 +62,41 @@ def describe(x) -> str:
 class Rep:
     """A representation of O(3) on the last dim of a tensor (see module docs)."""
 
-    def __init__(self, kind: str, irreps=None):
+    def __init__(self, kind: str, irreps=None, level: Optional[str] = None, cell: bool = False):
+        if level is not None and level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS} or None, got {level!r}")
         self.kind = kind
         self.irreps = irreps
+        self.level = level  # where the rows live in a graph batch (None: by row count)
+        self.cell = cell  # a periodic cell: vectors, per graph, 3 rows per graph when flattened
         if kind == "irreps":
             self.dim: Optional[int] = irreps.dim
             self.key = irreps_key(irreps)  # plain ints, for the kernels and torch.compile
         elif kind in ("vector", "pseudovector", "position"):
             self.dim = 3
+        elif kind == "rank2":
+            self.dim = 9  # as rows: the 3 x 3 entries, row-major
         else:
             self.dim = None  # scalars: any last dim
 
     def __repr__(self) -> str:
-        return f"Rep({self.irreps!s})" if self.kind == "irreps" else f"Rep({self.kind!r})"
+        name = str(self.irreps) if self.kind == "irreps" else "cell" if self.cell else self.kind
+        at = f"@{self.level}" if self.level and not self.cell else ""
+        return f"Rep({name + at!r})"
+
+    def _id(self):
+        return self.kind, str(self.irreps), self.level, self.cell
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Rep) and (self.kind, str(self.irreps)) == (other.kind, str(other.irreps))
+        return isinstance(other, Rep) and self._id() == other._id()
 
     def __hash__(self) -> int:
-        return hash((self.kind, str(self.irreps)))
+        return hash(self._id())
+
+    def at(self, level: str) -> "Rep":
+        """This rep with its rows declared to live at ``level`` of a graph batch."""
+        rep = Rep(self.kind, self.irreps, level, self.cell)
+        return rep
 
     def check(self, x: torch.Tensor, name: str) -> None:
         """Raise a ValueError naming ``name`` unless ``x`` can carry this rep."""
@@ -80,7 +106,15 @@ class Rep:
             raise ValueError(f"{name} must have shape (batch, ..., {self.dim}) for rep {self}, got {tuple(x.shape)}")
         if x.dim() < 1:
             raise ValueError(f"{name} must have a batch dim (dim 0), got a 0-dim tensor")
-        if self.dim is not None and x.shape[-1] != self.dim:
+        if self.kind == "rank2":
+            if x.dim() < 3 or tuple(x.shape[-2:]) != (3, 3):
+                raise ValueError(f"{name} must have shape (batch, ..., 3, 3) for rep rank2 (S -> R S R^T), "
+                                 f"got {tuple(x.shape)}")
+        elif self.cell and not ((x.dim() == 3 and tuple(x.shape[1:]) == (3, 3))
+                                or (x.dim() == 2 and x.shape[1] == 3 and x.shape[0] % 3 == 0)):
+            raise ValueError(f"{name} must be a periodic cell of shape (B, 3, 3) (rows: lattice vectors) or the "
+                             f"flattened (3 B, 3), got {tuple(x.shape)}")
+        elif self.dim is not None and x.shape[-1] != self.dim:
             what = f"irreps {self.irreps} (dim {self.dim})" if self.kind == "irreps" else f"{self.kind}"
             raise ValueError(f"{name} has last dim {x.shape[-1]} (shape {tuple(x.shape)}), but {what} needs last dim {self.dim}")
         if self.kind != "scalar" and not x.is_floating_point():
@@ -100,6 +134,9 @@ class Rep:
             return R * orientation(R)[..., None, None]
         if self.kind == "irreps":
             return wigner_D_matrix(self.key, R)
+        if self.kind == "rank2":
+            # vec(R S R^T) = (R kron R) vec(S), row-major
+            return torch.einsum("...ik,...jl->...ijkl", R, R).reshape(R.shape[:-2] + (9, 9))
         raise ValueError(f"rep {self} has no matrix: it is not a rep of rows")
 
     def act(self, x: torch.Tensor, R: torch.Tensor, mask: Optional[torch.Tensor] = None, inverse: bool = False,
@@ -118,7 +155,8 @@ class Rep:
             M = self.matrix(R)
         if self.kind == "pseudoscalar":
             return (x.to(R.dtype) * M.reshape((n,) + (1,) * (x.dim() - 1))).to(x.dtype)
-        flat = x.to(R.dtype).reshape(n, math.prod(x.shape[1:-1]), x.shape[-1])
+        d = 9 if self.kind == "rank2" else x.shape[-1]
+        flat = x.to(R.dtype).reshape(n, -1, d)
         Mt = M if inverse else M.transpose(-1, -2)  # row vectors: x @ M^T == (M x^T)^T
         if self.kind == "position":
             c = centroid(x.to(R.dtype), mask).reshape(n, 1, 3)
@@ -137,14 +175,30 @@ def centroid(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tens
         return pts.mean(dim=1) if pts.shape[1] else torch.zeros(n, 3, dtype=x.dtype, device=x.device)
     # the mask is (N, *inner) or already padded to broadcast against x: (N, *inner, 1)
     w = mask.reshape(tuple(mask.shape) + (1,) * (x.dim() - mask.dim()))
-    w = w.expand(x.shape)[..., :1].reshape(n, m, 1).to(x.dtype)
-    return (pts * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+    w = w.expand(x.shape)[..., :1].reshape(n, m, 1)
+    kept = torch.where(w, pts, torch.zeros((), dtype=x.dtype, device=x.device))  # padding may hold inf
+    return kept.sum(dim=1) / w.to(x.dtype).sum(dim=1).clamp_min(1)
 
 
 def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
-    """Parse a rep: one of the names above, an e3nn irreps string, or an ``o3.Irreps``."""
+    """Parse a rep: one of the names above, an e3nn irreps string, or an ``o3.Irreps``;
+    a string may end in ``@node``, ``@edge`` or ``@graph`` (where its rows live in a graph
+    batch)."""
     if isinstance(rep, Rep):
         return rep
+    if isinstance(rep, str) and "@" in rep:
+        base, _, level = rep.rpartition("@")
+        level = level.strip()
+        if level not in LEVELS:
+            raise ValueError(f"{name}={rep!r}: the part after '@' must be one of {LEVELS}, got {level!r}")
+        parsed = as_rep(base.strip(), name)
+        if parsed.kind == "voxels":
+            raise ValueError(f"{name}={rep!r}: a voxel grid has no graph level")
+        if parsed.cell and level != "graph":
+            raise ValueError(f"{name}={rep!r}: a periodic cell belongs to its graph ('cell' or 'cell@graph')")
+        return parsed.at(level)
+    if rep == "cell":
+        return Rep("vector", level="graph", cell=True)
     if isinstance(rep, str) and rep in _NAMED:
         return Rep(rep)
     if isinstance(rep, str) and rep.strip().startswith("voxels"):

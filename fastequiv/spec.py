@@ -7,6 +7,7 @@ model returns: one rep, a tuple (multi-head, e.g. energy and forces) or a dict.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Union
 
 import torch
@@ -21,6 +22,9 @@ __all__ = ["Spec", "describe"]
 def _parse(struct, name: str, roles: bool = False):
     # inputs may also name graph roles ("batch", "index", "num_graphs"): see fastequiv.graph
     entry = (lambda v, n: as_role(v) or as_rep(v, n)) if roles else as_rep
+    o3 = sys.modules.get("e3nn.o3")
+    if o3 is not None and isinstance(struct, o3.Irreps):  # a tuple subclass, but one rep
+        return as_rep(struct, name)
     if isinstance(struct, dict):
         if not struct:
             raise ValueError(f"{name} is an empty dict")
@@ -51,6 +55,16 @@ class Spec:
             bool mask of valid elements, shape ``(B, *inner)``, e.g. ``(B, atoms)``. It is
             passed to the model like any scalar input and also removes padded elements
             from the losses and the centroids.
+        unnamed: what happens to a tensor input (a dict key, or an attribute of an input
+            object such as a PyG ``Batch``) that ``inputs`` does not name: ``"error"``
+            (default: a ValueError listing them) or ``"keep"`` (handed to the model
+            unchanged, not stacked: for targets or bookkeeping the model does not read).
+        call: how the model takes dict inputs: ``"kwargs"`` (default, ``model(**inputs)``)
+            or ``"dict"`` (``model(inputs)``, as MACE, NequIP and fairchem models do).
+        model_grad: the model differentiates inside its forward (forces as ``-dE/dpos``
+            by ``torch.autograd.grad``, as MACE, NequIP and SchNet do): the measuring
+            functions then call it with gradients enabled (the outputs are detached; no
+            parameter gets a gradient and no graph outlives the call).
 
     Example::
 
@@ -58,9 +72,17 @@ class Spec:
                        output={"energy": "scalar", "forces": "vector"})
     """
 
-    def __init__(self, inputs: Any, output: Any, *, group: Optional[str] = None, mask: Optional[Union[str, int]] = None):
+    def __init__(self, inputs: Any, output: Any, *, group: Optional[str] = None, mask: Optional[Union[str, int]] = None,
+                 unnamed: str = "error", call: str = "kwargs", model_grad: bool = False):
         if group is not None and group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        if unnamed not in ("error", "keep"):
+            raise ValueError(f"unnamed must be 'error' or 'keep', got {unnamed!r}")
+        if call not in ("kwargs", "dict"):
+            raise ValueError(f"call must be 'kwargs' (model(**inputs)) or 'dict' (model(inputs)), got {call!r}")
+        if not isinstance(model_grad, bool):
+            raise ValueError(f"model_grad must be a bool, got {model_grad!r}")
+        self.unnamed, self.call, self.model_grad = unnamed, call, model_grad
         self.inputs = _parse(inputs, "spec.inputs", roles=True)
         self.graph = graph_roles(self.inputs)  # {} for the dense layout
         self.output = _parse(output, "spec.output")
@@ -70,6 +92,8 @@ class Spec:
                     for r in (s.values() if isinstance(s, dict) else s if isinstance(s, tuple) else (s,))]
             group = "octahedral" if any(r.kind == "voxels" for r in reps) else "SO3"
         self.group = group
+        if call == "dict" and not isinstance(self.inputs, dict):
+            raise ValueError(f"call='dict' passes dict inputs as one argument; spec.inputs is {self.inputs!r}, not a dict")
         if mask is not None:
             keys = self.inputs.keys() if isinstance(self.inputs, dict) else range(len(self.inputs)) if isinstance(self.inputs, tuple) else ()
             if mask not in keys:
@@ -77,13 +101,16 @@ class Spec:
         self.mask = mask
 
     def __repr__(self) -> str:
-        return f"Spec(inputs={self.inputs!r}, output={self.output!r}, group={self.group!r}, mask={self.mask!r})"
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in
+                        (("unnamed", "error"), ("call", "kwargs"), ("model_grad", False)) if getattr(self, k) != default)
+        return f"Spec(inputs={self.inputs!r}, output={self.output!r}, group={self.group!r}, mask={self.mask!r}{extra})"
 
     # -- structures ---------------------------------------------------------------------------
 
     def input_leaves(self, inputs) -> list[tuple[str, Any, Optional[Rep]]]:
         """``(name, value, rep)`` for every input; non-tensor dict values pass through with rep None."""
-        return _leaves(inputs, self.inputs, "inputs", allow_passthrough=True, single="inputs")
+        return _leaves(inputs, self.inputs, "inputs", allow_passthrough=True, single="inputs",
+                       keep_tensors=self.unnamed == "keep")
 
     def output_leaves(self, outputs, name: str = "model output") -> list[tuple[str, torch.Tensor, Rep]]:
         return _leaves(outputs, self.output, name, allow_passthrough=False, single="output")
@@ -98,7 +125,7 @@ class Spec:
     def build_inputs(self, names: list, values: list) -> tuple[tuple, dict]:
         """``(args, kwargs)`` to call the model with, from input_leaves' names and new values."""
         if isinstance(self.inputs, dict):
-            return (), dict(zip(names, values))
+            return ((dict(zip(names, values)),), {}) if self.call == "dict" else ((), dict(zip(names, values)))
         if isinstance(self.inputs, tuple):
             return tuple(values), {}
         return (values[0],), {}
@@ -120,24 +147,35 @@ class Spec:
         return mask
 
 
-def _leaves(value, struct, name: str, allow_passthrough: bool, single: str):
+def _leaves(value, struct, name: str, allow_passthrough: bool, single: str, keep_tensors: bool = False):
     if isinstance(struct, dict):
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a dict with keys {list(struct)} to match the spec, got {describe(value)}")
         missing = [k for k in struct if k not in value]
         if missing:
             raise ValueError(f"{name} lacks the keys {missing} that the spec names (got keys {list(value)})")
+        if not allow_passthrough:
+            # outputs and targets: the spec's heads, in the spec's order; other keys (a model's
+            # extra diagnostics) are not decomposed
+            for k in struct:
+                if value[k] is None:
+                    raise ValueError(f"{name}[{k!r}] is None, but the spec names it as a head ({struct[k]}): the model "
+                                     "did not compute it (e.g. MACE computes stress only with compute_stress=True); "
+                                     "make the model return it, or leave it out of spec.output")
+                struct[k].check(value[k], f"{name}[{k!r}]")
+            return [(k, value[k], struct[k]) for k in struct]
         out = []
         for k, v in value.items():
             if k in struct:
                 struct[k].check(v, f"{name}[{k!r}]")
                 out.append((k, v, struct[k]))
-            elif allow_passthrough and not isinstance(v, torch.Tensor):
+            elif allow_passthrough and (keep_tensors or not isinstance(v, torch.Tensor)):
                 out.append((k, v, None))
-            else:
+            elif allow_passthrough:
                 raise ValueError(
                     f"{name}[{k!r}] is {describe(v)} but the spec gives it no rep: add it to the spec "
-                    "(\"scalar\" if rotations leave it unchanged)"
+                    "(\"scalar\" if rotations leave it unchanged, \"scalar@graph\" if per graph), or pass "
+                    "fe.Spec(..., unnamed=\"keep\") to hand it to the model unchanged"
                 )
         return out
     if isinstance(struct, tuple):

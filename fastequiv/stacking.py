@@ -121,8 +121,16 @@ def _stack_graph_leaf(layout: GraphLayout, name: str, value, rep, action: Action
         if rep.kind == "index":
             off = layout.N * torch.arange(K, device=value.device).reshape((K,) + (1,) * value.dim())
             return torch.cat(list(value[None] + off), dim=-1)
+        if rep.kind == "ptr":
+            if value.shape[0] != layout.B + 1:
+                raise ValueError(f"{name} is the node offsets (ptr) and must have B + 1 = {layout.B + 1} entries, "
+                                 f"got {value.shape[0]}")
+            return graph.stack_ptr(value, layout.N, K)
         return K * value if isinstance(value, torch.Tensor) else K * layout.B
-    level = layout.level(value.shape[0], name)
+    level = layout.level(value.shape[0], name, rep)
+    if rep.cell and value.dim() == 2:  # MACE's flattened (3 B, 3) cells: three lattice vectors a graph
+        cells = rotate_copies(value.reshape(layout.B, 3, 3), action, rep, None, backend=backend)
+        return cells.reshape(3 * K * layout.B, 3)
     if level == "node":
         return rotate_copies(value, action, rep, mask, batch=layout.batch, backend=backend)
     if level == "graph":
@@ -151,9 +159,39 @@ def stack_copies(batch: Inputs, action: Action, backend: str) -> tuple[list, lis
 
 def call_model(model: Callable, spec: Spec, batch: Inputs, names: list, values: list, K: int,
                chunk_size: Optional[int]):
-    """Step 4: the model on the ``K * B`` stacked rows: one call, or one per chunk."""
+    """Step 4: the model on the ``K * B`` stacked rows: one call, or one per chunk.
+
+    A model that differentiates inside its forward (``spec.model_grad``) runs with
+    gradients enabled; in a no-grad measurement its outputs are then detached, so no
+    graph outlives the call."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    measuring = not torch.is_grad_enabled()
+    try:
+        with torch.enable_grad() if spec.model_grad else contextlib.nullcontext():
+            out = _call(model, spec, batch, names, values, K, chunk_size)
+    except RuntimeError as err:
+        if measuring and not spec.model_grad and "does not require grad" in str(err):
+            raise ValueError(
+                "the model called torch.autograd inside its forward (e.g. forces = -dE/dpos) while fastequiv "
+                "measured it without gradients: declare it with fe.Spec(..., model_grad=True)") from err
+        raise
+    if spec.model_grad and measuring:
+        out = _detached(out)
+    return out
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, dict):
+        return {k: _detached(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detached(v) for v in out)
+    return out
+
+
+def _call(model, spec, batch, names, values, K, chunk_size):
     if batch.obj is not None:
         return model(graph.rebuild_object(batch.obj, dict(zip(names, values)), batch.layout, K))
     rows = K * batch.B

@@ -172,7 +172,10 @@ def test_object_inputs_like_a_pyg_batch_and_the_num_graphs_role():
         return model(data.pos, data.z, data.batch, data.edge_index, num_graphs=data.num_graphs)
 
     obj = FakePygBatch(**inputs, ptr=offsets, _num_graphs=len(gs), y=torch.zeros(3))
-    d_obj = fe.equivariance_error(on_batch, obj, target, spec=SPEC, samples=K, seed=SEED)
+    with pytest.raises(ValueError, match=r"attributes \['y'\].*unnamed"):  # as a dict key the spec does not name
+        fe.equivariance_error(on_batch, obj, target, spec=SPEC, samples=K, seed=SEED)
+    keep = fe.Spec(inputs=SPEC.inputs, output=SPEC.output, unnamed="keep")
+    d_obj = fe.equivariance_error(on_batch, obj, target, spec=keep, samples=K, seed=SEED)
     d = fe.equivariance_error(model, inputs, target, spec=SPEC, samples=K, seed=SEED)
     torch.testing.assert_close(d_obj.per_sample.total, d.per_sample.total)
     N = inputs["pos"].shape[0]

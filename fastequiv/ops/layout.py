@@ -38,7 +38,7 @@ import torch
 from ..graph import check_index_values
 from ..reps import Rep
 
-ROW_KINDS = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "irreps")
+ROW_KINDS = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "irreps", "rank2")
 
 
 class TwirlSums(NamedTuple):
@@ -78,7 +78,7 @@ def rows_of(shape: torch.Size, rep: Rep, mask: Optional[torch.Tensor], batch: Op
     """
     if rep.kind not in ROW_KINDS:
         return None
-    d = 1 if rep.kind in ("scalar", "pseudoscalar") else shape[-1]
+    d = 1 if rep.kind in ("scalar", "pseudoscalar") else 9 if rep.kind == "rank2" else shape[-1]
     lead = shape[0]
     P = math.prod(shape[1:]) // d if d else 0
     N = lead * P
@@ -88,7 +88,7 @@ def rows_of(shape: torch.Size, rep: Rep, mask: Optional[torch.Tensor], batch: Op
     valid = None
     if mask is not None:
         m = mask.expand(shape)
-        valid = (m if d == 1 else m[..., 0]).reshape(N)
+        valid = (m if d == 1 else m[..., 0, 0] if rep.kind == "rank2" else m[..., 0]).reshape(N)
     return Rows(N, d, 0 if batch is not None else P, sample, valid)
 
 
