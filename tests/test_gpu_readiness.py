@@ -475,3 +475,64 @@ def test_the_cupy_backend_compiles_the_hashed_source(monkeypatch):
     assert seen["code"] == fastequiv.kernels.nvrtc_source("twirl_reduce.cu")
     assert "fastequiv headers: sha256" in seen["code"]
     assert f"-I{fastequiv.kernels.SOURCE_DIR}" in seen["options"]
+
+
+# --------------------------------------------------------------------- torch.compile, Triton
+
+_COMPILE_TRITON = r'''
+import os
+assert os.environ["TRITON_INTERPRET"] == "1"
+import torch
+import fastequiv as fe
+from fastequiv.backends import registry, triton as triton_backend
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.compile(fullgraph=True)
+def availability(x):
+    # what every op asks first: constants to the trace, no import, no graph break
+    name = registry.resolve_name("rotate_rows", "triton", x.device)
+    why = triton_backend.available(x.device)
+    return x + 1, name, why
+
+
+_, name, why = availability(torch.zeros(2, device=device))
+assert name == "triton" and why is None, (name, why)
+
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device)
+spec = fe.Spec(inputs="position", output="vector")
+pos, y = torch.randn(4, 5, 3, device=device), torch.randn(4, 5, 3, device=device)
+
+
+def step(pos, y):
+    loss, d = fe.twirl_loss(net, pos, y, spec=spec, samples=2, seed=3, equiv_weight=0.5, backend="triton",
+                            check_finite=False)
+    return loss, d.equiv
+
+
+loss, equiv = torch.compile(step, fullgraph=True)(pos, y)  # the first call in this process
+loss.backward()
+grads = [p.grad.clone() for p in net.parameters()]
+net.zero_grad()
+want_loss, want_equiv = step(pos, y)
+want_loss.backward()
+torch.testing.assert_close(loss, want_loss)
+torch.testing.assert_close(equiv, want_equiv)
+for p, g in zip(net.parameters(), grads):
+    torch.testing.assert_close(p.grad, g)
+print("ok")
+'''
+
+
+def test_compiled_triton_step_runs_on_its_first_call():
+    """In a fresh process (``TRITON_INTERPRET=1`` on CPU tensors, or on the GPU),
+    ``torch.compile(fullgraph=True)`` of a ``twirl_loss`` step on ``backend="triton"``
+    runs on its first call and equals the eager step, gradients included: Triton's
+    availability is decided when ``fastequiv.backends.triton`` is imported, and
+    ``resolve_name`` is a constant to the trace (shown on its own first)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_TRITON], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
