@@ -54,10 +54,15 @@ def seed_tensor(seed: Optional[int], generator: Optional[torch.Generator], devic
 
     ``seed`` (an int in ``[0, 2**63)``) if given; else drawn from ``generator``; else from
     the default generator of ``device`` (``torch.manual_seed`` makes it reproducible).
+
+    In a captured CUDA graph: an int ``seed`` is a fill (every replay draws the same
+    rotations); ``seed=None`` draws on the device's default generator (a new key every
+    replay); a ``generator`` must live on ``device`` (a CPU one would copy to the GPU).
     """
     if seed is not None:
         groups.resolve_seed(seed, generator)  # validates, and refuses seed and generator together
-        return torch.tensor(seed, dtype=torch.int64, device=device)
+        # a fill on the device, not a copy from the host: a CUDA graph can capture it
+        return torch.full((), seed, dtype=torch.int64, device=device)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -118,5 +123,5 @@ def random_rotations(
     dtype = dtype or torch.get_default_dtype()
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    return random_rotations_seeded(n, torch.tensor(seed, dtype=torch.int64, device=device), group, dtype,
+    return random_rotations_seeded(n, torch.full((), seed, dtype=torch.int64, device=device), group, dtype,
                                    offset=offset, backend=backend)
