@@ -15,7 +15,7 @@ from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, 
 from .reps import Rep, Voxels
 from .spec import Spec
 from . import ops
-from .ops import random_rotations, wigner_D
+from .ops import random_rotations, warmup, wigner_D
 from .twirl import Twirled, equivariance_error, twirl_loss
 from . import distributed
 from .monitor import EquivarianceMonitor
@@ -51,5 +51,6 @@ __all__ = [
     "random_rotations",
     "twirl_loss",
     "voxels",
+    "warmup",
     "wigner_D",
 ]

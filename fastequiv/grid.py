@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .groups import capturing
+
 __all__ = ["grid_shape", "is_cube_element", "resample", "resample_acc", "permute_flip", "reduce"]
 
 
@@ -24,9 +26,10 @@ def grid_shape(shape) -> tuple[int, int, int]:
 
 def is_cube_element(R: torch.Tensor) -> bool:
     """Whether every ``R`` is a signed permutation matrix (an orthogonal matrix with integer
-    entries). One host sync on a GPU; under ``torch.compile`` the trilinear path is taken,
-    which gives the same values at cube elements."""
-    if R.numel() == 0 or torch.compiler.is_compiling():
+    entries). One host sync on a GPU; under ``torch.compile`` and while a CUDA graph is
+    captured (where a sync is not allowed) the trilinear path is taken, which gives the
+    same values at cube elements."""
+    if R.numel() == 0 or torch.compiler.is_compiling() or capturing():
         return False
     return bool((R == R.round()).all())
 

@@ -8,7 +8,8 @@ Conventions (shared by every backend):
 * Random rotations come from a counter-based stream so that every backend draws the
   same ones: rotation number ``i`` of the stream keyed by ``seed`` is one
   Philox-4x32-10 block with key ``(seed mod 2^32, seed >> 32)`` and counter
-  ``(i mod 2^32, i >> 32, 0, 0)`` (the same as Triton's ``tl.randint4x(seed, i)``). Its
+  ``(i mod 2^32, i >> 32, 0, 0)`` (the four uint32 words the Triton kernel hands
+  ``tl.philox``; ``tl.randint4x(seed, i)`` means this only from Triton 3.4). Its
   first three words ``x0, x1, x2`` give uniforms ``u_j = (x_j >> 8) * 2^-24`` and
   Shoemake's construction turns them into a Haar-uniform unit quaternion:
   ``a = sqrt(1 - u0), b = sqrt(u0)``,
@@ -16,7 +17,8 @@ Conventions (shared by every backend):
   For O(3), bit 0 of the fourth word ``x3`` marks an improper element, whose matrix is
   ``-R(q)`` (a rotation times the inversion; det -1).
 * Finite groups are listed with the identity first, in a fixed order, as float64
-  matrices; :func:`group_elements` gives them in any dtype and device.
+  matrices; :func:`group_elements` gives them in any dtype and device (the copy on a
+  device is made once: see :func:`refuse_during_capture` for CUDA graphs).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "group_elements",
     "group_order",
     "is_finite_group",
+    "capturing",
+    "refuse_during_capture",
 ]
 
 GROUPS = ("SO3", "O3", "octahedral", "octahedral_O3", "icosahedral")
@@ -266,6 +270,46 @@ def _finite_group(group: str) -> torch.Tensor:
     return elements
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (``False`` on CPU-only
+    builds of torch, and while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
+def refuse_during_capture(what: str) -> None:
+    """Raise a RuntimeError if a CUDA graph is being captured: ``what`` (a table the step
+    reads on the device) is copied from the host on first use, which a capture cannot
+    record. ``fastequiv.warmup`` (or one eager step) builds every table before."""
+    if capturing():
+        raise RuntimeError(
+            f"fastequiv builds {what} on its first use, and that first use is inside a CUDA-graph capture, "
+            "which cannot record a copy from the host: call fastequiv.warmup(spec, device) (or run one eager "
+            "step with the same spec) before capturing")
+
+
+# a finite group's elements on each (device, dtype), copied from the host once; constants
+# to torch.compile (a plain dict: dynamo warns on tracing through an lru_cache wrapper)
+_ON_DEVICE: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _finite_group_on(group: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (group, device, dtype)
+    if key not in _ON_DEVICE:
+        refuse_during_capture(f"the {group} group's elements on {device}")
+        _ON_DEVICE[key] = _finite_group(group).to(device=device, dtype=dtype)
+    return _ON_DEVICE[key]
+
+
+def _with_index(device) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def group_elements(group: str, *, device=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Every element of a finite rotation group as matrices ``(order, 3, 3)``, identity first.
 
@@ -277,7 +321,7 @@ def group_elements(group: str, *, device=None, dtype: Optional[torch.dtype] = No
     """
     if not is_finite_group(group):
         raise ValueError(f"group {group!r} is not finite; finite groups: {tuple(_FINITE_ORDERS)}")
-    return _finite_group(group).to(device=device, dtype=dtype or torch.get_default_dtype())
+    return _finite_group_on(group, _with_index(device), dtype or torch.get_default_dtype()).clone()
 
 
 def elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
@@ -285,7 +329,7 @@ def elements_from_words(words: torch.Tensor, group: str) -> torch.Tensor:
     definition of a draw that every torch-side sampler uses."""
     if group in _FINITE_ORDERS:
         # uniform element index from the first word (bias < order / 2^32, far below any test)
-        return _finite_group(group).to(words.device)[words[..., 0] % _FINITE_ORDERS[group]]
+        return _finite_group_on(group, words.device, torch.float64)[words[..., 0] % _FINITE_ORDERS[group]]
     R = quaternion_to_matrix(_shoemake(words))
     if group == "O3":
         improper = (words[..., 3] & 1).bool()

@@ -48,7 +48,7 @@ import typing
 import numpy as np
 import torch
 
-from .groups import orientation
+from .groups import orientation, refuse_during_capture
 
 if typing.TYPE_CHECKING:
     from e3nn import o3
@@ -131,6 +131,7 @@ def _cached(build):
     def get(*args):
         key = (build.__name__,) + args
         if key not in _TABLES:
+            refuse_during_capture(f"the Wigner-D tables ({build.__name__}{args})")
             _TABLES[key] = build(*args)
         return _TABLES[key]
 

@@ -97,6 +97,9 @@ def _tables_host(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _tables(lmax: int, device: torch.device, dtype: torch.dtype):
+    from fastequiv.groups import refuse_during_capture
+
+    refuse_during_capture(f"the Wigner-D tables of the Triton kernel (lmax={lmax}) on {device}")
     coef, ij, prev = _tables_host(lmax)
     return (torch.tensor(coef, dtype=dtype, device=device), torch.tensor(ij, device=device),
             torch.tensor(prev, device=device))

@@ -536,3 +536,88 @@ def test_compiled_triton_step_runs_on_its_first_call():
     res = subprocess.run([sys.executable, "-c", _COMPILE_TRITON], capture_output=True, text=True, env=env,
                          timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
+
+
+# --------------------------------------------------------------------- CUDA-graph capture
+
+import fastequiv as fe  # noqa: E402
+from fastequiv import grid, wigner  # noqa: E402
+from fastequiv.backends import host  # noqa: E402
+from fastequiv.kernels import wigner_d as wigner_kernels  # noqa: E402
+from fastequiv.ops.random_rotations import seed_tensor  # noqa: E402
+
+
+def _forget_tables():
+    """Empty every cache of device tables, as in a fresh process."""
+    groups._ON_DEVICE.clear()
+    wigner._TABLES.clear()
+    host.wigner_tables.cache_clear()
+    wigner_kernels._tables.cache_clear()
+
+
+def _pretend_capturing(monkeypatch, on: bool):
+    monkeypatch.setattr(groups, "capturing", lambda: on)
+    monkeypatch.setattr(grid, "capturing", lambda: on)
+
+
+def _irreps_step(backend: str, group: str, samples):
+    torch.manual_seed(0)
+    irreps = "1x0e + 1x1o + 1x2e"
+    net = torch.nn.Linear(9, 9).double()
+    spec = fe.Spec(inputs=irreps, output=irreps, group=group)
+    x, y = torch.randn(3, 4, 9, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)
+    loss, d = fe.twirl_loss(net, x.to(DEVICE), y.to(DEVICE), spec=spec, samples=samples, seed=5, backend=backend,
+                            check_finite=False)
+    return spec, loss
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("group, samples", [("SO3", 2), ("octahedral", None), ("icosahedral", 3)])
+def test_tables_are_built_by_warmup_and_refused_during_capture(backend, group, samples, monkeypatch):
+    """A step reads tables on its device (a finite group's elements, the Wigner-D tables
+    of each backend, the block layout), copied from the host on first use. During a
+    CUDA-graph capture that copy cannot be recorded: a first use there raises, naming
+    ``fastequiv.warmup``; after ``fe.warmup(spec, device)`` the same step builds nothing.
+    (Capture is simulated: ``groups.capturing`` answers True.)"""
+    if backend == "cpu" and (DEVICE != "cpu" or not fe.build_info()["extension"]):
+        pytest.skip("the cpu backend runs on CPU tensors of a built extension")
+    if backend == "triton" and DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    _forget_tables()
+    _pretend_capturing(monkeypatch, True)
+    with pytest.raises(RuntimeError, match=r"fastequiv.warmup\(spec, device\)"):
+        _irreps_step(backend, group, samples)
+    _pretend_capturing(monkeypatch, False)
+    spec, want = _irreps_step(backend, group, samples)
+    _forget_tables()
+    fe.warmup(spec, DEVICE, backend=backend)
+    _pretend_capturing(monkeypatch, True)
+    _, got = _irreps_step(backend, group, samples)
+    torch.testing.assert_close(got, want)
+
+
+def test_seed_tensor_is_a_device_fill_not_a_host_copy(monkeypatch):
+    """An int seed becomes the step's key with ``torch.full`` on the device (capturable;
+    ``torch.tensor(seed, device=...)`` copies from the host)."""
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor copies from the host"))
+    key = seed_tensor(2**62 + 1, None, torch.device(DEVICE))
+    assert key.dtype == torch.int64 and key.dim() == 0 and int(key) == 2**62 + 1
+    R = fe.random_rotations(3, seed=2**62 + 1, dtype=torch.float64, backend="torch")
+    monkeypatch.undo()
+    torch.testing.assert_close(R, fe.random_rotations(3, seed=2**62 + 1, dtype=torch.float64, backend="torch"))
+
+
+def test_voxels_take_the_trilinear_path_while_capturing(monkeypatch):
+    """Choosing the exact cube path reads ``R`` on the host (a sync, not allowed during a
+    capture): while capturing the trilinear path is taken, with the same values."""
+    R = groups.group_elements("octahedral", dtype=torch.float32)[:6].to(DEVICE)
+    x = torch.randn(6, 2, 5, 5, 5, device=DEVICE)
+    exact = fe.voxels.rotate(x, R, backend="torch")
+    assert grid.is_cube_element(R)
+    _pretend_capturing(monkeypatch, True)
+    assert not grid.is_cube_element(R)
+    torch.testing.assert_close(fe.voxels.rotate(x, R, backend="torch"), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_capturing_is_false_without_cuda():
+    assert groups.capturing() is (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

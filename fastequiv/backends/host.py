@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..groups import refuse_during_capture
 from ..wigner import recursion_terms
 
 ROW_OPS = ("rotate_rows", "rotate_rows_backward", "reduce_rows", "reduce_rows_backward", "wigner_blocks",
@@ -90,8 +91,9 @@ def wigner_term_table(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def wigner_tables(lmax: int, dtype: torch.dtype, device: torch.device):
-    """:func:`wigner_term_table` as tensors on ``device`` (built once per device; call it
-    at warm-up, before a CUDA graph is captured)."""
+    """:func:`wigner_term_table` as tensors on ``device`` (built once per device, by
+    ``fastequiv.warmup`` or the first eager step; refused during CUDA-graph capture)."""
+    refuse_during_capture(f"the Wigner-D term tables (lmax={lmax}) on {device}")
     index, coef, start = wigner_term_table(lmax)
     return (torch.from_numpy(index).to(device), torch.from_numpy(coef).to(dtype=dtype, device=device),
             torch.from_numpy(start).to(device))

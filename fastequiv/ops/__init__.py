@@ -10,6 +10,8 @@ autograd) side by side:
 * :mod:`.wigner_d`: real Wigner-D matrices in e3nn's basis.
 * :mod:`.random_rotations`: seeded Haar rotations (Philox), the same on every backend.
 * :mod:`.voxels`: the same two ops for fields on a grid.
+* :mod:`.warmup`: every table a step reads, built on its device before a CUDA graph is
+  captured.
 
 Shared pieces: :mod:`.layout` (the row contract, masks), :mod:`.action` (each copy's
 matrices, built once per step), :mod:`.interop` (CuPy/NumPy arrays). The compiled
@@ -23,6 +25,7 @@ from .layout import TwirlSums
 from .random_rotations import random_rotations
 from .rotate_copies import rotate_copies
 from .twirl_reduce import twirl_reduce
+from .warmup import warmup
 from .wigner_d import wigner_D
 
-__all__ = ["Action", "TwirlSums", "random_rotations", "rotate_copies", "twirl_reduce", "wigner_D"]
+__all__ = ["Action", "TwirlSums", "random_rotations", "rotate_copies", "twirl_reduce", "warmup", "wigner_D"]
