@@ -238,6 +238,8 @@ class GraphLayout:
         what = ", ".join(f"{n} = {s} {lvl}s" for lvl, n, s in
                          [("node", "N", self.N), ("graph", "B", self.B)] + ([("edge", "E", self.E)] if self.E is not None else []))
         declared = getattr(rep, "level", None)
+        if declared is None and getattr(rep, "kind", None) == "position":
+            declared = "node"  # positions are the nodes' (an edge has no centroid to turn about)
         if declared is not None:
             if declared == "edge" and self.E is None:
                 raise ValueError(f"{name} is declared per edge, but the spec names no \"index\" input (edge_index)")

@@ -28,19 +28,25 @@ of ``1/(2n) sum_i ||L_i f(x)||^2`` is a cheap upper estimate of the mean L_equiv
 
 :func:`lie_derivative` returns the three ``L_i f(x)`` themselves; it costs one forward
 pass (with forward-mode AD) over the 3 stacked copies ``x, x, x``, no rotation sampling.
+The tangents ``drho(X_i) x`` come from differentiating the reference of
+:func:`fastequiv.ops.rotate_copies` at the identity, so every rep, every graph level
+(node, edge, graph, cells) and masks are handled as the measuring functions handle them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
 from torch.func import jvp
 
+from .ops import rotate_copies
+from .ops.action import Action
 from .ops.layout import mask_for
-from .ops.wigner_d import wigner_D_key
-from .reps import Rep, centroid
-from .spec import Spec, describe
+from .reps import Rep
+from .spec import Spec
+from .stacking import call_model, read_inputs, split_heads, stack_copies
 
 __all__ = ["lie_derivative", "so3_generators"]
 
@@ -53,34 +59,14 @@ def so3_generators(dtype: torch.dtype = torch.float32, device=None) -> torch.Ten
     return X
 
 
-def _infinitesimal(rep: Rep, x: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``drho(X_i) x`` for the three generators: ``(3, *x.shape)`` in ``X.dtype``.
-
-    Near the identity ``det = +1``, so pseudo-reps act like their proper counterparts.
-    """
-    xa = x.to(X.dtype)
-    if rep.kind in ("scalar", "pseudoscalar"):
-        return torch.zeros((3,) + tuple(x.shape), dtype=X.dtype, device=x.device)
-    if rep.kind in ("vector", "pseudovector"):
-        return torch.einsum("gij,...j->g...i", X, xa)
-    if rep.kind == "position":
-        c = centroid(xa, mask).reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (3,))
-        return torch.einsum("gij,...j->g...i", X, xa - c)
-    if rep.kind == "irreps":
-        # drho(X) = d/dt D(exp(tX)) at 0, by forward AD through the reference Wigner-D
-        eye = torch.eye(3, dtype=X.dtype, device=X.device).expand(3, 3, 3).contiguous()
-        _, dD = jvp(lambda R: wigner_D_key(rep.key, R, backend="torch"), (eye,), (X,))
-        return torch.einsum("gij,...j->g...i", dD, xa)
-    raise ValueError(f"lie_derivative supports scalar, vector, position and irreps reps, got {rep}")
-
-
 def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[torch.Tensor] = None):
     """The Lie derivatives ``L_i f(x)`` along the three generators of so(3) (see module docs).
 
     Args:
         model: called like in :func:`fastequiv.equivariance_error`; it must map rows
             independently and support forward-mode AD (``torch.func.jvp``).
-        inputs: a tensor, tuple or dict mirroring ``spec.inputs`` (dense layout).
+        inputs: a tensor, tuple or dict mirroring ``spec.inputs``, dense or a graph batch
+            (the spec names its roles, as in :func:`fastequiv.equivariance_error`).
         spec: a :class:`fastequiv.Spec`; its group is ignored (the generators are those of SO(3)).
         mask: optional bool ``(B, *inner)`` of valid elements, unless the spec names one:
             positions turn about the centroid of their valid points, and the derivatives of
@@ -92,63 +78,54 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[t
     """
     if not isinstance(spec, Spec):
         raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
-    if getattr(spec, "graph", None):
-        raise ValueError("lie_derivative supports the dense layout only; the spec names graph inputs")
-    leaves = spec.input_leaves(inputs)
-    tensors = [v for _, v, r in leaves if r is not None]
-    if not tensors:
-        raise ValueError("inputs have no tensor the spec gives a rep")
-    B = tensors[0].shape[0]
-    if any(v.shape[0] != B for v in tensors):
-        raise ValueError(f"every input needs the same batch size in dim 0, got {[tuple(v.shape) for v in tensors]}")
-    spec_mask = spec.mask_of(inputs)
-    if spec_mask is not None and mask is not None:
-        raise ValueError("pass mask= or name a mask input in the Spec, not both")
-    mask = spec_mask if spec_mask is not None else mask
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape[:1] != (B,)):
-        raise ValueError(f"mask must be a bool tensor of shape (B={B}, ...), got {describe(mask)}")
-    floats = [v for v in tensors if v.is_floating_point()]
-    acc = torch.float64 if any(v.dtype == torch.float64 for v in floats) else torch.float32
-    device = tensors[0].device
-    X = so3_generators(acc, device)
+    batch = read_inputs(inputs, spec, mask, None)
+    B, acc = batch.B, batch.dtype
+    # the three "copies" are the three generators: copy i moves along exp(t X_i) at t = 0
+    X = so3_generators(acc, batch.device)
+    identity = torch.eye(3, dtype=acc, device=batch.device).expand(3, B, 3, 3).contiguous()
+    along = X[:, None].expand(3, B, 3, 3).contiguous()
 
-    def stack3(v):
-        return torch.cat([v, v, v], dim=0)  # a copy: forward AD needs distinct memory
+    def tangent(fn):
+        """``fn(R)`` at the identity and its derivative along the generators (torch reference,
+        which forward-mode AD differentiates)."""
+        return jvp(fn, (identity,), (along,))
 
-    names, fixed, moving, tangents = [], {}, [], []
-    for name, value, rep in leaves:
+    names, fixed, moving, primals, tangents = [], {}, [], [], []
+    for name, value, rep in batch.leaves:
         names.append(name)
-        if rep is None or rep.kind in ("scalar", "pseudoscalar") or not value.is_floating_point():
-            fixed[name] = stack3(value) if isinstance(value, torch.Tensor) else value
+        moves = isinstance(rep, Rep) and rep.kind not in ("scalar", "pseudoscalar") and value.is_floating_point()
+        if not moves:
+            stacked = stack_copies(dataclasses.replace(batch, leaves=[(name, value, rep)]), Action(identity, "torch"),
+                                   "torch")[1][0]
+            fixed[name] = stacked
             continue
-        m = mask_for(mask, value.shape, name) if mask is not None else None
-        t = _infinitesimal(rep, value, X, m)
+        p, t = tangent(lambda R, n=name, v=value, r=rep: stack_copies(
+            dataclasses.replace(batch, leaves=[(n, v, r)]), Action(R, "torch"), "torch")[1][0])
         moving.append(name)
-        tangents.append(t.reshape((3 * B,) + tuple(value.shape[1:])).to(value.dtype))
-    primals = tuple(stack3(v) for n, v, r in leaves if n in moving)
+        primals.append(p)
+        tangents.append(t.to(p.dtype))
 
     def call(*moved):
         values = dict(fixed, **dict(zip(moving, moved)))
-        args, kwargs = spec.build_inputs(names, [values[n] for n in names])
-        return tuple(v for _, v, _ in spec.output_leaves(model(*args, **kwargs)))
+        out = call_model(model, spec, batch, names, [values[n] for n in names], 3, None)
+        return tuple(v for _, v, _ in spec.output_leaves(out))
 
     if primals:
-        out, dout = jvp(call, primals, tuple(tangents))
+        out, dout = jvp(call, tuple(primals), tuple(tangents))
     else:  # only invariant inputs: the model's part is zero
         out = call()
         dout = tuple(torch.zeros_like(o) for o in out)
 
     results = []
-    for (name, o, rep), do in zip(spec.output_leaves(spec.build_output(list(out))), dout):
-        if o.shape[0] != 3 * B:
-            raise ValueError(f"model output {name!r} has {o.shape[0]} rows in dim 0 but the model was called on "
-                             f"{3 * B} rows (3 generators x batch {B}); the model must keep the batch size")
-        o = o.reshape((3, B) + tuple(o.shape[1:]))
+    for head, do in zip(split_heads(spec.build_output(list(out)), spec, batch, 3, False), dout):
+        o = head.value  # (3, rows, ...): three identical primal copies
         do = do.reshape(o.shape).to(acc)
-        m = mask_for(mask, o.shape[1:], f"output {name!r}") if mask is not None else None
-        own = _infinitesimal(rep, o[0], X, m)  # drho_out(X_i) f(x), f(x) from copy 0
-        lie = do - own
+        # drho_out(X_i) f(x), from copy 0
+        _, own = tangent(lambda R, h=head: rotate_copies(h.value[0].to(acc), R, h.rep, h.mask, batch=h.batch,
+                                                         backend="torch"))
+        lie = do - own.reshape(o.shape)
+        m = mask_for(head.mask, o.shape[1:], f"output {head.name!r}") if head.mask is not None else None
         if m is not None:
-            lie = lie * m
+            lie = torch.where(m, lie, torch.zeros((), dtype=acc, device=lie.device))
         results.append(lie)
     return spec.build_output(results)

@@ -20,6 +20,7 @@ Every measuring function (:func:`fastequiv.equivariance_error`, :func:`fastequiv
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -223,6 +224,11 @@ def split_heads(out, spec: Spec, batch: Inputs, K: int, check_finite: bool) -> l
     layout, B = batch.layout, batch.B
     heads = []
     for name, value, rep in spec.output_leaves(out):
+        if rep.kind == "vector" and value.dim() >= 3 and tuple(value.shape[-2:]) == (3, 3) \
+                and any(word in name.lower() for word in ("stress", "virial")):
+            warnings.warn(f"model output {name!r} of shape {tuple(value.shape)} is declared \"vector\": that rotates "
+                          "the rows of each 3 x 3 matrix only (S -> R S); a stress or virial tensor is \"rank2\" "
+                          "(S -> R S R^T)", stacklevel=4)
         if layout is not None and value.shape[0] == K * layout.N:
             n, index, mask = layout.N, layout.batch, batch.mask
         elif value.shape[0] == K * B:  # per sample (dense), or per graph
