@@ -1,4 +1,4 @@
-"""Command line: ``fastequiv demo``, ``fastequiv bench``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
+"""Command line: ``fastequiv demo``, ``fastequiv bench``, ``fastequiv check``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ def bench(args) -> int:
     return cli.main(args)
 
 
+def check(args) -> int:
+    from . import check as _check
+
+    return _check.main(args)
+
+
 def info(args) -> int:
     import fastequiv as fe
 
@@ -98,6 +104,14 @@ def main(argv=None) -> int:
     ex.add_argument("--equiv-weight", type=float, default=0.0)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=example)
+    from . import check as check_cli
+
+    ck = sub.add_parser("check", help="every backend that can run here against the torch reference; PASS/FAIL "
+                                      "per op and backend, non-zero exit on a failure",
+                        description=check_cli.__doc__.replace("``", "").replace("::\n", ""),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check_cli.add_arguments(ck)
+    ck.set_defaults(func=check)
     sub.add_parser("info", help="print what this install was built with").set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)
