@@ -74,32 +74,52 @@ def resample_acc(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: boo
     return out
 
 
+_CUBE_INDEX: dict = {}
+
+
+def cube_index(key: tuple, n: int, device) -> torch.Tensor:
+    """The flat source voxel of every output voxel under the signed permutation ``key``
+    (its 9 integer entries, row-major): ``out[q] = x[M^T (q - c) + c]`` as one int64
+    index ``(n^3,)`` into ``x.flatten()`` (built once per element, side and device)."""
+    cache_key = (key, n, str(device))
+    if cache_key not in _CUBE_INDEX:
+        M = torch.tensor(key, dtype=torch.int64).reshape(3, 3)
+        q = torch.stack(torch.meshgrid(*(torch.arange(n),) * 3, indexing="ij"), -1).reshape(-1, 3)
+        p = ((2 * q - (n - 1)) @ M + (n - 1)) // 2  # M^T (q - c) + c, in half-voxel integers
+        _CUBE_INDEX[cache_key] = (p[:, 0] * n * n + p[:, 1] * n + p[:, 2]).to(device)
+    return _CUBE_INDEX[cache_key]
+
+
 def permute_flip(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``out[r] = x[r mod B]`` moved by the signed permutation ``M[r]`` (channels unmixed).
 
-    ``out[q] = x[M^T (q - c) + c]``: if row ``a`` of ``M`` has its entry ``s_a = +-1`` in
-    column ``pi(a)``, output axis ``a`` is input axis ``pi(a)``, reversed where ``s_a = -1``.
-    Rows that share an element are moved together (at most 48 groups); reading the
-    elements costs one copy of ``M`` to the host.
+    ``out[q] = x[M^T (q - c) + c]``: every element of the cube group moves voxels onto
+    voxels, so each copy is one gather with the element's precomputed index
+    (:func:`cube_index`); a copy whose ``B`` rows share one element (copy ``k`` of a twirl)
+    is one gather for the whole batch. Reading the elements costs one copy of ``M`` to the
+    host.
     """
     B, rows = x.shape[0], M.shape[0]
+    n = x.shape[-1]
+    src = x.reshape(B, x.shape[1], n ** 3)
+    keys = [tuple(k) for k in M.detach().round().to(device="cpu", dtype=torch.int64).reshape(rows, 9).tolist()]
+    differentiable = torch.is_grad_enabled() and x.requires_grad  # out= gathers do not record autograd
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
-    keys = M.detach().round().to(device="cpu", dtype=torch.int64).reshape(rows, 9)
-    elements, which = torch.unique(keys, dim=0, return_inverse=True)
-    for u, m in enumerate(elements.reshape(-1, 3, 3).tolist()):
-        idx = torch.nonzero(which == u).reshape(-1)
-        perm = [next(j for j in range(3) if m[a][j]) for a in range(3)]
-        flips = [2 + a for a in range(3) if m[a][perm[a]] < 0]
-        start = int(idx[0])
-        whole = len(idx) == B and start % B == 0 and int(idx[-1]) == start + B - 1
-        # copy k of a twirl (rows k B .. k B + B - 1, one element): move the batch in place
-        src = x if whole else x.index_select(0, (idx % B).to(x.device))
-        moved = src.permute(0, 1, *(2 + j for j in perm))
-        moved = moved.flip(flips) if flips else moved
-        if whole:
-            out[start:start + B] = moved
+    dst = out.view(rows, x.shape[1], n ** 3)
+    parts, r = [], 0
+    while r < rows:
+        whole = r % B == 0 and r + B <= rows and len(set(keys[r:r + B])) == 1
+        count = B if whole else 1
+        source = src if whole else src[r % B:r % B + 1]
+        # a gather with the index broadcast over rows and channels (stride 0: it stays in cache)
+        index = cube_index(keys[r], n, x.device).expand(source.shape)
+        if differentiable:
+            parts.append(torch.gather(source, 2, index))
         else:
-            out.index_copy_(0, idx.to(x.device), moved)
+            torch.gather(source, 2, index, out=dst[r:r + count])
+        r += count
+    if differentiable:
+        return torch.cat(parts).reshape(out.shape)
     return out
 
 

@@ -267,6 +267,39 @@ def assemble(key: tuple[tuple[int, int, int], ...], packed: torch.Tensor, sign: 
     return extended.index_select(1, source).reshape(n, dim, dim)
 
 
+@_cached
+def irreps_groups(key: tuple[tuple[int, int, int], ...], device: torch.device):
+    """The irreps ``key`` grouped by ``(l, p)``: ``[(l, p, columns), ...]`` where ``columns``
+    (int64, on ``device``) are the components of every copy of that irrep, copy after copy
+    (``2l + 1`` each). Applying ``D`` per group costs ``sum mul (2l+1)^2`` a row instead of
+    ``dim^2`` for the block-diagonal matrix."""
+    starts: dict = {}
+    offset = 0
+    for mul, l, p in key:
+        for _ in range(mul):
+            starts.setdefault((l, p), []).append(offset)
+            offset += 2 * l + 1
+    return [(l, p, torch.tensor([s + i for s in group for i in range(2 * l + 1)], device=device))
+            for (l, p), group in starts.items()]
+
+
+@_cached
+def groups_inverse(key: tuple[tuple[int, int, int], ...], device: torch.device):
+    """Where component ``c`` of the irreps lands when the groups of :func:`irreps_groups` are
+    concatenated (an int64 permutation on ``device``), or None when that order is already
+    the irreps' own (each ``(l, p)`` appears once, in order)."""
+    order = torch.cat([columns for _, _, columns in irreps_groups(key, device)])
+    if torch.equal(order.cpu(), torch.arange(order.numel())):
+        return None
+    return torch.argsort(order)
+
+
+def block_cost(key: tuple[tuple[int, int, int], ...]) -> tuple[int, int]:
+    """``(sum mul (2l+1)^2, dim^2)``: multiply-adds a row per irrep block, and densely."""
+    dim = sum(mul * (2 * l + 1) for mul, l, _ in key)
+    return sum(mul * (2 * l + 1) ** 2 for mul, l, _ in key), dim * dim
+
+
 def key_lmax(key: tuple[tuple[int, int, int], ...]) -> int:
     """The highest degree in the irreps ``key``."""
     return max([0] + [l for _, l, _ in key])

@@ -518,8 +518,58 @@ def _kernel_cases(device, sizes) -> Iterator[Case]:
                 yield Case(impl=impl, role=role, setup=setup, **common)
 
 
+IRREPS_WIDE = "32x0e + 16x1o + 8x2e + 4x3o"  # dim 148: blocks cost 572 a row, the dense matrix 21904
+
+
+def _dense_irreps(fn):
+    """``fn`` run on the dense block-diagonal Wigner-D path (the only path before the ops
+    applied irreps block by block), to time both in one run."""
+    from fastequiv.ops import layout
+
+    def call():
+        layout.PER_IRREP = False
+        try:
+            return fn()
+        finally:
+            layout.PER_IRREP = True
+
+    return call
+
+
+def _irreps_cases(device, sizes) -> Iterator[Case]:
+    """rotate_copies and twirl_reduce of a wide irreps: per-irrep blocks against the dense
+    block-diagonal matrix (the previous path) and the reference."""
+    K, rep = K_COPIES, as_rep(IRREPS_WIDE)
+    d = rep.dim
+    for elements in sizes["elements"]:
+        B = min(SAMPLES, max(1, elements // (K * d)))
+        P = max(1, elements // (K * d * B))
+        n = K * B * P * d
+
+        def data(B=B, P=P):
+            return (_randn((B, P, d), device), _randn((K, B, P, d), device, seed=1), _randn((B, P, d), device, seed=2),
+                    _rotations(K, B, device, seed=3))
+
+        for op in ("rotate_copies", "twirl_reduce"):
+            common = dict(op=op, device=device, size=n, unit="elements", bytes=4 * (n + n // K),
+                          params=(("K", K), ("rep", IRREPS_WIDE.replace(" ", ""))))
+            for b in ["torch"] + _backends("rotate_rows", device):
+                def setup(b=b, op=op, data=data):
+                    x, out, y, R = data()
+                    if op == "rotate_copies":
+                        return lambda: rotate_copies(x, R, rep, backend=b)
+                    return lambda: twirl_reduce(out, R, y, rep, backend=b)[1:4]
+
+                impl, role = _fe(b)
+                yield Case(impl=impl, role=role, setup=setup, **common)
+                if b != "torch":
+                    yield Case(impl=f"{impl}, dense D (previous path)", role="peer",
+                               setup=lambda s=setup: _dense_irreps(s()), **common)
+
+
 OPS = {
     "rotate_copies": _rotate_copies_cases,
+    "irreps": _irreps_cases,
     "twirl_reduce": _twirl_reduce_cases,
     "wigner_D": _wigner_cases,
     "random_rotations": _random_rotations_cases,

@@ -15,7 +15,8 @@ from typing import Union
 import torch
 
 from ..reps import Rep
-from .wigner_d import wigner_D_key
+from ..wigner import irreps_groups, key_lmax
+from .wigner_d import packed_blocks_of, wigner_D_key
 
 
 class Action:
@@ -41,6 +42,31 @@ class Action:
         if dtype not in self._cast:
             self._cast[dtype] = self.R.to(dtype)
         return self._cast[dtype]
+
+    def irrep_blocks(self, rep: Rep, dtype: torch.dtype) -> list:
+        """``[(l, p, columns, M), ...]``: for each ``(l, p)`` group of the irreps of ``rep``
+        (:func:`fastequiv.wigner.irreps_groups`) the ``(K, B, 2l+1, 2l+1)`` matrix its
+        copies act by. The packed Wigner-D blocks are computed once per step and dtype;
+        the dense block-diagonal matrix is never formed."""
+        key = ("blocks", rep.key, dtype)
+        if key not in self._matrices:
+            R = self.rotations(dtype)
+            K, B = R.shape[:2]
+            lmax = key_lmax(rep.key)
+            pk = ("packed", lmax, dtype)
+            if pk not in self._matrices:
+                backend = "torch" if R.requires_grad else self.backend
+                self._matrices[pk] = packed_blocks_of(R.reshape(K * B, 3, 3), lmax, backend)
+            packed, sign = self._matrices[pk]
+            groups = []
+            for l, p, columns in irreps_groups(rep.key, R.device):
+                n, start = 2 * l + 1, sum((2 * j + 1) ** 2 for j in range(l))
+                M = packed[:, start:start + n * n].reshape(K, B, n, n)
+                if p == -1:  # e3nn's parity: D = p^k D_l(proper R), k = 1 for improper R
+                    M = M * sign.reshape(K, B, 1, 1)
+                groups.append((l, p, columns, M.contiguous()))
+            self._matrices[key] = groups
+        return self._matrices[key]
 
     def matrices(self, rep: Rep, dtype: torch.dtype) -> torch.Tensor:
         """``M`` ``(K, B, d, d)`` in ``dtype``: how each copy's element acts on one row of ``rep``."""

@@ -37,6 +37,7 @@ import torch
 
 from ..graph import check_index_values
 from ..reps import Rep
+from ..wigner import block_cost
 
 ROW_KINDS = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "irreps", "rank2")
 
@@ -202,6 +203,30 @@ def check_batch(batch: Optional[torch.Tensor], n: int, name: str, B: int) -> Non
         raise ValueError(f"batch must be an int64 tensor of shape ({n},) (one sample index per row of {name}), got {got}")
     if batch.device.type == "cpu":
         check_index_values(batch, B, "batch", f"the B = {B} samples of R (dim 1)")
+
+
+#: Apply irreps block by block where it pays (:func:`per_irrep`); the benchmarks switch it
+#: off to time the dense block-diagonal path against it in the same run.
+PER_IRREP = True
+
+
+def per_irrep(rep: Rep) -> bool:
+    """Whether the ops apply ``rep``'s Wigner-D matrices block by block (irreps whose blocks
+    cost under half the dense ``dim^2`` a row, e.g. ``32x0e + 16x1o + 8x2e``) rather than
+    as one block-diagonal matrix (small irreps such as ``1x0e + 1x1o``)."""
+    if rep.kind != "irreps" or not PER_IRREP:
+        return False
+    blocks, dense = block_cost(rep.key)
+    return 2 * blocks <= dense
+
+
+def group_rows(rows: Rows, columns: torch.Tensor, n: int) -> Rows:
+    """The rows of one ``(l, p)`` group: each row of ``rows`` holds ``m = len(columns) / n``
+    copies of the irrep, which become ``m`` rows of ``n`` components (row ``r * m + j``)."""
+    m = columns.numel() // n
+    sample = None if rows.sample is None else rows.sample.repeat_interleave(m)
+    valid = None if rows.valid is None else rows.valid.repeat_interleave(m)
+    return Rows(rows.N * m, n, rows.P * m, sample, valid)
 
 
 def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:

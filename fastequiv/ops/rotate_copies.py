@@ -24,10 +24,11 @@ from torch import Tensor
 
 from ..backends import registry
 from ..reps import Rep
+from ..wigner import groups_inverse
 from .action import Action, as_action
 from .interop import accepts_arrays
-from .layout import accumulate_dtype, by_sample, centroids, check_batch, mask_for, rows_of, sample_index, \
-    segment_outer, segment_sum, tile
+from .layout import accumulate_dtype, by_sample, centroids, check_batch, group_rows, mask_for, per_irrep, rows_of, \
+    sample_index, segment_outer, segment_sum, tile
 from .voxels import rotate_copies as rotate_grids
 
 __all__ = ["rotate_copies", "rotate_copies_reference", "rotate_rows_reference", "rotate_rows_backward_reference"]
@@ -171,10 +172,34 @@ def rotate_copies(
         if rep.kind == "scalar":
             return tile(x, K)
         acc = accumulate_dtype(x, R)
-        M = action.matrices(rep, acc)
         xr = x.reshape(rows.N, rows.d)
-        center = centroids(xr.to(acc), rows, B) if rep.kind == "position" else None
         name = registry.resolve_name("rotate_rows", backend, x.device)
-        args = (xr.contiguous(), M, rows.sample, rows.P, center)
-        out = rotate_rows_reference(*args) if name == "torch" else rotate_rows(*args, name)
+
+        def run(rows_x, M, sample, P, center):
+            args = (rows_x.contiguous(), M, sample, P, center)
+            return rotate_rows_reference(*args) if name == "torch" else rotate_rows(*args, name)
+
+        if per_irrep(rep):
+            out = _rotate_per_irrep(xr, rows, action.irrep_blocks(rep, acc), groups_inverse(rep.key, x.device), run, K)
+        else:
+            center = centroids(xr.to(acc), rows, B) if rep.kind == "position" else None
+            out = run(xr, action.matrices(rep, acc), rows.sample, rows.P, center)
         return out.reshape((K * x.shape[0],) + tuple(x.shape[1:]))
+
+
+def _rotate_per_irrep(xr: Tensor, rows, blocks: list, inverse, run, K: int) -> Tensor:
+    """K copies of irreps rows, one ``(l, p)`` group at a time: each group's components are
+    gathered into rows of ``2l + 1`` and rotated by that group's Wigner-D block only; the
+    groups are concatenated and, unless already in order, put back in one gather."""
+    parts = []
+    for l, p, columns, M in blocks:
+        n = 2 * l + 1
+        g = group_rows(rows, columns, n)
+        part = xr.index_select(1, columns).reshape(g.N, n)
+        if l == 0 and p == 1:  # scalars: copies, no product
+            moved = part.unsqueeze(0).expand(K, g.N, n)
+        else:
+            moved = run(part, M, g.sample, g.P, None)
+        parts.append(moved.reshape(K, rows.N, columns.numel()))
+    out = torch.cat(parts, dim=-1)
+    return out if inverse is None else out.index_select(2, inverse)

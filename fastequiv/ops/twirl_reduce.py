@@ -20,10 +20,11 @@ from torch import Tensor
 
 from ..backends import registry
 from ..reps import Rep
+from ..wigner import groups_inverse
 from .action import Action, as_action
 from .interop import accepts_arrays
-from .layout import TwirlSums, accumulate_dtype, by_sample, centroids, check_batch, mask_for, per_sample_sum, rows_of, \
-    sample_index, segment_outer, segment_sum, tile, valid_count
+from .layout import TwirlSums, accumulate_dtype, by_sample, centroids, check_batch, group_rows, mask_for, per_irrep, \
+    per_sample_sum, rows_of, sample_index, segment_outer, segment_sum, tile, valid_count
 from .voxels import twirl_reduce as reduce_grids
 
 __all__ = ["TwirlSums", "twirl_reduce", "twirl_reduce_reference", "back_rotate", "reduce_rows_reference",
@@ -197,6 +198,22 @@ reduce_rows.register_autograd(_reduce_backward, setup_context=_reduce_setup)
 
 # --- the public op ------------------------------------------------------------------------------
 
+def _reduce_per_irrep(o: Tensor, y: Tensor, rows, blocks: list, inverse, run):
+    """:func:`reduce_rows_reference`'s ``(mean, sums)`` for irreps rows, one ``(l, p)`` group
+    at a time (each back-rotated by its own Wigner-D block; the sums add up)."""
+    K = o.shape[0]
+    means, sums = [], 0
+    for l, p, columns, M in blocks:
+        n = 2 * l + 1
+        g = group_rows(rows, columns, n)
+        m_part, s_part = run(o.index_select(2, columns).reshape(K, g.N, n), M,
+                             y.index_select(1, columns).reshape(g.N, n), g, None)
+        means.append(m_part.reshape(rows.N, columns.numel()))
+        sums = sums + s_part
+    mean = torch.cat(means, dim=-1)
+    return (mean if inverse is None else mean.index_select(1, inverse)), sums
+
+
 def back_rotate(out: Tensor, R: Union[Tensor, Action], rep: Rep, mask: Optional[Tensor], dtype: torch.dtype,
                 backend: str = "auto") -> Tensor:
     """``a_k = rho(R[k, b])^-1 out[k, b]`` in ``dtype``: ``(K, B, *E)`` (dense layout).
@@ -281,13 +298,20 @@ def twirl_reduce(
         if rows is None:
             raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
         acc = accumulate_dtype(out, target)
-        M = action.matrices(rep, acc)
         o = out.reshape(K, rows.N, rows.d)
-        center = centroids(o.to(acc), rows, B) if rep.kind == "position" else None
+        y = target.reshape(rows.N, rows.d)
         name = registry.resolve_name("reduce_rows", backend, out.device)
-        args = (o.contiguous(), M, target.reshape(rows.N, rows.d).contiguous(), rows.sample, rows.P, rows.valid,
-                center, B)
-        mean, sums = reduce_rows_reference(*args) if name == "torch" else reduce_rows(*args, name)
+
+        def run(o_rows, M, y_rows, r, center):
+            args = (o_rows.contiguous(), M, y_rows.contiguous(), r.sample, r.P, r.valid, center, B)
+            return reduce_rows_reference(*args) if name == "torch" else reduce_rows(*args, name)
+
+        if per_irrep(rep):
+            mean, sums = _reduce_per_irrep(o, y, rows, action.irrep_blocks(rep, acc), groups_inverse(rep.key, out.device),
+                                           run)
+        else:
+            center = centroids(o.to(acc), rows, B) if rep.kind == "position" else None
+            mean, sums = run(o, action.matrices(rep, acc), y, rows, center)
         per_row = torch.full((rows.N,), float(rows.d), dtype=acc, device=out.device)
         if rows.valid is not None:
             per_row = torch.where(rows.valid, per_row, torch.zeros((), dtype=acc, device=out.device))

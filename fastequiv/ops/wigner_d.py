@@ -20,7 +20,7 @@ from ..backends import registry
 from ..groups import orientation
 from ..wigner import assemble, check_R, irreps_key, key_lmax, packed_blocks, parse_irreps
 
-__all__ = ["wigner_D", "wigner_D_key", "wigner_blocks_reference"]
+__all__ = ["wigner_D", "wigner_D_key", "packed_blocks_of", "wigner_blocks_reference"]
 
 
 def wigner_blocks_reference(R: Tensor, lmax: int) -> Tensor:
@@ -49,23 +49,27 @@ def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: Tensor, backend: str 
     picks the torch reference where ``R`` requires grad (the kernels do not differentiate
     with respect to ``R``)."""
     batch = R.shape[:-2]
-    R = R.reshape(-1, 3, 3)
+    packed, sign = packed_blocks_of(R.reshape(-1, 3, 3), key_lmax(key), backend)
+    out = assemble(key, packed, sign)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+def packed_blocks_of(R: Tensor, lmax: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(packed, sign)``: the packed blocks ``(n, S)`` of the proper parts of the
+    orthogonal ``R`` ``(n, 3, 3)`` on ``backend`` (the torch reference where ``R`` requires
+    grad and ``backend`` is ``"auto"``), and their orientation ``(n,)``."""
     sign = orientation(R)
     proper = R * sign[:, None, None]
-    lmax = key_lmax(key)
     if R.requires_grad and backend == "auto":
         backend = "torch"
     name = registry.resolve_name("wigner_blocks", backend, R.device)
     if name == "torch":
-        packed = wigner_blocks_reference(proper, lmax)
-    else:
-        if R.requires_grad:
-            raise ValueError(f"backend={backend!r} does not differentiate wigner_D with respect to R, which "
-                             "requires grad; use backend='torch' (or 'auto')")
-        work = proper if proper.dtype in (torch.float32, torch.float64) else proper.float()
-        packed = wigner_blocks(work.contiguous(), lmax, name).to(R.dtype)
-    out = assemble(key, packed, sign)
-    return out.reshape(*batch, *out.shape[-2:])
+        return wigner_blocks_reference(proper, lmax), sign
+    if R.requires_grad:
+        raise ValueError(f"backend={backend!r} does not differentiate wigner_D with respect to R, which "
+                         "requires grad; use backend='torch' (or 'auto')")
+    work = proper if proper.dtype in (torch.float32, torch.float64) else proper.float()
+    return wigner_blocks(work.contiguous(), lmax, name).to(R.dtype), sign
 
 
 def wigner_D(irreps, R: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
