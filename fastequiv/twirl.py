@@ -60,8 +60,10 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     if not (loss == "mse" or callable(loss)):
         raise ValueError(f"loss must be 'mse' or a callable returning elementwise losses, got {loss!r}")
     weights = _weights(spec, loss_weights)
+    # finiteness is checked on the per-sample sums below (a NaN or inf at a valid element
+    # reaches them; a masked-out one never does), which costs nothing next to the outputs
     st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
-               chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+               chunk_size=chunk_size, backend=backend, check_finite=False)
     targets = spec.output_leaves(target, "target")
     heads, head_valid = {}, {}
     for head, (_, y, _) in zip(st.heads, targets):
@@ -78,7 +80,7 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
             d, count = _jensen_gap(loss, st, head, y)
         heads[name] = d
         head_valid[name] = count > 0
-    _check_some_valid(head_valid)
+    _check_heads(heads, head_valid, check_finite)
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
         d = next(iter(heads.values()))
         return d, {"": head_valid[name]}
@@ -86,14 +88,23 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     return d, {"": torch.stack(list(head_valid.values())).any(0), **head_valid}
 
 
-def _check_some_valid(head_valid: dict) -> None:
-    """Raise a ValueError when a head has no valid element in the whole batch (its loss
-    is undefined). One host copy of a (heads,) flag; not checked inside torch.compile or
-    CUDA-graph capture, where such a head gives NaN."""
-    flags = torch.stack([v.any() for v in head_valid.values()])
+def _check_heads(heads: dict, head_valid: dict, check_finite: bool) -> None:
+    """Raise a ValueError when a head has no valid element in the whole batch (its loss is
+    undefined) or, with ``check_finite``, a non-finite per-sample loss (a NaN or inf in the
+    model's output or the target at a valid element). One host copy of a few flags; not
+    checked inside torch.compile or CUDA-graph capture."""
+    flags = [v.any() for v in head_valid.values()]
+    if check_finite:
+        flags += [torch.isfinite(d.per_sample.total).all() for d in heads.values()]
+    flags = torch.stack(flags)
     if torch.compiler.is_compiling() or (flags.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    empty = [name for name, ok in zip(head_valid, flags.tolist()) if not ok]
+    flags = flags.tolist()
+    bad = [name for name, ok in zip(heads, flags[len(head_valid):]) if not ok]
+    if bad:
+        raise ValueError(f"model output(s) {bad} have non-finite values (NaN or inf) at valid elements of the rotated "
+                         "copies, or the target does (check_finite=False skips this check)")
+    empty = [name for name, ok in zip(head_valid, flags) if not ok]
     if empty:
         what = "the batch" if list(head_valid) == ["output"] else f"output head(s) {empty}"
         raise ValueError(f"every element of {what} is masked out: there is nothing to decompose (the loss of an "
@@ -149,8 +160,10 @@ _COMMON_ARGS = """
             torch's default generator.
         chunk_size: call the model on at most this many stacked rows at a time.
         backend: ``"auto"``, ``"torch"``, ...; an unavailable one raises an error.
-        check_finite: raise a ValueError if the model's outputs have NaN or inf. This
-            syncs with the device once; it is skipped inside ``torch.compile``.
+        check_finite: raise a ValueError if a valid element of the model's outputs (or of
+            the target) is NaN or inf. Read from the per-sample sums, which any such value
+            reaches (masked-out elements never do): one host read of a few flags, skipped
+            inside ``torch.compile`` and CUDA-graph capture.
         sync: under ``torch.distributed`` (e.g. DDP), report the decomposition of the
             union of every rank's batch (two small all-reduces, no host copy; see
             :mod:`fastequiv.distributed`); a no-op when it is not initialised.
