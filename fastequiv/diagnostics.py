@@ -52,7 +52,8 @@ from .ops.layout import mask_for
 from .spec import Spec
 
 __all__ = ["Alignment", "Spectrum", "PerElement", "gradient_alignment", "hessian_spectrum", "lanczos",
-           "equivariance_per_element", "log_dynamics", "stacked_terms", "select_params", "TERMS"]
+           "equivariance_per_element", "log_dynamics", "stacked_terms", "select_params", "twice_differentiable",
+           "TERMS"]
 
 TERMS = ("total", "mean", "equiv")
 WHICH = ("largest", "smallest", "magnitude")
@@ -184,6 +185,17 @@ def stacked_terms(model, inputs, target, *, spec: Spec, samples=None, mask=None,
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
         return next(iter(heads.values()))
     return combine(heads, weights, head_valid)
+
+
+def twice_differentiable():
+    """Run ``scaled_dot_product_attention`` on its math kernel inside the block: the fused
+    (flash, memory-efficient) kernels have no second derivative, and a Hessian-vector
+    product differentiates the backward pass."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # an older torch: nothing to select
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _check_term(term) -> str:
@@ -513,8 +525,8 @@ def hessian_spectrum(model: Callable, inputs: Any, target: Any, *, spec: Spec, t
     product by double backward through that graph. The rotations are drawn once, so
     every product is of the same function. The reductions run on the ``"torch"``
     backend (the compiled ones have no second derivative); ``backend`` still rotates the
-    inputs. The model must be twice differentiable (on CUDA, fused attention kernels are
-    not: wrap the call in ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``).
+    inputs. The model must be twice differentiable; its forward runs with
+    ``scaled_dot_product_attention`` on the math kernel (:func:`twice_differentiable`).
 
     Args:
         term: ``"total"``, ``"mean"`` or ``"equiv"``.
@@ -535,7 +547,7 @@ def hessian_spectrum(model: Callable, inputs: Any, target: Any, *, spec: Spec, t
     chosen = select_params(model, params)
     if k > chosen.numel:
         raise ValueError(f"k={k} exceeds the {chosen.numel} parameters differentiated")
-    with evaluating(model, eval_mode), torch.enable_grad():
+    with evaluating(model, eval_mode), torch.enable_grad(), twice_differentiable():
         d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
                           seed=seed, generator=generator, chunk_size=chunk_size, backend=backend,
                           reduce_backend="torch", check_finite=check_finite)
@@ -660,7 +672,7 @@ def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Spec, sampl
     """
     _check_k(k)
     chosen = select_params(model, params)
-    with evaluating(model, eval_mode), torch.enable_grad():
+    with evaluating(model, eval_mode), torch.enable_grad(), twice_differentiable():
         d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
                           seed=seed, backend=backend, reduce_backend="torch", check_finite=True)
         gm = _grads(d.mean, chosen.tensors, create_graph=True, retain_graph=True)
