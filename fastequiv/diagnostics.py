@@ -120,10 +120,8 @@ def select_params(model, params=None) -> Params:
                     chosen.append((n, p))
         if not chosen:
             raise ValueError(f"params={params!r} names only parameters that do not require grad")
-    owners = []
-    for n, _ in chosen:
-        owner = n.rpartition(".")[0] if n in by_id.values() else n
-        owners.append(owner or ROOT)
+    known = set(by_id.values())  # a tensor from outside the model is its own group
+    owners = [(n.rpartition(".")[0] if n in known else n) or ROOT for n, _ in chosen]
     return Params([n for n, _ in chosen], [p for _, p in chosen], owners)
 
 
