@@ -137,13 +137,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _row_shapes(ctx: Context) -> Iterator[tuple[int, torch.dtype, bool]]:
-    """``(d, dtype, graph)``: every dtype at d = 3 and 9, float32/float64 elsewhere, one
-    float32 case per layout for the wide irreps."""
+    """``(d, dtype, graph)``: every dtype at d = 3 (and 9 on the CPU: on a GPU each case
+    is a Triton compile), float32/float64 elsewhere, one float32 case per layout for the
+    wide irreps."""
     wide = (288, 1152) if ctx.gpu else (288,)
     for d in (1, 3, 9, 25) + wide:
         if d > 100:
             dtypes = (torch.float32,)
-        elif d in (3, 9):
+        elif d == 3 or (d == 9 and not ctx.gpu):
             dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
         else:
             dtypes = (torch.float64, torch.float32)
@@ -236,7 +237,9 @@ def check_graph_atomics(ctx: Context, backend: str) -> Iterator[Case]:
                 spread = max(rel_err(r, runs[0]) for r in runs)
                 label = f"d={d} {str(dtype).replace('torch.', '')} {order} N={N} x{ctx.repeat}"
                 yield Case(label + " spread", spread, 1e-5 if dtype == torch.float32 else 1e-12)
-                yield Case(label + " vs reference", max(rel_err(r, want) for r in runs), TOL[dtype])
+                # float32 sums over ~N/7 rows each, in other orders than the reference's
+                yield Case(label + " vs reference", max(rel_err(r, want) for r in runs),
+                           1e-4 if dtype == torch.float32 else 1e-10)
 
 
 # --------------------------------------------------------------------------- other ops
@@ -386,12 +389,12 @@ def _step_model(ctx: Context, dtype: torch.dtype):
 
 def check_compile(ctx: Context, backend: str) -> Iterator[Case]:
     """``torch.compile(fullgraph=True)`` of a twirl_loss step (positions, irreps, a mask) on
-    its first call, against the eager step: loss, L_equiv and the gradients. Inductor on
-    a GPU (float32 and float64); on the CPU the aot_eager backend (the same trace, without
-    inductor's C++ build) in float64."""
+    its first call, against the eager step: loss, L_equiv and the gradients. Inductor in
+    float32 on a GPU; on the CPU the aot_eager backend (the same trace, without inductor's
+    C++ build) in float64."""
     import fastequiv as fe
 
-    for dtype in (torch.float32, torch.float64) if ctx.gpu else (torch.float64,):
+    for dtype in (torch.float32,) if ctx.gpu else (torch.float64,):
         spec, lin, model, inputs, target, mask = _step_model(ctx, dtype)
 
         def step(pos, f, y_forces, y_h):
