@@ -596,6 +596,37 @@ def test_tables_are_built_by_warmup_and_refused_during_capture(backend, group, s
     torch.testing.assert_close(got, want)
 
 
+def test_warmup_covers_every_rep_of_a_spec(monkeypatch):
+    """``fe.warmup`` runs the step's ops on every rep of the spec (vectors, positions,
+    pseudo-quantities, rank-2 tensors, wide irreps), so a step with all of them builds
+    nothing while capturing."""
+    irreps = "4x0e + 2x1o + 1x2e + 1x3o"
+    spec = fe.Spec(inputs={"pos": "position", "v": "pseudovector", "s": "pseudoscalar", "t": "rank2", "f": irreps},
+                   output={"forces": "vector", "h": irreps, "e": "scalar"})
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    inputs = {"pos": rand(3, 4, 3), "v": rand(3, 3), "s": rand(3, 1), "t": rand(3, 3, 3), "f": rand(3, 22)}
+    target = {"forces": rand(3, 4, 3), "h": rand(3, 22), "e": rand(3, 1)}
+    lin = torch.nn.Linear(3 + 3 + 1 + 9 + 22, 3 + 22 + 1).double().to(DEVICE)
+
+    def model(pos, v, s, t, f):
+        z = torch.cat([pos.mean(1), v, s, t.flatten(1), f], dim=1)
+        h = lin(z)
+        return {"forces": pos + h[:, None, :3], "h": h[:, 3:25], "e": h[:, 25:]}
+
+    def step():
+        return fe.twirl_loss(model, inputs, target, spec=spec, samples=2, seed=4, check_finite=False)[0]
+
+    want = step()
+    _forget_tables()
+    fe.warmup(spec, DEVICE)
+    _pretend_capturing(monkeypatch, True)
+    torch.testing.assert_close(step(), want)
+
+
 def test_seed_tensor_is_a_device_fill_not_a_host_copy(monkeypatch):
     """An int seed becomes the step's key with ``torch.full`` on the device (capturable;
     ``torch.tensor(seed, device=...)`` copies from the host)."""

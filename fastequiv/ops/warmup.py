@@ -23,6 +23,8 @@ from .. import groups
 from ..backends import registry
 from ..reps import Rep
 from .action import Action
+from .rotate_copies import rotate_copies
+from .twirl_reduce import twirl_reduce
 
 __all__ = ["warmup", "spec_reps"]
 
@@ -36,9 +38,27 @@ def spec_reps(spec) -> list[Rep]:
     return reps
 
 
+def _dummy(rep: Rep, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of one sample carrying ``rep``: ``(1, 2, d)`` rows (``(1, 2, 3, 3)`` for rank-2
+    tensors, ``(1, 3, 3)`` for a cell, ``(1, 2)`` for scalars)."""
+    if rep.kind == "rank2":
+        shape = (1, 2, 3, 3)
+    elif getattr(rep, "cell", False):
+        shape = (1, 3, 3)
+    elif rep.dim is None:
+        shape = (1, 2)
+    else:
+        shape = (1, 2, rep.dim)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def warmup(spec, device, *, backend: str = "auto") -> None:
     """Build on ``device`` the tables a step with ``spec`` reads (in float32 and float64),
     so that the step can then be captured in a CUDA graph.
+
+    It runs the step's ops (``rotate_copies`` and ``twirl_reduce`` of every rep of the
+    spec, on a zero sample with two identity copies) and draws from its group, so every
+    table they build on first use is built here.
 
     Args:
         spec: the :class:`fastequiv.Spec` of the steps to capture.
@@ -52,10 +72,17 @@ def warmup(spec, device, *, backend: str = "auto") -> None:
     for dtype in (torch.float32, torch.float64):
         if finite:
             groups.group_elements(spec.group, device=device, dtype=dtype)
-        R = torch.eye(3, dtype=dtype, device=device).expand(1, 1, 3, 3)
-        action = Action(R, backend)
+        action = Action(torch.eye(3, dtype=dtype, device=device).expand(2, 1, 3, 3), backend)
         for rep in spec_reps(spec):
-            if rep.kind not in ("scalar", "voxels"):
+            if rep.kind == "voxels":  # no table: while capturing, grids take the trilinear path
+                continue
+            if rep.kind != "scalar":
                 action.matrices(rep, dtype)
+            x = _dummy(rep, dtype, device)
+            try:
+                out = rotate_copies(x, action, rep, backend=backend)
+                twirl_reduce(out.reshape((2,) + tuple(x.shape)), action, x, rep, backend=backend)
+            except ValueError:  # a rep these zeros do not fit: its matrices are built above
+                pass
     if finite:  # finite-group draws index a float64 copy on the device
         groups.elements_from_words(torch.zeros(1, 4, dtype=torch.int64, device=device), spec.group)
