@@ -92,3 +92,33 @@ def test_check_help_describes_every_check(capsys):
     out = capsys.readouterr().out
     for name in ("random_rotations", "graph_atomics", "opcheck", "compile", "cuda_graph", "--json"):
         assert name in out
+
+
+def test_the_cuda_graph_check_runs_its_steps(monkeypatch):
+    """The CUDA-graph check's code path without a GPU: torch.cuda's streams and graphs
+    replaced by stand-ins that run the captured step once and replay nothing. The int-seed
+    capture then equals the eager step (PASS), and the seed=None replays repeat (the
+    stand-in replays nothing), which the check must call a failure."""
+    import contextlib
+
+    from fastequiv import check
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    ctx = check.Context(torch.device("cpu"), torch.Generator().manual_seed(0), interpreter=False)
+    cases = list(check.check_cuda_graph(ctx, "torch"))
+    assert len(cases) == 2
+    assert cases[0].label.startswith("seed=11") and cases[0].error <= cases[0].tolerance
+    assert "REPEATED" in cases[1].label and cases[1].error == float("inf")
