@@ -26,12 +26,13 @@ structures). At the end the raw weights are decomposed too, and the demo writes
 ``log.csv`` (every logged value) and ``decomposition.png`` into ``--out``.
 
 ``L_mean`` is the error of the rotation-averaged (twirled) model; ``L_equiv`` is how much
-the prediction changes with the orientation of the input. Read on held-out data, ``pct =
-L_equiv / L_total`` falls for two reasons that the log separates: ``L_equiv`` falls as the
-learning rate decays and the EMA averages the weights, and held-out ``L_mean`` carries the
-generalisation gap of a model fit to a finite training set (a heavy-tailed one: a few
-held-out structures hold much of it), while ``L_equiv`` is about the same on held-out and
-training structures. The README quotes runs with the defaults.
+the prediction changes with the orientation of the input. The log separates what moves
+``pct = L_equiv / L_total``: held-out ``L_mean`` carries the generalisation gap of a model
+fit to a finite training set (a heavy-tailed one: a few held-out structures hold much of
+it) while ``L_equiv`` is about the same on held-out and training structures, so pct is
+lower on held-out data; and ``L_equiv`` falls as training goes on and the learning rate
+decays, with the EMA carrying much less of it than the raw weights while the learning rate
+is high. The README quotes runs with the defaults.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def load_structures(path: str, device="cpu", dtype=torch.float32) -> tuple[dict,
     try:
         import ase.io
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("--data needs ase: pip install ase") from e
+        raise ImportError('--data needs ase: pip install "fastequiv[ase]"') from e
     frames = ase.io.read(path, index=":")
     if not isinstance(frames, list):
         frames = [frames]
@@ -347,12 +348,12 @@ def _tail_share(per_sample: torch.Tensor, fraction: float = 0.01) -> float:
 def _eval_steps(steps: int, every: int) -> list[int]:
     """Steps at which the evaluated model is decomposed: 0, every ``every`` steps, the end,
     and a few early steps where the loss moves fast."""
-    early = [s for s in (50, 250) if s < every]
+    early = [s for s in (50, 250, 500) if s < every]
     return sorted({0, steps, *early, *range(every, steps, every)} & set(range(steps + 1)))
 
 
 def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: str = "cpu", seed: int = 0,
-        out: str = "fastequiv-out", batch_size: int = 32, eval_every: int = 500, held_out: int = 2048,
+        out: str = "fastequiv-out", batch_size: int = 32, eval_every: int = 1000, held_out: int = 2048,
         lr: float = 2e-3, progress: bool = True, plot: bool = True, train_size: Optional[int] = None,
         ema: bool = True, ema_decay: float = 0.999, train_eval: int = 512, data: Optional[str] = None,
         announce=None) -> dict:
@@ -563,7 +564,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", dest="ema", action="store_true", default=True,
                         help="evaluate the EMA of the weights (the default)")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="evaluate the raw weights")
-    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (default 500)")
+    parser.add_argument("--eval-every", type=int, default=1000,
+                        help="steps between evaluations (default 1000, and at steps 50, 250 and 500)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the training set, its order, the rotations and the init; the held-out set is fixed")
