@@ -329,6 +329,40 @@ def _equivariance_error_cases(device, sizes) -> Iterator[Case]:
         yield Case(impl="e3nn equivariance_error", role="peer", setup=e3nn, check=False, **common)
 
 
+def _trivial_model_cases(device, sizes) -> Iterator[Case]:
+    """fastequiv's own cost end to end: equivariance_error of a trivial model (``1.5 v``)
+    on ``elements`` vectors (1e6 in the quick CPU run) with K=4, against the torch reference and the memory-traffic
+    floor (the copies written, the model's read and write, one read of the outputs and the
+    target, done with plain tensor ops)."""
+    K, spec = 4, fe.Spec(inputs="vector", output="vector")
+    for elements in sizes["elements"]:
+        B, P = _dense_shape(3 * elements, 1)
+        n = B * P * 3
+        # copies written; model reads and writes them; the reduction reads them and the target
+        moved = 4 * (n + K * n + 2 * K * n + K * n + n)
+        common = dict(op="equivariance_error trivial model", device=device, size=n, unit="elements", bytes=moved,
+                      params=(("K", K), ("model", "1.5 v")))
+
+        def data(B=B, P=P):
+            return _randn((B, P, 3), device), _randn((B, P, 3), device, seed=1)
+
+        for b in ["torch"] + _backends("reduce_rows", device):
+            def setup(b=b, data=data):
+                x, y = data()
+                return lambda: fe.equivariance_error(lambda v: 1.5 * v, x, y, spec=spec, samples=K, seed=0,
+                                                     backend=b).per_sample.total
+
+            impl, role = _fe(b)
+            yield Case(impl=impl, role=role, setup=setup, **common)
+
+        def floor(data=data):
+            x, y = data()
+            return lambda: ((1.5 * x.expand(K, *x.shape).contiguous()) - y).square().sum((2, 3)).mean(0)
+
+        yield Case(impl="memory-traffic floor (plain copies, model, one read)", role="peer", setup=floor, check=False,
+                   **common)
+
+
 # -------------------------------------------------------------------------------- voxels
 
 
@@ -574,6 +608,7 @@ OPS = {
     "wigner_D": _wigner_cases,
     "random_rotations": _random_rotations_cases,
     "equivariance_error": _equivariance_error_cases,
+    "trivial_model": _trivial_model_cases,
     "voxels": _voxel_cases,
     "kernels": _kernel_cases,
 }
