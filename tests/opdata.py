@@ -1,0 +1,149 @@
+"""Inputs shared by the per-op tests (tests/test_rotate_copies.py, tests/test_twirl_reduce.py).
+
+* The public ops: rotations, data of a rep, graph batches, and the action of each rep
+  written out by hand (:func:`loop_act`), which the ops are checked against.
+* The row contract (:mod:`fastequiv.ops.layout`): random rows, matrices and layouts on a
+  backend's device, in two styles that the kernel tests use: the functions
+  :func:`layout` / :func:`rand` / :func:`mats` / :func:`reduce_inputs`, and :class:`Case`,
+  every argument of the four row ops at once.
+
+Matrices are general, not orthogonal: an orthogonal one would hide a transposition error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastequiv as fe
+from conftest import acc_of
+from fastequiv.ops.layout import sample_index
+from fastequiv.reps import as_rep
+
+# --- the public ops ----------------------------------------------------------------------------
+
+
+def rotations(K, B, dtype=torch.float64, group="O3", seed=0):
+    """``(K, B, 3, 3)`` elements of ``group``."""
+    return fe.random_rotations(K * B, seed=seed, group=group, dtype=dtype).reshape(K, B, 3, 3)
+
+
+def data(rep, shape, dtype, seed=0):
+    """Random ``shape + (d,)`` data of ``rep`` (``d = 4`` for reps of any width)."""
+    g = torch.Generator().manual_seed(seed)
+    d = as_rep(rep).dim or 4
+    return torch.randn(shape + (d,), generator=g, dtype=torch.float64).to(dtype)
+
+
+def graph_batch(sizes, rep, dtype=torch.float64, seed=0):
+    """Nodes of graphs of ``sizes`` nodes and their batch index."""
+    x = data(rep, (sum(sizes),), dtype, seed=seed)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return x, batch
+
+
+def loop_act(rep, x, R, inverse=False):
+    """rho(R) x for one sample, written out per rep: x (*inner, d), R (3, 3)."""
+    det = torch.linalg.det(R)
+    M = R.T if inverse else R
+    if rep == "scalar":
+        return x
+    if rep == "pseudoscalar":
+        return det * x
+    if rep == "vector":
+        return x @ M.T
+    if rep == "pseudovector":
+        return det * (x @ M.T)
+    if rep == "position":
+        c = x.reshape(-1, 3).mean(0)
+        return (x - c) @ M.T + c
+    D = fe.wigner_D(rep, R)
+    return x @ (D if inverse else D.T)
+
+
+def dim(rep):
+    """The width of the data :func:`loop_act` is tested on (irreps: ``1x0e + 2x1o + 1x2e``)."""
+    return {"scalar": 2, "pseudoscalar": 1, "vector": 3, "pseudovector": 3, "position": 3}.get(rep, 1 + 6 + 5)
+
+
+# --- the row contract: functions ---------------------------------------------------------------
+
+
+def layout(B, P, graph, device, empty_sample=None, seed=0):
+    """``(sample, P, N)``: dense (every sample has P rows) or a graph batch index with
+    uneven, shuffled samples (one of them, ``empty_sample``, with no rows)."""
+    if not graph:
+        return None, P, B * P
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 2 * P, (B,), generator=g)
+    if empty_sample is not None:
+        counts[empty_sample] = 0
+    sample = torch.repeat_interleave(torch.arange(B), counts)
+    sample = sample[torch.randperm(len(sample), generator=g)]
+    return sample.to(device), 0, len(sample)
+
+
+def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def mats(K, B, d, dtype, seed=1, device="cpu"):
+    """General (not orthogonal) ``(K, B, d, d)`` matrices."""
+    return rand(K, B, d, d, dtype=dtype, seed=seed, device=device)
+
+
+def reduce_inputs(K, B, P, d, dtype, graph, masked, with_center, device, seed=0):
+    """``(out, M, target, sample, P, valid, center)`` of ``reduce_rows``; in the graph
+    layout sample 1 is empty, and with ``masked`` the last sample is fully masked."""
+    acc = acc_of(dtype)
+    sample, P, N = layout(B, P, graph, device, empty_sample=1 if graph else None, seed=seed)
+    out = rand(K, N, d, dtype=dtype, seed=seed + 1, device=device)
+    target = rand(N, d, dtype=dtype, seed=seed + 2, device=device)
+    M = mats(K, B, d, acc, seed=seed + 3, device=device)
+    center = rand(K, B, d, dtype=acc, seed=seed + 4, device=device) if with_center else None
+    valid = None
+    if masked:
+        s = sample_index(N, P, sample, device)
+        g = torch.Generator().manual_seed(seed + 5)
+        valid = (torch.rand(N, generator=g) > 0.3).to(device) & (s != B - 1)  # last sample fully masked
+    return out, M, target, sample, P, valid, center
+
+
+# --- the row contract: every argument at once --------------------------------------------------
+
+
+class Case:
+    """Random inputs of the row contract: K copies, B samples, N rows of d components.
+
+    Dense: the last sample is one row short. Graph: sample 1 is empty, the others in random
+    order. With ``mask``, sample 2 is fully masked.
+    """
+
+    def __init__(self, K=3, B=4, P=5, d=3, dtype=torch.float32, layout="dense", center=True, mask=False,
+                 device="cpu", seed=0, target_dtype=None):
+        g = torch.Generator().manual_seed(seed)
+        acc = acc_of(dtype, target_dtype or dtype)
+        self.K, self.B, self.d, self.acc = K, B, d, acc
+        if layout == "dense":
+            self.N, self.P, self.sample = B * P - (P > 1), P, None  # last sample one row short
+        else:
+            self.N, self.P = B * P + 1, 0
+            # sample 1 is empty; the others in random order
+            s = torch.randint(0, B, (self.N,), generator=g)
+            self.sample = torch.where(s == 1, 0, s).to(device)
+        N = self.N
+        self.M = torch.randn(K, B, d, d, generator=g, dtype=torch.float64).to(acc).to(device)
+        self.x = torch.randn(N, d, generator=g).to(dtype).to(device)
+        self.out = torch.randn(K, N, d, generator=g).to(dtype).to(device)
+        self.target = torch.randn(N, d, generator=g).to(target_dtype or dtype).to(device)
+        self.center_x = torch.randn(B, d, generator=g, dtype=torch.float64).to(acc).to(device) if center else None
+        self.center = torch.randn(K, B, d, generator=g, dtype=torch.float64).to(acc).to(device) if center else None
+        self.valid = None
+        if mask:
+            v = torch.rand(N, generator=g) > 0.3
+            s = sample_index(N, self.P, self.sample, "cpu").cpu()
+            v[s == 2] = False  # a fully masked sample
+            self.valid = v.to(device)
+        self.grad_sums = torch.randn(3, B, generator=g, dtype=torch.float64).to(acc).to(device)
+        self.grad_mean = torch.randn(N, d, generator=g, dtype=torch.float64).to(acc).to(device)
+        self.grad_rot = torch.randn(K, N, d, generator=g).to(dtype).to(device)
