@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import assert_close_dtype
 
 import fastequiv as fe
 from fastequiv.__main__ import main
@@ -75,7 +76,13 @@ def test_cases_compute_what_their_reference_computes(op):
             got = _tensors(case.setup()())
             assert len(got) == len(expected), case.name
             for g, e in zip(got, expected):
-                torch.testing.assert_close(g.double(), e, rtol=2e-4, atol=2e-5, msg=lambda m: f"{case.name}: {m}")
+                if g.dtype == torch.bfloat16:
+                    # a bfloat16 result (the kernel cases): the kernel and the reference sum in
+                    # float32 in different orders, so one element may land on the neighbouring
+                    # bfloat16 number (one ulp, e.g. 0.00049 at 0.1): the shared table's entry
+                    assert_close_dtype(g, e, torch.bfloat16, msg=case.name)
+                else:
+                    torch.testing.assert_close(g.double(), e, rtol=2e-4, atol=2e-5, msg=lambda m: f"{case.name}: {m}")
 
 
 def test_peers_that_draw_their_own_rotations_still_return_rotations():
