@@ -1,6 +1,10 @@
-"""The compiled extension fastequiv._C: build info, Philox-4x32-10 known answers, and
-random rotations checked against an independent NumPy implementation of the same scheme
-(Philox in uint64 arithmetic, Shoemake quaternion in float64)."""
+"""The compiled extension fastequiv._C: build info, Philox-4x32-10 known answers, random
+rotations checked against an independent NumPy implementation of the same scheme (Philox
+in uint64 arithmetic, Shoemake quaternion in float64), and the C++ entry points of the row
+kernels on NumPy arrays with their argument checks.
+
+What the kernels compute through torch tensors, on every backend, is tested in the per-op
+files (tests/test_<op>.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +13,17 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from opdata import Case
 from vectors import PHILOX_KAT
 
+import fastequiv as fe
 from fastequiv import backends
 from fastequiv.backends import extension as _extension
+from fastequiv.backends.host import wigner_term_table
+from fastequiv.ops.rotate_copies import rotate_rows_backward_reference, rotate_rows_reference
+from fastequiv.ops.twirl_reduce import reduce_rows_backward_reference, reduce_rows_reference
+from fastequiv.ops.wigner_d import wigner_blocks_reference
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +98,8 @@ def test_native_build_info(C):
 
 def test_build_info():
     info = backends.build_info()
-    types = {"version": str, "extension": bool, "cuda": bool, "cuda_archs": list, "openmp": bool, "backends": list}
+    types = {"version": str, "extension": bool, "cuda": bool, "cuda_archs": list, "openmp": bool, "backends": list,
+             "torch_cuda": bool, "unavailable": dict}
     for key, typ in types.items():
         assert isinstance(info[key], typ), (key, info[key])
     assert info["extension_error"] is None or isinstance(info["extension_error"], str)
@@ -96,6 +108,13 @@ def test_build_info():
     assert ("cpu" in info["backends"]) == info["extension"]
     if info["extension"]:
         assert info["extension_error"] is None
+    assert info["torch_cuda"] == torch.cuda.is_available()
+    # every backend either runs here or says why not
+    assert set(info["backends"]) | set(info["unavailable"]) == {"torch", "cpu", "cuda", "triton", "cupy"}
+    assert not set(info["backends"]) & set(info["unavailable"])
+    assert all(isinstance(why, str) and why for why in info["unavailable"].values())
+    if not info["torch_cuda"]:
+        assert "cuda" in info["unavailable"]
 
 
 def test_built_with_cuda_when_nvcc_is_available():
@@ -245,3 +264,62 @@ def test_cuda_matches_cpu(C, dtype, improper):
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=atol)
     with pytest.raises(ValueError, match="CUDA"):
         C.random_rotations_cuda(torch.empty(2, 3, 3, dtype=dt), seed, 0, False, 0)
+
+
+# --- the row kernels' C++ entry points on NumPy arrays (no torch tensors) -----------------------
+
+
+def test_row_kernels_take_numpy_arrays(C):
+    c = Case(K=3, B=3, P=4, d=3, dtype=torch.float64, layout="graph", center=True, mask=True)
+    np_ = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in vars(c).items()}
+    K, N, d, B = c.K, c.N, c.d, c.B
+    out = np.empty((K, N, d))
+    C.rotate_rows_cpu(np_["x"], np_["M"], np_["sample"], 0, np_["center_x"], out)
+    np.testing.assert_allclose(out, rotate_rows_reference(c.x, c.M, c.sample, 0, c.center_x).numpy(), atol=1e-12)
+
+    g = np.empty((N, d))
+    C.rotate_rows_backward_cpu(np_["grad_rot"], np_["M"], np_["sample"], 0, g)
+    np.testing.assert_allclose(g, rotate_rows_backward_reference(c.grad_rot, c.M, c.sample, 0).numpy(), atol=1e-11)
+
+    mean, sums = np.empty((N, d)), np.full((3, B), np.nan)
+    C.reduce_rows_cpu(np_["out"], np_["M"], np_["target"], np_["sample"], 0, np_["valid"], np_["center"], mean, sums)
+    want_mean, want_sums = reduce_rows_reference(c.out, c.M, c.target, c.sample, 0, c.valid, c.center, B)
+    np.testing.assert_allclose(mean, want_mean.numpy(), atol=1e-12)
+    np.testing.assert_allclose(sums, want_sums.numpy(), atol=1e-10)
+
+    grad_out = np.empty((K, N, d))
+    C.reduce_rows_backward_cpu(None, np_["grad_sums"], np_["out"], np_["M"], np_["target"], np_["sample"], 0,
+                               np_["valid"], np_["center"], mean, grad_out)
+    want = reduce_rows_backward_reference(None, c.grad_sums, c.out, c.M, c.target, c.sample, 0, c.valid, c.center,
+                                          want_mean)
+    np.testing.assert_allclose(grad_out, want.numpy(), atol=1e-11)
+
+    R = fe.random_rotations(7, seed=3, dtype=torch.float64)
+    index, coef, start = wigner_term_table(3)
+    D = np.empty((7, 84))
+    C.wigner_blocks_cpu(R.numpy(), 3, index, coef, start, D)
+    np.testing.assert_allclose(D, wigner_blocks_reference(R, 3).numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(x=np.zeros((5, 2))), r"x: expected shape \(N, d\)"),
+        (dict(M=np.zeros((2, 3, 3, 2))), r"M: expected shape \(K, B, d, d\)"),
+        (dict(x=np.zeros((5, 3), np.int32)), "x: expected dtype float32 or float64"),
+        (dict(out=np.zeros((2, 5, 3), np.float32)), "out: expected the dtype of x"),
+        (dict(center=np.zeros((3, 3), np.float32)), "center: expected the dtype of M"),
+        (dict(center=np.zeros((2, 3))), r"center: expected shape \(B, d\)"),
+        (dict(out=np.zeros((2, 5, 3))[:, ::-1]), "out: expected a C-contiguous array"),
+        (dict(sample=np.zeros(5, np.int32)), "sample: expected dtype int64"),
+        (dict(sample=np.array([0, 1, 2, 3, 0])), r"sample: expected every index in \[0, B\)"),
+        (dict(sample=None, P=0), "P: expected P >= 1"),
+        (dict(sample=None, P=1), "need more than B = 3 samples"),
+    ],
+)
+def test_row_kernels_bad_arguments_raise_value_error(C, change, match):
+    args = dict(x=np.zeros((5, 3)), M=np.zeros((2, 3, 3, 3)), sample=np.zeros(5, np.int64), P=0,
+                center=np.zeros((3, 3)), out=np.zeros((2, 5, 3)))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        C.rotate_rows_cpu(**args)
