@@ -638,8 +638,8 @@ def main(args: argparse.Namespace) -> int:
     def announce(sets: Datasets) -> None:
         print(f"data: {sets.description}")
         print(f"training: {args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g} with warmup and cosine decay "
-              f"to 0, loss fe.twirl_loss with K={args.samples} rotated copies (a fresh rotation per structure and "
-              f"step)" + (f" + {args.equiv_weight:g} L_equiv" if args.equiv_weight else ""))
+              f"to 0, loss fe.twirl_loss with K={args.samples} rotated copies (fresh rotations for every structure "
+              f"and step)" + (f" + {args.equiv_weight:g} L_equiv" if args.equiv_weight else ""))
         print(f"evaluated: {evaluated}, decomposed with fe.equivariance_error (K={_EVAL_SAMPLES}, fixed rotations) "
               f"every {args.eval_every} steps on the held-out set"
               + (f" and {_count(sets.train_eval)} training structures" if sets.train_eval is not None else ""),
