@@ -48,9 +48,17 @@ def rotations(n, dtype=torch.float64, improper=False, seed=0):
     return R.to(dtype)
 
 
+_E3NN: dict = {}
+
+
 def reference(irreps, R):
-    """e3nn's D_from_matrix computed in float64, cast to R's dtype."""
-    return o3.Irreps(irreps).D_from_matrix(R.double().cpu()).to(R.dtype)
+    """e3nn's D_from_matrix computed in float64 (under the e3nn_float64 fixture), cast to R's
+    dtype; computed once for the cases of every backend."""
+    R64 = R.detach().double().cpu().contiguous()
+    key = (str(irreps), tuple(R64.shape), R64.numpy().tobytes())
+    if key not in _E3NN:
+        _E3NN[key] = o3.Irreps(irreps).D_from_matrix(R64)
+    return _E3NN[key].to(R.dtype)
 
 
 # --- the public function against e3nn and the group laws ---------------------------------------
