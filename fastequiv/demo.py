@@ -64,6 +64,8 @@ _DATA_CUTOFF = 6.0
 # the held-out set and the rotations of every evaluation do not depend on --seed
 _HELDOUT_SEED = 10_000
 _EVAL_ROTATIONS_SEED = 7
+# what --diagnostics logs (fastequiv.diagnostics.log_dynamics)
+DYNAMICS = ("cos", "norm_mean", "norm_equiv", "top_eig_mean", "top_eig_equiv")
 _EVAL_SAMPLES = 8
 
 
@@ -356,7 +358,7 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
         out: str = "fastequiv-out", batch_size: int = 32, eval_every: int = 1000, held_out: int = 2048,
         lr: float = 2e-3, progress: bool = True, plot: bool = True, train_size: Optional[int] = None,
         ema: bool = True, ema_decay: float = 0.999, train_eval: int = 512, data: Optional[str] = None,
-        announce=None) -> dict:
+        announce=None, diagnostics: int = 0) -> dict:
     """Train the demo model and write its log; returns the paths, the curves and the models.
 
     Returns:
@@ -367,8 +369,13 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
         "train_seconds", "lr": {step: learning rate at each evaluation}}``; values are
         :meth:`fastequiv.Decomposition.to_dict` plus ``mean_worst1pct`` (the share of
         ``L_mean`` held by the worst 1% of structures). ``announce``, if given, is called
-        with the :class:`Datasets` before training starts.
+        with the :class:`Datasets` before training starts. ``diagnostics > 0`` also logs,
+        every that many steps, :func:`fastequiv.diagnostics.log_dynamics` of the evaluated
+        model on the first 64 held-out structures (the cosine of the gradients of L_mean and
+        L_equiv and the top Hessian eigenvalue of each) as rows with ``split="dynamics"``.
     """
+    if isinstance(diagnostics, bool) or not isinstance(diagnostics, int) or diagnostics < 0:
+        raise ValueError(f"diagnostics must be an int >= 0 (steps between logs; 0: off), got {diagnostics!r}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if samples < 2:
@@ -412,6 +419,20 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
         net.train(was_training)
         return res
 
+    def dynamics(step: int, net: nn.Module, label: str) -> None:
+        inputs, target = _take(sets.heldout, torch.arange(min(64, _count(sets.heldout)), device=dev))
+        flags = [p.requires_grad for p in net.parameters()]  # the EMA copy keeps no gradients
+        try:
+            for p in net.parameters():
+                p.requires_grad_(True)
+            vals = fe.diagnostics.log_dynamics(net, inputs, target, spec=SPEC, samples=_EVAL_SAMPLES,
+                                               seed=_EVAL_ROTATIONS_SEED, max_iter=12)
+        finally:
+            for p, flag in zip(net.parameters(), flags):
+                p.requires_grad_(flag)
+        rows.append({"step": step, "split": "dynamics", "model": label, "lr": opt.param_groups[0]["lr"],
+                     **{k: vals[k] for k in DYNAMICS}})
+
     bar = _progress(steps, progress)
     start = time.perf_counter()
     eval_seconds = 0.0
@@ -427,6 +448,10 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
             if bar is not None:
                 h = final["heldout"]
                 bar.set_postfix_str(f"held-out L_total {h['total']:.4f} pct {100 * h['pct']:.1f}%")
+        if diagnostics and (step % diagnostics == 0 or step == steps):
+            t0 = time.perf_counter()
+            dynamics(step, averaged.model if averaged else model, name)
+            eval_seconds += time.perf_counter() - t0
         if step == steps:
             break
         if batches is not None:
@@ -458,7 +483,7 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "log.csv")
     fields = ["step", "split", "model", "lr", "total", "mean", "equiv", "pct", "total_stderr", "mean_stderr",
-              "equiv_stderr", "mean_worst1pct"]
+              "equiv_stderr", "mean_worst1pct"] + (list(DYNAMICS) if diagnostics else [])
     with open(csv_path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, restval="")
         w.writeheader()
@@ -467,7 +492,8 @@ def run(steps: int = 5000, samples: int = 2, equiv_weight: float = 0.0, device: 
     return {"csv": csv_path, "png": png_path, "heldout": curves["heldout"], "train": curves["train"],
             "final": final, "final_raw": final_raw, "model": model,
             "ema_model": averaged.model if averaged else None, "datasets": sets, "seconds": seconds,
-            "train_seconds": seconds - eval_seconds, "lr": lrs}
+            "train_seconds": seconds - eval_seconds, "lr": lrs,
+            "dynamics": [r for r in rows if r["split"] == "dynamics"]}
 
 
 def _progress(steps: int, enabled: bool):
@@ -496,7 +522,23 @@ def _plot(rows: list, path: str, samples: int, name: str = "ema") -> str:
     from matplotlib.ticker import PercentFormatter
 
     evaluated = "EMA weights" if name == "ema" else "raw weights"
-    fig, (ax_pct, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.4))
+    dyn = [r for r in rows if r["split"] == "dynamics"]
+    fig, axes = plt.subplots(1, 3 if dyn else 2, figsize=(18 if dyn else 12, 5.4))
+    ax_pct, ax_loss = axes[0], axes[1]
+    if dyn:
+        ax_dyn = axes[2]
+        xs = [r["step"] for r in dyn]
+        ax_dyn.plot(xs, [r["top_eig_mean"] for r in dyn], marker="o", ms=3, color="C2", label="top eigenvalue, L_mean")
+        ax_dyn.plot(xs, [r["top_eig_equiv"] for r in dyn], marker="o", ms=3, color="C3",
+                    label="top eigenvalue, L_equiv")
+        ax_dyn.set_yscale("symlog", linthresh=1e-3)
+        ax_dyn.set_ylabel("largest Hessian eigenvalue (Lanczos)")
+        ax_cos = ax_dyn.twinx()
+        ax_cos.plot(xs, [r["cos"] for r in dyn], ls="--", color="0.4", label="cos(grad L_mean, grad L_equiv)")
+        ax_cos.set_ylim(-1, 1)
+        ax_cos.set_ylabel("gradient cosine (dashed)", color="0.4")
+        ax_dyn.set_title("training dynamics (64 held-out structures)")
+        ax_dyn.legend(fontsize=7, loc="upper left")
     batch = [r for r in rows if r["split"] == "batch"]
     if batch:
         window = max(1, min(50, len(batch) // 20))
@@ -532,7 +574,7 @@ def _plot(rows: list, path: str, samples: int, name: str = "ema") -> str:
         ax_lr.set_ylabel("learning rate (dotted)", color="0.5")
         ax_lr.tick_params(axis="y", colors="0.5")
         ax_lr.set_ylim(bottom=0)
-    for ax in (ax_pct, ax_loss):
+    for ax in axes:
         ax.set_xlabel("step")
         ax.set_xlim(left=0)
         ax.grid(True, which="both", alpha=0.3)
@@ -571,6 +613,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the training set, its order, the rotations and the init; the held-out set is fixed")
     parser.add_argument("--out", default="fastequiv-out", help="folder for log.csv and decomposition.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--diagnostics", type=int, default=0, metavar="STEPS",
+                        help="every STEPS steps, log the cosine of the gradients of L_mean and L_equiv and the top "
+                             "Hessian eigenvalue of each (fe.diagnostics; 0: off, the default)")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -648,7 +693,8 @@ def main(args: argparse.Namespace) -> int:
     res = run(steps=args.steps, samples=args.samples, equiv_weight=args.equiv_weight, device=args.device,
               seed=args.seed, out=args.out, batch_size=args.batch_size, eval_every=args.eval_every,
               held_out=args.held_out, lr=args.lr, progress=not args.no_progress, train_size=args.train_size,
-              ema=args.ema, ema_decay=args.ema_decay, train_eval=args.train_eval, data=args.data, announce=announce)
+              ema=args.ema, ema_decay=args.ema_decay, train_eval=args.train_eval, data=args.data, announce=announce,
+              diagnostics=args.diagnostics)
     train = {r[0]: r for r in res["train"]}
     print(f"{'':>17}{'held-out':^37}" + (f"   {'training set (' + str(len(res['datasets'].train_eval[1])) + ')':^37}"
                                             if train else ""))
@@ -663,6 +709,10 @@ def main(args: argparse.Namespace) -> int:
         print(line)
     for line in summary(res, ema=args.ema):
         print(line)
+    if args.diagnostics:
+        print(f"{'step':>6} {'cos(grad L_mean, grad L_equiv)':>32} {'top eig L_mean':>15} {'top eig L_equiv':>16}")
+        for r in res["dynamics"]:
+            print(f"{r['step']:>6} {r['cos']:>32.3f} {r['top_eig_mean']:>15.4g} {r['top_eig_equiv']:>16.4g}")
     # the first evaluation after which pct stays below 5% up to the end
     below: Optional[int] = None
     for step, *_, pct in res["heldout"]:

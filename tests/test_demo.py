@@ -186,3 +186,21 @@ def test_data_file_structures_are_read_split_and_trained_on(tmp_path, capsys):
     with open(tmp_path / "out" / "log.csv") as fh:
         held = [r for r in csv.DictReader(fh) if r["split"] == "heldout"]
     assert held and all(math.isfinite(float(r["total"])) for r in held)
+
+
+def test_diagnostics_are_logged_beside_the_decomposition(tmp_path):
+    """--diagnostics: the gradient cosine and top Hessian eigenvalues of the evaluated (EMA)
+    model, every few steps, in the CSV and the returned curves; the EMA copy keeps no
+    gradient flags afterwards."""
+    res = _tiny(tmp_path, steps=4, eval_every=4, diagnostics=2, plot=True)
+    dyn = res["dynamics"]
+    assert [r["step"] for r in dyn] == [0, 2, 4]
+    for r in dyn:
+        assert -1.0 <= r["cos"] <= 1.0 and r["norm_mean"] > 0 and r["norm_equiv"] > 0
+        assert r["top_eig_mean"] > 0 and r["top_eig_equiv"] > 0
+    assert not any(p.requires_grad for p in res["ema_model"].parameters())
+    with open(res["csv"]) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "dynamics"]
+    assert len(rows) == 3 and float(rows[0]["top_eig_equiv"]) == pytest.approx(dyn[0]["top_eig_equiv"])
+    with pytest.raises(ValueError, match="diagnostics"):
+        _tiny(tmp_path, diagnostics=-1)
