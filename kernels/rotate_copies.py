@@ -34,6 +34,7 @@ from .triton_common import (
     matvec_t,
     row_block,
     sample_of,
+    to_store,
 )
 
 
@@ -61,7 +62,7 @@ def _rotate_rows_kernel(x_ptr, M_ptr, sample_ptr, center_ptr, out_ptr, N, B, K, 
             y = matvec(load_tile(M_ptr, k * B + s, rmask, 0, 0, D, BLOCK_D), x)
             if HAS_CENTER:
                 y = y + c
-            tl.store(out_ptr + k * copy_stride + offs, y.to(out_ty), mask=tmask)
+            tl.store(out_ptr + k * copy_stride + offs, to_store(y, out_ty), mask=tmask)
     else:
         # a wide row: output chunk i0 of copy k is the sum over column chunks j0
         for k in range(K):
@@ -79,7 +80,7 @@ def _rotate_rows_kernel(x_ptr, M_ptr, sample_ptr, center_ptr, out_ptr, N, B, K, 
                     y += matvec(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), xj)
                 if HAS_CENTER:
                     y = y + tl.load(center_ptr + s[:, None] * D + ci[None, :], mask=imask, other=0.0)
-                tl.store(out_ptr + k * copy_stride + row_off + ci[None, :], y.to(out_ty), mask=imask)
+                tl.store(out_ptr + k * copy_stride + row_off + ci[None, :], to_store(y, out_ty), mask=imask)
 
 
 @triton.jit

@@ -81,11 +81,21 @@ def check_sample(sample: torch.Tensor | None, N: int, P: int, B: int | None = No
     if sample is None:
         if P < 0 or (P == 0 and N > 0):
             raise ValueError(f"P must be >= 1 in the dense layout (sample=None) with N={N} rows, got P={P}")
-        if B is not None and N != B * P:
-            raise ValueError(f"dense layout: N={N} rows must be B*P = {B}*{P}")
+        if B is not None and N > 0 and not (B - 1) * P < N <= B * P:
+            raise ValueError(f"dense layout: N={N} rows must be B*P = {B}*{P}, or fewer in the last sample only")
         return
     if sample.dtype != torch.int64 or tuple(sample.shape) != (N,):
         raise ValueError(f"sample must be an int64 tensor of shape ({N},), got {sample.dtype} {tuple(sample.shape)}")
+
+
+@triton.jit
+def to_store(v, out_ty: tl.constexpr):
+    """``v`` in ``out_ty`` for a store: 16-bit outputs go through float32 (Triton's CPU
+    interpreter turns float64 into bfloat16 as zeros; on a GPU this rounds as directly,
+    but for rare double-rounding ties)."""
+    if out_ty.primitive_bitwidth == 16:
+        v = v.to(tl.float32)
+    return v.to(out_ty)
 
 
 @triton.jit

@@ -49,6 +49,7 @@ from .triton_common import (
     matvec_t,
     row_block,
     sample_of,
+    to_store,
 )
 
 
@@ -101,8 +102,8 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
         # lane -> (sample of this program, position in the sample's chunk)
         s_dense = (pid // n_chunks) * BLOCK_S + lane // BLOCK_P
         p = (pid % n_chunks) * BLOCK_P + lane % BLOCK_P
-        rmask = (s_dense < B) & (p < P)
         rows = s_dense * P + p
+        rmask = (s_dense < B) & (p < P) & (rows < N)  # the last sample may be short
     s = sample_of(rows, rmask, sample_ptr, P, GRAPH)
     cols = tl.arange(0, BLOCK_D)
     row_off = tl.cast(rows, tl.int64)[:, None] * D
@@ -208,7 +209,7 @@ def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, t
             else:
                 a = matvec_t(Mt, o)
             ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN)
-            tl.store(grad_out_ptr + k * copy_stride + offs, matvec(Mt, ga).to(out_ty), mask=tmask)
+            tl.store(grad_out_ptr + k * copy_stride + offs, to_store(matvec(Mt, ga), out_ty), mask=tmask)
     else:
         # a wide row, per copy in two passes over its column chunks: dL/da_k into the
         # program's rows of the scratch ``work`` (acc), then M_k dL/da_k chunk by chunk
@@ -232,7 +233,7 @@ def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, t
                     cj = j0 + cols
                     ga = tl.load(work_ptr + row_off + cj[None, :], mask=rmask[:, None] & (cj[None, :] < D), other=0.0)
                     acc += matvec(load_tile(M_ptr, mat, rmask, i0, j0, D, BLOCK_D), ga)
-                tl.store(grad_out_ptr + k * copy_stride + row_off + ci[None, :], acc.to(out_ty),
+                tl.store(grad_out_ptr + k * copy_stride + row_off + ci[None, :], to_store(acc, out_ty),
                          mask=rmask[:, None] & (ci[None, :] < D))
             tl.debug_barrier()  # the next copy overwrites work
 
@@ -309,6 +310,9 @@ def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Ten
     grad_out = torch.empty(K, N, d, dtype=out.dtype, device=out.device)
     if grad_out.numel() == 0:
         return grad_out
+    acc = M.dtype  # the kernel reads the mean and the incoming gradients in the accumulation dtype
+    mean, grad_sums = mean.to(acc), grad_sums.to(acc)
+    grad_mean = None if grad_mean is None else grad_mean.to(acc)
     grad_mean, grad_sums, out, M, target, sample, center, mean = (
         contiguous(t) for t in (grad_mean, grad_sums, out, M, target, sample, center, mean))
     valid_u8 = None if valid is None else contiguous(valid).view(torch.uint8)

@@ -596,9 +596,8 @@ def _irreps_cases(device, sizes) -> Iterator[Case]:
 
                 impl, role = _fe(b)
                 yield Case(impl=impl, role=role, setup=setup, **common)
-                if b != "torch":
-                    yield Case(impl=f"{impl}, dense D (previous path)", role="peer",
-                               setup=lambda s=setup: _dense_irreps(s()), **common)
+                yield Case(impl=f"{impl.replace(' (reference)', '')}, dense D (previous path)", role="peer",
+                           setup=lambda s=setup: _dense_irreps(s()), **common)
 
 
 OPS = {
