@@ -108,7 +108,8 @@ def test_demo_command_writes_its_log_and_plot(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "fastequiv", "demo", "--steps", "24", "--batch-size", "8", "--eval-every", "12",
            "--held-out", "16", "--train-size", "40", "--train-eval", "10", "--out", str(out), "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"},
+                         cwd=tmp_path)  # the installed package, not the checkout
     assert res.returncode == 0, res.stderr
     assert str(out / "log.csv") in res.stdout and str(out / "decomposition.png") in res.stdout
     assert "40 training clusters, 16 held-out clusters" in res.stdout

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def sm90():
     if not cuobjdump.exists():
         pytest.skip("this triton ships no NVIDIA toolchain (cuobjdump) to compile for sm_90 with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tempfile.gettempdir())  # the installed package, not the checkout
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -534,6 +536,7 @@ def test_compiled_triton_step_runs_on_its_first_call():
     if INTERPRETER:
         env["TRITON_INTERPRET"] = "1"
     res = subprocess.run([sys.executable, "-c", _COMPILE_TRITON], capture_output=True, text=True, env=env,
+                         cwd=tempfile.gettempdir(),
                          timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -77,7 +78,8 @@ def test_compile_fullgraph_works_on_the_first_call_in_a_fresh_process():
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tempfile.gettempdir())  # the installed package, not the checkout
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
