@@ -319,7 +319,7 @@ def test_bad_inputs():
 def test_import_fastequiv_does_not_import_ase():
     import subprocess
     import sys
-import tempfile
+    import tempfile
 
     code = "import sys, fastequiv; assert 'ase' not in sys.modules and 'fastequiv.ase' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())
