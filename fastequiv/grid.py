@@ -106,6 +106,20 @@ def permute_flip(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     differentiable = torch.is_grad_enabled() and x.requires_grad  # out= gathers do not record autograd
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
     dst = out.view(rows, x.shape[1], n ** 3)
+    copies = rows // B
+    if copies * B == rows and all(len(set(keys[k * B:(k + 1) * B])) == 1 for k in range(copies)):
+        # the K copies of a twirl (every copy one element for the whole batch): one gather
+        elements = tuple(keys[k * B] for k in range(copies))
+        cache_key = ("stack", elements, n, str(x.device))
+        if cache_key not in _CUBE_INDEX:
+            _CUBE_INDEX[cache_key] = torch.stack([cube_index(e, n, x.device) for e in elements])
+        index = _CUBE_INDEX[cache_key]
+        shape = (copies,) + tuple(src.shape)
+        source, index = src.unsqueeze(0).expand(shape), index[:, None, None, :].expand(shape)
+        if differentiable:
+            return torch.gather(source, 3, index).reshape(out.shape)
+        torch.gather(source, 3, index, out=dst.view(shape))
+        return out
     parts, r = [], 0
     while r < rows:
         whole = r % B == 0 and r + B <= rows and len(set(keys[r:r + B])) == 1
