@@ -121,6 +121,8 @@ def rotate_rows(x: torch.Tensor, M: torch.Tensor, sample: Optional[torch.Tensor]
         raise ValueError(f"x must have shape (N, d), got {tuple(x.shape)}")
     N, d = x.shape
     _check_M(M, d)
+    if x.dtype == torch.float64 and M.dtype != torch.float64:
+        raise ValueError(f"M: expected float64 (the accumulation dtype) for float64 x, got {M.dtype}")
     K, B = M.shape[:2]
     check_sample(sample, N, P)
     check_rows(N, K, d)

@@ -243,3 +243,23 @@ def test_batch_indices_outside_the_samples_raise_on_every_backend(backend, bad):
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         fe.equivariance_error(lambda pos, batch, num_graphs: pos, {"pos": x, "batch": batch, "num_graphs": 2}, x,
                               spec=spec, backend=backend)
+
+
+# bad input the backends must refuse alike ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_float64_rows_with_float32_matrices_are_refused(backend):
+    from fastequiv.backends import registry as reg
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    M = torch.randn(2, 2, 3, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        reg.resolve("rotate_rows", backend, "cpu")[1](x, M, None, 3, None)
+
+
+def test_a_seed_that_is_not_a_device_tensor_is_a_value_error():
+    from fastequiv.ops.random_rotations import random_rotations_seeded
+
+    for seed in (7, torch.tensor(7.0), torch.tensor([7])):
+        with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor"):
+            random_rotations_seeded(4, seed, "SO3", torch.float32, backend="cpu")

@@ -78,6 +78,9 @@ def random_rotations_seeded(n: int, seed: torch.Tensor, group: str, dtype: torch
     ``group`` is ``"SO3"``, ``"O3"`` or a finite group (a uniform element index from the
     first Philox word, as in :func:`fastequiv.random_rotations`).
     """
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.dim() != 0:
+        got = f"{seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else repr(seed)
+        raise ValueError(f"seed must be an int64 0-dim tensor (seed_tensor() makes one), got {got}")
     name = registry.resolve_name("random_rotations_seeded", backend, seed.device)
     if groups.is_finite_group(group):
         # a finite-group draw is an index gather: nothing for a kernel to fuse
