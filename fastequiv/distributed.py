@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .estimators import Decomposition, Terms
+from .estimators import Decomposition, Terms, combined_per_sample
 
 __all__ = ["all_reduce", "is_distributed"]
 
@@ -85,14 +85,10 @@ def all_reduce(d: Decomposition, *, valid: Optional[torch.Tensor] = None, head_v
     if d.heads and d.weights:
         # the top level is the weighted sum of the global head means (estimators.combine); its
         # per-sample terms are rebuilt with the global numbers of valid samples
-        per = []
-        for t in range(3):
-            acc = 0
-            for i, (part, v) in enumerate(parts[1:], start=1):
-                x = part.per_sample[t]
-                acc = acc + d.weights[list(d.heads)[i - 1]] * torch.where(v, x, torch.zeros_like(x)) * (n[0] / n[i])
-            per.append(acc)
-        parts[0] = (dataclasses.replace(d, per_sample=Terms(*per)), top_valid)
+        names = list(d.heads)
+        per = combined_per_sample(d.heads, d.weights, {h: parts[i][1] for i, h in enumerate(names, start=1)}, n[0],
+                                  {h: n[i] for i, h in enumerate(names, start=1)})
+        parts[0] = (dataclasses.replace(d, per_sample=per), top_valid)
         weights = torch.tensor([d.weights[h] for h in d.heads], dtype=dtype, device=means.device)
         means = torch.cat([(weights[:, None] * means[1:]).sum(0, keepdim=True), means[1:]])
 

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Terms", "Decomposition", "decompose", "combine"]
+__all__ = ["Terms", "Decomposition", "decompose", "combine", "combined_per_sample"]
 
 
 class Terms(NamedTuple):
@@ -184,6 +184,22 @@ def decompose(
     return _finish(Terms(total, mean, equiv), count > 0, K, exact, exhaustive)
 
 
+def combined_per_sample(heads: dict, weights: dict, head_valid: dict, n: torch.Tensor, counts: dict) -> Terms:
+    """The top level's per-sample terms ``sum_h weights[h] (n / counts[h]) v_h[b]`` (a head
+    adds nothing where the sample is masked out), whose mean over the ``n`` samples valid
+    in any head is the weighted sum of the heads' means over their ``counts[h]`` valid
+    samples. :func:`combine` passes one process's counts; :func:`fastequiv.distributed.all_reduce`
+    the global ones."""
+    terms = []
+    for t in Terms._fields:
+        total = 0
+        for h, d in heads.items():
+            x = getattr(d.per_sample, t)
+            total = total + weights[h] * torch.where(head_valid[h], x, torch.zeros_like(x)) * (n / counts[h])
+        terms.append(total)
+    return Terms(*terms)
+
+
 def combine(heads: dict, weights: dict, head_valid: dict) -> Decomposition:
     """Weighted sum of per-head decompositions.
 
@@ -200,17 +216,10 @@ def combine(heads: dict, weights: dict, head_valid: dict) -> Decomposition:
     for v in head_valid.values():
         valid = v if valid is None else valid | v
     dtype = first.per_sample.total.dtype
-    n = valid.sum().to(dtype)  # an int count: divided as is, it would round in float32
-    per_sample = []
-    for t in Terms._fields:
-        total = 0
-        for h, d in heads.items():
-            v = head_valid[h]
-            x = torch.where(v, getattr(d.per_sample, t), torch.zeros_like(getattr(d.per_sample, t)))
-            total = total + weights[h] * x * (n / v.sum().to(dtype))
-        per_sample.append(total)
+    # int counts: divided as they are, they would round in float32
+    counts = {h: v.sum().to(dtype) for h, v in head_valid.items()}
     return _finish(
-        Terms(*per_sample),
+        combined_per_sample(heads, weights, head_valid, valid.sum().to(dtype), counts),
         valid,
         first.samples,
         all(d.exact for d in heads.values()),
