@@ -252,7 +252,7 @@ class GraphLayout:
             return found[0]
         if not found:
             raise ValueError(f"{name} has {rows} rows in dim 0; the graph batch has {what}")
-        base = str(rep).removeprefix("Rep(").removesuffix(")").strip("'") if rep is not None else "scalar"
+        base = rep.name if rep is not None else "scalar"
         options = " or ".join(f"'{base}@{lvl}'" for lvl in found)
         raise ValueError(f"{name} has {rows} rows in dim 0, which is the number of {' and of '.join(l + 's' for l in found)} "
                          f"in this graph batch: declare where its rows live in the spec, {options}")

@@ -79,10 +79,14 @@ class Rep:
         else:
             self.dim = None  # scalars: any last dim
 
+    @property
+    def name(self) -> str:
+        """How a spec names this rep, without its level: ``"vector"``, ``"cell"``, ``"1x0e+1x1o"``."""
+        return str(self.irreps) if self.kind == "irreps" else "cell" if self.cell else self.kind
+
     def __repr__(self) -> str:
-        name = str(self.irreps) if self.kind == "irreps" else "cell" if self.cell else self.kind
         at = f"@{self.level}" if self.level and not self.cell else ""
-        return f"Rep({name + at!r})"
+        return f"Rep({self.name + at!r})"
 
     def _id(self):
         return self.kind, str(self.irreps), self.level, self.cell
@@ -95,8 +99,7 @@ class Rep:
 
     def at(self, level: str) -> "Rep":
         """This rep with its rows declared to live at ``level`` of a graph batch."""
-        rep = Rep(self.kind, self.irreps, level, self.cell)
-        return rep
+        return Rep(self.kind, self.irreps, level, self.cell)
 
     def check(self, x: torch.Tensor, name: str) -> None:
         """Raise a ValueError naming ``name`` unless ``x`` can carry this rep."""
