@@ -81,6 +81,15 @@ def info(args) -> int:
     return 0
 
 
+def _documented(sub, name: str, module, func, help: str) -> None:
+    """A subcommand whose ``--help`` shows its module's docstring and whose options the
+    module adds (``module.add_arguments``)."""
+    parser = sub.add_parser(name, help=help, description=module.__doc__.replace("``", "").replace("::\n", ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(func=func)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastequiv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,12 +101,9 @@ def main(argv=None) -> int:
     dm.set_defaults(func=demo)
     from .bench import cli as bench_cli
 
-    bn = sub.add_parser("bench", help="time the fused ops against the torch reference, e3nn and plain loops, and "
-                                      "what logging equivariance error adds to a training step; table, JSON, plots",
-                        description=bench_cli.__doc__.replace("``", "").replace("::\n", ""),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_cli.add_arguments(bn)
-    bn.set_defaults(func=bench)
+    _documented(sub, "bench", bench_cli, bench,
+                "time the fused ops against the torch reference, e3nn and plain loops, and what logging "
+                "equivariance error adds to a training step; table, JSON, plots")
     ex = sub.add_parser("example", help="train a small model and print its loss decomposition")
     ex.add_argument("--steps", type=int, default=400)
     ex.add_argument("--samples", type=int, default=2, help="K, rotated copies per sample in the training loss")
@@ -106,12 +112,9 @@ def main(argv=None) -> int:
     ex.set_defaults(func=example)
     from . import check as check_cli
 
-    ck = sub.add_parser("check", help="every backend that can run here against the torch reference; PASS/FAIL "
-                                      "per op and backend, non-zero exit on a failure",
-                        description=check_cli.__doc__.replace("``", "").replace("::\n", ""),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    check_cli.add_arguments(ck)
-    ck.set_defaults(func=check)
+    _documented(sub, "check", check_cli, check,
+                "every backend that can run here against the torch reference; PASS/FAIL per op and backend, "
+                "non-zero exit on a failure")
     sub.add_parser("info", help="print what this install was built with").set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)
