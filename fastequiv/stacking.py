@@ -286,7 +286,6 @@ class Stacked:
     inputs: Inputs
     K: int
     exhaustive: bool
-    backend: str = "auto"
 
     @property
     def R(self) -> torch.Tensor:
@@ -305,4 +304,4 @@ def stack(model: Callable, inputs, spec: Spec, K: int, exhaustive: bool, *, mask
     names, values = stack_copies(batch, action, backend)
     out = call_model(model, spec, batch, names, values, K, chunk_size)
     heads = split_heads(out, spec, batch, K, check_finite)
-    return Stacked(action, heads, batch, K, exhaustive, backend)
+    return Stacked(action, heads, batch, K, exhaustive)
