@@ -5,8 +5,12 @@ exhaustive twirl (the 24 rotations of the cube) makes every rank's rotations the
 the union's, so the comparison is exact, standard errors included.
 """
 
+import faulthandler
 import os
 import socket
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,9 +68,27 @@ def _values(d):
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def _worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+# A hang must end as a report, never as a stalled test run: the rendezvous has a timeout, a
+# rank that stops moving prints its stack and exits, and the parent gives up at DEADLINE.
+CONNECT_TIMEOUT, RANK_TIMEOUT, DEADLINE = 60, 150, 180
+
+
+def _worker(rank, world, path):
+    faulthandler.dump_traceback_later(RANK_TIMEOUT, exit=True)
+    stage = Path(path) / f"rank{rank}.stage"
+    stage.write_text("connecting")
+    # no TCP store (a file), and gloo's pairs on the loopback interface: by default gloo
+    # connects through whatever address the hostname resolves to, which a sandbox may not route
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=CONNECT_TIMEOUT))
+        dist.barrier()
+    except Exception as e:  # torch's rendezvous, before any fastequiv code runs
+        stage.write_text(f"not connected: {type(e).__name__}: {e}")
+        return
+    stage.write_text("connected")
     try:
         inputs, target, mask = _data()
         inputs, target, mask = _shard(inputs, rank), _shard(target, rank), _shard(mask, rank)
@@ -81,17 +103,44 @@ def _worker(rank, world, port, path):
                     "grads": grads}, os.path.join(path, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _stages(path, world):
+    files = [Path(path) / f"rank{r}.stage" for r in range(world)]
+    return [f.read_text() if f.exists() else "not started" for f in files]
+
+
+def _run_ranks(world, path):
+    """Run `_worker` on `world` processes. Skip only where torch's own rendezvous could not
+    connect them (the machine cannot run this test); fail on anything after that."""
+    ctx = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False, start_method="spawn")
+    deadline, error = time.monotonic() + DEADLINE, None
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                error = f"the ranks were still running after {DEADLINE} s"
+                break
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        error = e.msg
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    stages = _stages(path, world)
+    if "not started" in stages:
+        pytest.fail(f"a rank failed before it reached the rendezvous: {error}")
+    unconnected = [s for s in stages if s != "connected"]
+    if unconnected:
+        why = "a rank was stuck in the rendezvous" if unconnected[0] == "connecting" else unconnected[0]
+        pytest.skip(f"gloo could not connect {world} local processes here: {why}")
+    if error is not None:
+        pytest.fail(f"a rank failed after the process group connected: {error}")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_two_ranks_report_the_decomposition_of_the_union(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _run_ranks(2, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     inputs, target, mask = _data()
