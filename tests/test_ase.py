@@ -322,4 +322,4 @@ def test_import_fastequiv_does_not_import_ase():
     import tempfile
 
     code = "import sys, fastequiv; assert 'ase' not in sys.modules and 'fastequiv.ase' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir(), timeout=300)

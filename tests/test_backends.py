@@ -144,7 +144,7 @@ def test_cupy_sources_build_without_the_fp16_headers(tmp_path):
         ptx = tmp_path / (source + ".ptx")
         cmd = ["nvcc", "-std=c++17", "-arch=sm_80", "-DFE_NO_CUDA_FP16_HEADERS", f"-I{SOURCE_DIR}",
                f"-I{csrc}", "-ptx", str(SOURCE_DIR / source), "-o", str(ptx)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         entries |= set(re.findall(r"\.entry (\w+)\(", ptx.read_text()))
     assert kernel_names() <= entries, sorted(kernel_names() - entries)

@@ -145,7 +145,7 @@ def compile_one(fn, sig, consts):
     seconds = time.perf_counter() - start
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, timeout=120).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return {"seconds": seconds, "registers": int(m.group(1)), "stack": int(m.group(2))}
 
