@@ -109,9 +109,10 @@ def philox_words(n: int, seed, offset: int, device=None) -> torch.Tensor:
     """Philox words ``(n, 4)`` of rotations ``offset .. offset + n - 1``, keyed by ``seed``:
     a Python int, or an int64 0-dim tensor read where it lives (no host sync, so it works
     under CUDA-graph capture and ``torch.compile``; the words are made on its device)."""
+    check_offset(offset, n)
     if isinstance(seed, torch.Tensor):
         device = seed.device
-    idx = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
+    idx = torch.arange(n, device=device, dtype=torch.int64) + offset  # offset + n may be 2**63
     zeros = torch.zeros_like(idx)
     counter = torch.stack([idx & _MASK32, idx >> 32, zeros, zeros], dim=-1)
     return philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
@@ -137,6 +138,7 @@ def random_quaternions(
     """``n`` Haar-uniform unit quaternions ``(n, 4)`` as ``(w, x, y, z)``: rotations
     ``offset .. offset + n - 1`` of the stream keyed by ``seed`` (see module docs)."""
     check_count(n)
+    check_offset(offset, n)
     seed = resolve_seed(seed, generator)
     q = _shoemake(philox_words(n, seed, offset, device))
     return q.to(dtype or torch.get_default_dtype())
@@ -203,6 +205,16 @@ def orientation(R: torch.Tensor) -> torch.Tensor:
 def check_count(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
+
+
+def check_offset(offset, n: int) -> None:
+    """A stream position: rotations ``offset .. offset + n - 1`` must have counters below
+    2**63 (int64 on every backend; a larger one would wrap on some and not on others)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if offset + n > 2**63:
+        raise ValueError(f"offset: rotations offset .. offset + n - 1 must lie below 2**63, got offset={offset} "
+                         f"with n={n}")
 
 
 def is_finite_group(group: str) -> bool:

@@ -116,6 +116,8 @@ def test_finite_group_sampling_draws_elements_uniformly():
         (dict(seed=1.5), "seed"),
         (dict(group="SU2"), "group"),
         (dict(offset=-3), "offset"),
+        (dict(offset=2**63 - 2), "offset"),  # rotations 2**63 - 2 .. 2**63: the last one is past int64
+        (dict(offset=2**63), "offset"),
         (dict(dtype=torch.int32), "dtype"),
         (dict(backend="fast"), "backend"),
         (dict(seed=1, generator=torch.Generator()), "not both"),
@@ -151,7 +153,7 @@ def test_auto_uses_the_compiled_kernel_on_cpu():
 @pytest.mark.parametrize("group", ["SO3", "O3", "octahedral"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float64, 1e-14), (torch.bfloat16, 1e-2)],
                          ids=["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("n,offset", [(0, 0), (1, 0), (257, 3), (33, 2**32 - 5)])
+@pytest.mark.parametrize("n,offset", [(0, 0), (1, 0), (257, 3), (33, 2**32 - 5), (3, 2**63 - 3)])
 def test_backends_match_the_reference(backend, group, dtype, atol, n, offset):
     device = device_of(backend)
     ref = fe.random_rotations(n, seed=77, offset=offset, group=group, dtype=torch.float64, backend="torch")
@@ -164,7 +166,7 @@ def test_backends_match_the_reference(backend, group, dtype, atol, n, offset):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 5, 2**63 - 1])
-@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**40 + 3])
+@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**40 + 3, 2**63 - 37])
 @pytest.mark.parametrize("improper", [False, True])
 def test_seeded_kernel_is_the_reference_stream(seed, offset, improper, backend):
     dev = device_of(backend)

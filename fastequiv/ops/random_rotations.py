@@ -81,6 +81,7 @@ def random_rotations_seeded(n: int, seed: torch.Tensor, group: str, dtype: torch
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.dim() != 0:
         got = f"{seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else repr(seed)
         raise ValueError(f"seed must be an int64 0-dim tensor (seed_tensor() makes one), got {got}")
+    groups.check_offset(offset, n)
     name = registry.resolve_name("random_rotations_seeded", backend, seed.device)
     if groups.is_finite_group(group):
         # a finite-group draw is an index gather: nothing for a kernel to fuse
@@ -119,8 +120,7 @@ def random_rotations(
     """
     groups.check_count(n)
     groups.check_group(group)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    groups.check_offset(offset, n)
     seed = groups.resolve_seed(seed, generator)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or torch.get_default_dtype()
