@@ -115,9 +115,77 @@ def test_bound_on_l_equiv_is_tight_for_spin_one_and_holds_otherwise():
             assert (d.per_sample.equiv < bound - 1e-9).all()
 
 
+class AutogradForces(nn.Module):
+    """An energy that is not rotation invariant and its forces by autograd (``-dE/dpos``),
+    as interatomic potentials compute them."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+    def forward(self, pos):
+        pos = pos.requires_grad_(True)
+        energy = self.net(pos - pos.mean(1, keepdim=True)).sum((1, 2))
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
+        return {"energy": energy[:, None], "forces": -grad}
+
+
+def _twisted_forces(model, pos, R):
+    """(energy, forces) of the model on pos turned by R about each centroid, forces turned back."""
+    c = pos.mean(1, keepdim=True)
+    with torch.enable_grad():
+        out = model((pos - c) @ R.T + c)
+    return out["energy"].detach(), out["forces"].detach() @ R
+
+
+@pytest.mark.parametrize("grad_enabled", [False, True])
+def test_autograd_forces_forward_over_reverse_match_central_differences(grad_enabled):
+    torch.manual_seed(0)
+    model = AutogradForces().eval()
+    pos = torch.randn(3, 5, 3, dtype=DT)
+    spec = fe.Spec(inputs={"pos": "position"}, output={"energy": "scalar", "forces": "vector"}, model_grad=True)
+    with torch.set_grad_enabled(grad_enabled):
+        lie = fe.lie_derivative(model, {"pos": pos}, spec=spec)
+        central = fe.lie_derivative(model, {"pos": pos}, spec=spec, method="central")
+    # measured without gradients: nothing holds a graph; with them, the energy keeps its graph
+    # to the parameters (the forces too only if the model builds one: create_graph in training)
+    assert lie["energy"].requires_grad == grad_enabled and (grad_enabled or not lie["forces"].requires_grad)
+    h = 1e-5
+    for i in range(3):
+        (ep, fp), (em, fm) = _twisted_forces(model, pos, rotation(i, h)), _twisted_forces(model, pos, rotation(i, -h))
+        torch.testing.assert_close(lie["forces"][i].detach(), (fp - fm) / (2 * h), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(lie["energy"][i].detach(), (ep - em) / (2 * h), rtol=1e-6, atol=1e-8)
+    assert lie["forces"].abs().max() > 1e-2  # a dropped tangent would read as equivariant
+    for k in ("energy", "forces"):
+        torch.testing.assert_close(central[k].detach(), lie[k].detach(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("rep_in, rep_out", [("position", "vector"), ("1x0e + 1x1o + 1x2e", "1x1o + 1x2e")])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 3e-4)], ids=["float64", "float32"])
+def test_central_differences_match_forward_mode(rep_in, rep_out, dtype, tol):
+    spec = fe.Spec(inputs=rep_in, output=rep_out)
+    din = spec.inputs.dim or 3
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(din, 16), nn.Tanh(), nn.Linear(16, spec.output.dim)).to(dtype)
+    x = torch.randn(3, 5, din, dtype=dtype)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    exact = fe.lie_derivative(net, x, spec=spec, mask=mask)
+    central = fe.lie_derivative(net, x, spec=spec, mask=mask, method="central")
+    assert central.dtype == exact.dtype and central.shape == exact.shape
+    assert exact.abs().max() > 0.1
+    torch.testing.assert_close(central, exact, rtol=tol, atol=tol)
+    assert (central[:, 1, 3:] == 0).all()
+
+
 def test_errors():
     spec = fe.Spec(inputs="vector", output="vector")
     with pytest.raises(ValueError, match="spec"):
         fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec="vector")
     with pytest.raises(ValueError, match="rows"):
         fe.lie_derivative(lambda v: v[:1], torch.zeros(2, 3), spec=spec)
+    with pytest.raises(ValueError, match="method"):
+        fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec=spec, method="fd")
+    for step, method in ((1e-3, "jvp"), (0.0, "central"), (2.0, "central"), (True, "central")):
+        with pytest.raises(ValueError, match="step"):
+            fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec=spec, method=method, step=step)
