@@ -8,7 +8,6 @@ them.
 """
 
 import pytest
-import torch
 
 from fastequiv.bench.step import STEP_SIZES, VARIANTS, StepBench
 
