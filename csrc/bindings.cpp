@@ -594,6 +594,7 @@ nb::dict build_info() {
     info["openmp"] = false;
 #endif
     info["compiler"] = compiler();
+    info["cpu_capability"] = std::string(fastequiv::cpu_capability());
     return info;
 }
 
@@ -604,7 +605,7 @@ NB_MODULE(_C, m) {
 
     m.def("build_info", &build_info,
           "What this build contains: {'cuda': bool, 'cuda_archs': [str], 'openmp': bool, "
-          "'compiler': str}.");
+          "'compiler': str, 'cpu_capability': str}.");
 
     m.def("philox4x32_10", &philox4x32_10, nb::arg("counter"), nb::arg("key"),
           "Philox-4x32-10 of a 4-word counter under a 2-word key (Random123); for tests.");

@@ -20,4 +20,7 @@ const char* reduce_rows_cpu(const ReduceRowsArgs& args);
 const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& args);
 void wigner_blocks_cpu(const WignerBlocksArgs& args);
 
+// The CPU variant the row kernels run: "avx2" or "default" (csrc/cpu_dispatch.cpp).
+const char* cpu_capability();
+
 }  // namespace fastequiv

@@ -7,6 +7,14 @@
 // reduce_rows sums per sample: every thread adds its rows into its own (3, B) partial
 // sums (in double), then the partials are added in thread order, so the result does not
 // depend on timing.
+//
+// This file is compiled once per CPU variant (CMakeLists.txt): FASTEQUIV_CPU_VARIANT names
+// the namespace of its entry points (cpu_default; cpu_avx2 with -mavx2 on x86-64), and
+// csrc/cpu_dispatch.cpp picks one at run time. No variant enables FMA contraction, so they
+// agree bit for bit.
+#if !defined(FASTEQUIV_CPU_VARIANT)
+#define FASTEQUIV_CPU_VARIANT cpu_default
+#endif
 #include <algorithm>
 #include <vector>
 
@@ -319,6 +327,92 @@ void reduce_rows_impl(const ReduceRowsArgs& a) {
     combine_partials(partial, nt, B, sums);
 }
 
+// reduce_rows_backward for dense rows of three components, in tiles of rows of one sample,
+// as component arrays (see rotate_rows_dense3): the target, the twirled mean, grad_mean and
+// each copy's rows are split once, and the loops over the tile's rows vectorise. The
+// arithmetic per element is reduce_row_backward's, in its order.
+template <typename TO, typename TY, typename Acc>
+void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
+    constexpr int T = 128;
+    const RowLayout L = a.rows;
+    const int64_t N = L.N, P = L.P, B = L.B, K = L.K;
+    const TO* out = static_cast<const TO*>(a.out);
+    const Acc* M = static_cast<const Acc*>(a.M);
+    const TY* y = static_cast<const TY*>(a.target);
+    const Acc* c = static_cast<const Acc*>(a.center);
+    const Acc* mean = static_cast<const Acc*>(a.mean);
+    const Acc* gm = static_cast<const Acc*>(a.grad_mean);
+    const Acc* gs = static_cast<const Acc*>(a.grad_sums);
+    TO* go = static_cast<TO*>(a.grad_out);
+    const int64_t per_sample = (P + T - 1) / T;
+    const int64_t samples = std::min(B, (N + P - 1) / P);
+    const int64_t tiles = samples * per_sample;
+    const bool parallel = K * N * 3 >= kParallelElements;
+    const Acc two_over_k = static_cast<Acc>(2.0 / K);
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp parallel if (parallel)
+#endif
+    {
+        Acc yt[3][T], ab[3][T], gmk[3][T], g0[T], g1[T], g2[T], u[3][T], ga[3][T];
+#if defined(FASTEQUIV_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t s = t / per_sample;
+            const int64_t r0 = s * P + (t % per_sample) * T;
+            const int n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+            for (int j = 0; j < n; ++j) {
+                const bool valid = !a.valid || a.valid[r0 + j];
+                g0[j] = valid ? gs[s] : Acc(0);
+                g1[j] = valid ? gs[B + s] : Acc(0);
+                g2[j] = valid ? gs[2 * B + s] : Acc(0);
+                for (int i = 0; i < 3; ++i) {
+                    yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
+                    ab[i][j] = mean[(r0 + j) * 3 + i];
+                    gmk[i][j] = gm ? gm[(r0 + j) * 3 + i] / static_cast<Acc>(K) : Acc(0);
+                }
+            }
+            for (int64_t k = 0; k < K; ++k) {
+                const Acc* mk = M + (k * B + s) * 9;
+                const Acc* ck = c + (k * B + s) * 3;
+                const TO* ot = out + (k * N + r0) * 3;
+                TO* gk = go + (k * N + r0) * 3;
+                for (int j = 0; j < n; ++j) {
+                    for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
+                }
+                for (int i = 0; i < 3; ++i) {
+                    const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
+                    for (int j = 0; j < n; ++j) {
+                        Acc av = 0;
+                        av += m0 * u[0][j];
+                        av += m1 * u[1][j];
+                        av += m2 * u[2][j];
+                        av += ci;
+                        Acc v = two_over_k * (g0[j] * (av - yt[i][j]) + g1[j] * (ab[i][j] - yt[i][j]) +
+                                              g2[j] * (av - ab[i][j]));
+                        if (gm) v += gmk[i][j];
+                        ga[i][j] = v;
+                    }
+                }
+                for (int i = 0; i < 3; ++i) {
+                    const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2];
+                    for (int j = 0; j < n; ++j) {
+                        Acc v = 0;
+                        v += m0 * ga[0][j];
+                        v += m1 * ga[1][j];
+                        v += m2 * ga[2][j];
+                        u[i][j] = v;  // u is free again: the gradient, component-wise
+                    }
+                }
+                for (int j = 0; j < n; ++j) {
+                    for (int i = 0; i < 3; ++i) gk[j * 3 + i] = from_acc<TO>(u[i][j]);
+                }
+            }
+        }
+    }
+    (void)parallel;
+}
+
 template <int D, typename TO, typename TY, typename Acc>
 void reduce_rows_backward_impl(const ReduceRowsBackwardArgs& a) {
     const RowLayout L = a.rows;
@@ -354,6 +448,8 @@ void reduce_rows_backward_impl(const ReduceRowsBackwardArgs& a) {
 }
 
 }  // namespace
+
+namespace FASTEQUIV_CPU_VARIANT {
 
 const char* rotate_rows_cpu(const RotateRowsArgs& a) {
     if (const char* err = check_sample_indices(a.rows)) return err;
@@ -406,6 +502,10 @@ const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
+                if (a.rows.d == 3 && !a.rows.sample && a.rows.P > 0) {  // dense (P = 0: graph)
+                    reduce_rows_backward_dense3<decltype(to), decltype(ty), decltype(acc)>(a);
+                    return;
+                }
                 with_row_dim(a.rows.d, [&](auto D) {
                     reduce_rows_backward_impl<decltype(D)::value, decltype(to), decltype(ty), decltype(acc)>(a);
                 });
@@ -415,4 +515,5 @@ const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& a) {
     return nullptr;
 }
 
+}  // namespace FASTEQUIV_CPU_VARIANT
 }  // namespace fastequiv

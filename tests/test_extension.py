@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -88,7 +91,8 @@ def draw(C, n, seed, offset=0, improper=False, dtype=np.float64):
 
 def test_native_build_info(C):
     info = C.build_info()
-    assert set(info) == {"cuda", "cuda_archs", "openmp", "compiler"}
+    assert set(info) == {"cuda", "cuda_archs", "openmp", "compiler", "cpu_capability"}
+    assert info["cpu_capability"] in ("default", "avx2")
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
     assert isinstance(info["compiler"], str) and info["compiler"]
     assert isinstance(info["cuda_archs"], list) and all(isinstance(a, str) for a in info["cuda_archs"])
@@ -109,12 +113,69 @@ def test_build_info():
     if info["extension"]:
         assert info["extension_error"] is None
     assert info["torch_cuda"] == torch.cuda.is_available()
+    assert info["cpu_capability"] in (("default", "avx2") if info["extension"] else (None,))
     # every backend either runs here or says why not
     assert set(info["backends"]) | set(info["unavailable"]) == {"torch", "cpu", "cuda", "triton", "cupy"}
     assert not set(info["backends"]) & set(info["unavailable"])
     assert all(isinstance(why, str) and why for why in info["unavailable"].values())
     if not info["torch_cuda"]:
         assert "cuda" in info["unavailable"]
+
+
+# The row kernels over dense and graph rows, every row width branch, both float types, with
+# and without centres and masks; run in this process and under FASTEQUIV_CPU_CAPABILITY.
+_VARIANT_CODE = """
+import torch
+import fastequiv._C as C
+
+def run():
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        for d, P, sample in ((3, 301, None), (3, 0, "graph"), (1, 7, None), (5, 9, None)):
+            K, B = 3, 4
+            N = B * P - 1 if P else 37
+            s = None if sample is None else torch.randint(0, B, (N,), generator=g)
+            x = torch.randn(N, d, generator=g, dtype=dtype)
+            M = torch.randn(K, B, d, d, generator=g, dtype=dtype)
+            out = torch.randn(K, N, d, generator=g, dtype=dtype)
+            y = torch.randn(N, d, generator=g, dtype=dtype)
+            centre = torch.randn(K, B, d, generator=g, dtype=dtype)
+            valid = torch.rand(N, generator=g) > 0.3
+            gsums = torch.randn(3, B, generator=g, dtype=dtype)
+            gmean = torch.randn(N, d, generator=g, dtype=dtype)
+            key = f"{dtype}-{d}-{P}"
+            rot = torch.empty(K, N, d, dtype=dtype)
+            C.rotate_rows_cpu(x, M, s, P, centre[0], rot)
+            back = torch.empty(N, d, dtype=dtype)
+            C.rotate_rows_backward_cpu(out, M, s, P, back)
+            mean, sums = torch.empty(N, d, dtype=dtype), torch.zeros(3, B, dtype=dtype)
+            C.reduce_rows_cpu(out, M, y, s, P, valid, centre, mean, sums)
+            grad = torch.empty(K, N, d, dtype=dtype)
+            C.reduce_rows_backward_cpu(gmean, gsums, out, M, y, s, P, valid, centre, mean, grad)
+            results.update({key + "/rotate": rot, key + "/rotate_backward": back, key + "/mean": mean,
+                            key + "/sums": sums, key + "/reduce_backward": grad})
+    return results
+"""
+
+
+def test_cpu_variants_agree_bit_for_bit(C, tmp_path):
+    """The AVX2 build of the row kernels and the baseline build (forced with
+    FASTEQUIV_CPU_CAPABILITY=default) give the same bits: no variant contracts to FMA."""
+    if C.build_info()["cpu_capability"] == "default":
+        pytest.skip("this build or CPU has no AVX2 variant to compare with the baseline")
+    code = _VARIANT_CODE + f"\nprint(C.build_info()['cpu_capability'])\ntorch.save(run(), {str(tmp_path / 'base.pt')!r})\n"
+    env = {**os.environ, "FASTEQUIV_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "2"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tempfile.gettempdir())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["default"]
+    scope = {}
+    exec(_VARIANT_CODE, scope)
+    mine, base = scope["run"](), torch.load(tmp_path / "base.pt")
+    assert set(mine) == set(base) and len(mine) == 40
+    for key in mine:
+        assert torch.equal(mine[key], base[key]), key
 
 
 def test_built_with_cuda_when_nvcc_is_available():

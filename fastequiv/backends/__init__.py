@@ -38,6 +38,8 @@ def build_info() -> dict:
     ``"extension_error"`` (why not, or ``None``), ``"cuda"`` (bool: ``fastequiv._C`` was
     built with its CUDA kernels; they run only where torch also sees a GPU),
     ``"cuda_archs"`` (list of str, e.g. ``["80", "90"]``), ``"openmp"`` (bool),
+    ``"cpu_capability"`` (the build of the CPU row kernels that runs: ``"avx2"`` or
+    ``"default"``; ``None`` without the extension),
     ``"torch_cuda"`` (bool: torch sees a CUDA device), ``"backends"`` (the backends that
     can run here, by the same checks ``backend=`` uses: always ``"torch"``; ``"cpu"`` with
     the extension; ``"cuda"`` when built with CUDA and a GPU is visible; ``"triton"`` when
@@ -59,6 +61,7 @@ def build_info() -> dict:
         "cuda": bool(native_info.get("cuda", False)),
         "cuda_archs": list(native_info.get("cuda_archs", [])),
         "openmp": bool(native_info.get("openmp", False)),
+        "cpu_capability": native_info.get("cpu_capability"),
         "torch_cuda": torch.cuda.is_available(),
         "backends": backends,
         "unavailable": why_not,
