@@ -464,6 +464,42 @@ void wigner_blocks_cpu(Array R, int lmax, Array term_index, Array term_coef, Arr
     fastequiv::wigner_blocks_cpu(a);
 }
 
+// The exact path of voxels_resample: x (B, C, n, n, n) float32/float64, M int32 (rows, 9)
+// signed permutations (rows a multiple of B), out (rows, C, n, n, n) in x's dtype.
+void cube_copies_cpu(Array x, Array M, Array out) {
+    Target t = cpu_target();
+    t.on_device(x, "x");
+    t.on_device(M, "M");
+    t.on_device(out, "out");
+    if (x.ndim() != 5 || x.shape(2) != x.shape(3) || x.shape(3) != x.shape(4)) {
+        throw nb::value_error(("x: expected shape (B, C, n, n, n), got " + describe_shape(x)).c_str());
+    }
+    const fastequiv::Dtype dt = float_dtype(x, "x", false);
+    const int64_t B = x.shape(0), C = x.shape(1), n = x.shape(2);
+    check_array(x, "x", "(B, C, n, n, n)", {B, C, n, n, n});
+    if (M.dtype() != nb::dtype<int32_t>() || M.ndim() != 2) {
+        throw nb::value_error(("M: expected an int32 array of shape (rows, 9), got " + describe_dtype(M.dtype()) +
+                               " of shape " + describe_shape(M))
+                                  .c_str());
+    }
+    const int64_t rows = M.shape(0);
+    check_array(M, "M", "(rows, 9)", {rows, 9});
+    if (rows > 0 && (B == 0 || rows % B != 0)) {
+        throw nb::value_error(("M: expected a multiple of B = " + std::to_string(B) + " rows, got " +
+                               std::to_string(rows))
+                                  .c_str());
+    }
+    check_array(out, "out", "(rows, C, n, n, n)", {rows, C, n, n, n});
+    check_dtype(out, "out", dt, float_dtype(out, "out", false), "x");
+    const fastequiv::CubeCopiesArgs a{dt, x.data(), static_cast<const int32_t*>(M.data()), B, C, n, rows, out.data()};
+    const char* err;
+    {
+        nb::gil_scoped_release release;
+        err = fastequiv::cube_copies_cpu(a);
+    }
+    if (err) throw nb::value_error(err);
+}
+
 #if defined(FASTEQUIV_WITH_CUDA)
 Target cuda_target() { return Target{nb::device::cuda::value, "CUDA device", true}; }
 
@@ -647,6 +683,9 @@ NB_MODULE(_C, m) {
           nb::arg("term_coef"), nb::arg("term_start"), nb::arg("out"),
           "Packed Wigner-D blocks D_0 .. D_lmax (e3nn basis) of proper rotations R (n, 3, 3) into out (n, S), "
           "from the Ivanic-Ruedenberg term table (see kernels/wigner.cuh).");
+    m.def("cube_copies_cpu", &cube_copies_cpu, nb::arg("x"), nb::arg("M"), nb::arg("out"),
+          "The cube-group copies of voxel grids: out[r] = x[r mod B] moved by the signed permutation M[r] "
+          "(int32 (rows, 9), row-major): out[q] = x[M^T (q - c) + c] for every voxel q (centre c).");
 #if defined(FASTEQUIV_WITH_CUDA)
     m.def("rotate_rows_cuda", &rotate_rows_cuda, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),
           nb::arg("P"), nb::arg("center"), nb::arg("out"), nb::arg("stream") = 0,

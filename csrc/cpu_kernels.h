@@ -19,6 +19,8 @@ const char* rotate_rows_backward_cpu(const RotateRowsBackwardArgs& args);
 const char* reduce_rows_cpu(const ReduceRowsArgs& args);
 const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& args);
 void wigner_blocks_cpu(const WignerBlocksArgs& args);
+// The exact path of voxels_resample (csrc/voxels_cpu.cpp); nullptr, or what is wrong with M.
+const char* cube_copies_cpu(const CubeCopiesArgs& args);
 
 // The CPU variant the row kernels run: "avx2" or "default" (csrc/cpu_dispatch.cpp).
 const char* cpu_capability();

@@ -82,4 +82,14 @@ struct WignerBlocksArgs {
     void* out;
 };
 
+// out (rows, C, n^3) = x (B, C, n^3) of sample r mod B moved by the cube-group element
+// M[r] (int32 (rows, 9), a signed permutation, row-major): out[q] = x[M^T (q - c) + c].
+struct CubeCopiesArgs {
+    Dtype type;  // of x and out: f32 or f64
+    const void* x;
+    const int32_t* M;
+    int64_t B, C, n, rows;
+    void* out;
+};
+
 }  // namespace fastequiv

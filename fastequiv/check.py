@@ -53,7 +53,7 @@ CHECKS = ("random_rotations", "rotate_rows", "rotate_rows_bwd", "reduce_rows", "
 _OP_OF = {"random_rotations": "random_rotations_seeded", "rotate_rows": "rotate_rows",
           "rotate_rows_bwd": "rotate_rows_backward", "reduce_rows": "reduce_rows",
           "reduce_rows_bwd": "reduce_rows_backward", "graph_atomics": "reduce_rows", "wigner_blocks": "wigner_blocks",
-          "voxels": "voxels_reduce", "opcheck": "rotate_rows", "compile": "reduce_rows", "cuda_graph": "reduce_rows"}
+          "voxels": "voxels_resample", "opcheck": "rotate_rows", "compile": "reduce_rows", "cuda_graph": "reduce_rows"}
 # error relative to the reference's magnitude, by the dtype of the values compared
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -305,6 +305,8 @@ def _voxel_inputs(ctx: Context, exact: bool, dtype: torch.dtype):
 
 
 def check_voxels(ctx: Context, backend: str) -> Iterator[Case]:
+    from .backends import registry
+
     for exact in (True, False):
         for dtype in (torch.float32, torch.bfloat16):
             v = _voxel_inputs(ctx, exact, dtype)
@@ -312,6 +314,8 @@ def check_voxels(ctx: Context, backend: str) -> Iterator[Case]:
             args = (v["x"], v["M"], v["vec"], exact)
             yield Case("resample " + label, rel_err(_impl("voxels_resample", backend)(*args),
                                                     _ref("voxels_resample")(*_cpu(args))), TOL[dtype])
+            if backend not in registry.implemented("voxels_reduce"):
+                continue  # the cpu backend has the copies only
             Mk = v["M"].reshape(v["K"], v["B"], 3, 3).transpose(-1, -2).contiguous()
             for w in (None, v["w"]):
                 args = (v["out"], Mk, v["y"], w, v["vec"], exact)
@@ -353,10 +357,14 @@ def check_opcheck(ctx: Context, backend: str) -> Iterator[Case]:
     from .backends import registry
 
     cases = list(_opcheck_args(ctx, backend))
+    if backend in registry.implemented("voxels_resample"):
+        # trilinear only: the exact path reads its cube elements on the host, which tracing
+        # with fake tensors (opcheck's AOT tests) cannot
+        v = _voxel_inputs(ctx, False, torch.float32)
+        cases.append(("voxels_resample", (v["x"].clone().requires_grad_(), v["M"], v["vec"], False, backend)))
     if backend in registry.implemented("voxels_reduce"):
         v = _voxel_inputs(ctx, False, torch.float32)
         Mk = v["M"].reshape(v["K"], v["B"], 3, 3).transpose(-1, -2).contiguous()
-        cases.append(("voxels_resample", (v["x"].clone().requires_grad_(), v["M"], v["vec"], False, backend)))
         cases.append(("voxels_reduce", (v["out"].clone().requires_grad_(), Mk, v["y"].clone().requires_grad_(),
                                         v["w"], v["vec"], False, backend)))
     for name, args in cases:

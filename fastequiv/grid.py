@@ -66,12 +66,19 @@ def resample_acc(x: torch.Tensor, M: torch.Tensor, vec: torch.Tensor, exact: boo
         theta = torch.cat([P @ M.transpose(1, 2) @ P, M.new_zeros(rows, 3, 1)], dim=2)
         grid = F.affine_grid(theta, [rows, Cp, n, n, n], align_corners=True)
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    if vec.numel():
-        chans = (vec.long()[:, None] + torch.arange(3, device=x.device)).reshape(-1)
-        v = out[:, chans].reshape(rows, vec.numel(), 3, n, n, n)
-        mixed = torch.einsum("rab,rgbijk->rgaijk", M, v).reshape(rows, 3 * vec.numel(), n, n, n)
-        out = out.index_copy(1, chans, mixed)
-    return out
+    return mix_vectors(out, M, vec)
+
+
+def mix_vectors(out: torch.Tensor, M: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """The vector channels of moved grids ``out`` ``(rows, C', n, n, n)`` turned by their
+    row's ``M`` (the channels of vector ``g`` are ``vec[g] .. vec[g] + 2``)."""
+    if not vec.numel():
+        return out
+    rows, n = out.shape[0], out.shape[-1]
+    chans = (vec.long()[:, None] + torch.arange(3, device=out.device)).reshape(-1)
+    v = out[:, chans].reshape(rows, vec.numel(), 3, n, n, n)
+    mixed = torch.einsum("rab,rgbijk->rgaijk", M, v).reshape(rows, 3 * vec.numel(), n, n, n)
+    return out.index_copy(1, chans, mixed)
 
 
 _CUBE_INDEX: dict = {}

@@ -46,12 +46,14 @@ left the grid and blurs the rest. Under SO(3) even the identity model then has
 ``L_equiv > 0``. :func:`interpolation_floor` measures that floor on the same inputs and
 rotations; report it next to a model's ``L_equiv`` (under the cube group it is 0).
 
-Backends: ``"torch"`` (the reference, :mod:`fastequiv.grid`: ``torch.permute``/``torch.flip``
-for cube elements, one batched ``F.grid_sample`` call otherwise) and ``"triton"``
-(``kernels/voxels.py``: K rotated copies written in one pass, and the back-resampling of
-the outputs fused with the twirl reduction). ``"auto"`` uses Triton on CUDA tensors. The
-Triton kernels have no backward of their own: gradients are those of the torch reference,
-recomputed in the backward pass (:mod:`fastequiv.ops.voxels`).
+Backends: ``"torch"`` (the reference, :mod:`fastequiv.grid`: one index gather per cube
+element, one batched ``F.grid_sample`` call otherwise), ``"triton"`` (``kernels/voxels.py``:
+K rotated copies written in one pass, and the back-resampling of the outputs fused with
+the twirl reduction) and, for the copies only, ``"cpu"`` (the cube-group copies as strided
+copies in C++, ``csrc/voxels_cpu.cpp``; off the cube group it runs the reference's
+``grid_sample``). ``"auto"`` uses Triton on CUDA tensors and, for the copies, the C++
+kernel on CPU tensors. The kernels have no backward of their own: gradients are those of
+the torch reference, recomputed in the backward pass (:mod:`fastequiv.ops.voxels`).
 
 This module is the public face of voxel grids: the rep :class:`Voxels` (defined with the
 other reps in :mod:`fastequiv.reps`), the ops :func:`rotate`, :func:`rotate_copies` and

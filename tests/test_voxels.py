@@ -3,8 +3,10 @@
 on every backend that has them against the torch reference (the Triton kernels run in
 Triton's CPU interpreter in CI), and the API on grid models.
 
-The voxel ops have a torch reference and Triton kernels (kernels/voxels.py); the other
-backends have none, and say so (test_other_backends_have_no_voxel_kernels).
+The voxel ops have a torch reference and Triton kernels (kernels/voxels.py); the cpu
+backend has the copies only (its exact path is a C++ kernel, csrc/voxels_cpu.cpp; its
+trilinear path is the reference's grid_sample); the other backends have none, and say so
+(test_other_backends_have_no_voxel_kernels).
 """
 
 import itertools
@@ -21,6 +23,9 @@ from fastequiv.backends import registry
 
 BACKENDS = backend_params("torch", "triton")
 KERNELS = backend_params("triton")
+# the copies (voxels_resample) have a cpu kernel too
+COPY_BACKENDS = backend_params("torch", "cpu", "triton")
+COPY_KERNELS = backend_params("cpu", "triton")
 CUBE = ["octahedral", "octahedral_O3"]
 
 
@@ -73,7 +78,7 @@ def test_octahedral_O3_is_the_rotations_then_the_rotations_times_the_inversion()
 
 # -- the exact action ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COPY_BACKENDS)
 @pytest.mark.parametrize("n", [4, 5])
 @pytest.mark.parametrize("group", CUBE)
 def test_cube_action_is_the_matrix_action_on_coordinates(group, n, backend):
@@ -167,7 +172,7 @@ def test_trilinear_is_exact_on_linear_fields_inside_and_at_cube_elements():
     torch.testing.assert_close(got[inside], want[inside])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COPY_BACKENDS)
 def test_trilinear_path_moves_cube_elements_exactly(backend):
     """Forced onto the trilinear path, cube elements move voxels too: exactly in the kernel,
     which computes the source points in voxel units, to rounding through grid_sample's
@@ -178,17 +183,26 @@ def test_trilinear_path_moves_cube_elements_exactly(backend):
     vec = torch.tensor([1], dtype=torch.int32, device=dev)
     impl = registry.resolve("voxels_resample", backend, dev)[1]
     torch.testing.assert_close(impl(xs, G, vec, False), impl(xs, G, vec, True), rtol=0,
-                               atol={"torch": 1e-14, "triton": 0}[backend])
+                               atol={"torch": 1e-14, "cpu": 1e-14, "triton": 0}[backend])
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu", "cuda", "cupy"))
 def test_other_backends_have_no_voxel_kernels(backend):
     x, R = torch.zeros(2, 1, 3, 3, 3), torch.eye(3).expand(2, 3, 3)
-    for op in ("voxels_resample", "voxels_reduce"):
+    missing = ("voxels_reduce",) if backend == "cpu" else ("voxels_resample", "voxels_reduce")
+    for op in missing:
         with pytest.raises(fe.BackendUnavailableError, match=f"has no implementation of '{op}'"):
             registry.resolve(op, backend, "cpu")
-    with pytest.raises(fe.BackendUnavailableError, match="voxels_resample"):
-        V.rotate(x, R, backend=backend)
+    with pytest.raises(fe.BackendUnavailableError, match="voxels_reduce"):
+        V.twirl_reduce(x[None], R[None], x, backend=backend)
+    if backend != "cpu":
+        with pytest.raises(fe.BackendUnavailableError, match="voxels_resample"):
+            V.rotate(x, R, backend=backend)
+
+
+def test_auto_picks_the_cpu_copies_kernel_and_the_reference_reduction_on_the_cpu():
+    assert registry.resolve_name("voxels_resample", "auto", torch.device("cpu")) == "cpu"
+    assert registry.resolve_name("voxels_reduce", "auto", torch.device("cpu")) == "torch"
 
 
 # -- the kernels against the reference -------------------------------------------------------
@@ -196,7 +210,7 @@ def test_other_backends_have_no_voxel_kernels(backend):
 REPS = [fe.Voxels(), fe.Voxels(scalars=1, vectors=2), fe.Voxels(scalars=0, vectors=1)]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", COPY_KERNELS)
 @pytest.mark.parametrize("group", ["SO3", "octahedral_O3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rep", REPS, ids=str)
@@ -213,7 +227,7 @@ def test_kernel_rotate_copies_matches_reference(K, B, n, rep, dtype, group, back
     assert_close_dtype(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COPY_BACKENDS)
 def test_rotate_copies_non_contiguous_extra_dims_and_empty(backend):
     dev = device_of(backend)
     rng = torch.Generator().manual_seed(4)
@@ -297,6 +311,55 @@ def test_gradients_are_the_reference_gradients(backend):
     # the reference's own gradients (the Triton path's backward recomputes through it)
     small = x[:1, :, :3, :3, :3].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda v: V.rotate(v, R[0, :1], rep, backend="torch"), (small,))
+
+
+def test_cpu_cube_copies_every_element_odd_sides_and_gradients():
+    """The C++ cube copies against the reference gather: all 48 elements of the cube group
+    with inversions, per row and shared by a batch (the K copies of a twirl), odd and even
+    sides, vector channels; the gradient (the reference's, through the op's autograd) too."""
+    rng = torch.Generator().manual_seed(5)
+    G = fe.group_elements("octahedral_O3", dtype=torch.float64)
+    rep = fe.Voxels(scalars=1, vectors=1)
+    for n, dtype in ((1, torch.float32), (4, torch.float64), (7, torch.float32)):
+        x = _grids(rng, (2, 4, n, n, n)).to(dtype)
+        shared = G[:, None].expand(48, 2, 3, 3)  # copy k of both samples: element k
+        mixed = G[torch.randperm(48, generator=rng)[:12]].reshape(6, 2, 3, 3)  # a new element every row
+        for R in (shared, mixed):
+            want = V.rotate_copies(x, R, rep, backend="torch")
+            got = V.rotate_copies(x, R, rep, backend="cpu")
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x = _grids(rng, (2, 4, 5, 5, 5)).requires_grad_()
+    w = _grids(rng, (12, 4, 5, 5, 5))
+    grads = []
+    for backend in ("torch", "cpu"):
+        (g,) = torch.autograd.grad((V.rotate_copies(x, mixed, rep, backend=backend) * w).sum(), x)
+        grads.append(g)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_cpu_cube_copies_kernel_refuses_bad_arguments():
+    from fastequiv.backends import extension
+
+    C = extension.load()
+    x, out = torch.zeros(2, 1, 3, 3, 3), torch.zeros(2, 1, 3, 3, 3)
+    good = torch.eye(3, dtype=torch.int32).reshape(1, 9).expand(2, 9).contiguous()
+    C.cube_copies_cpu(x, good, out)
+    bad = good.clone()
+    bad[1, 0] = 2
+    with pytest.raises(ValueError, match="signed permutation"):
+        C.cube_copies_cpu(x, bad, out)
+    twice = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 1]] * 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="signed permutation"):
+        C.cube_copies_cpu(x, twice, out)
+    with pytest.raises(ValueError, match="multiple of B"):
+        C.cube_copies_cpu(x, good[:1], out[:1])
+    with pytest.raises(ValueError, match="int32"):
+        C.cube_copies_cpu(x, good.float(), out)
+    with pytest.raises(ValueError, match="out"):
+        C.cube_copies_cpu(x, good, out.double())
+    with pytest.raises(ValueError, match="x: expected"):
+        C.cube_copies_cpu(torch.zeros(2, 1, 3, 3, 4), good, out)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

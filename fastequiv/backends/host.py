@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .. import grid
 from ..groups import refuse_during_capture
 from ..wigner import recursion_terms
 
@@ -185,3 +186,21 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
         "random_rotations_seeded": random_rotations_seeded,
     }
     return impls
+
+
+def voxels_resample(launch: Callable) -> Callable:
+    """``voxels_resample`` with its exact (cube-group) path in the ``cube_copies`` kernel
+    started by ``launch``; the trilinear path is the reference's, torch's ``grid_sample``."""
+
+    def resample(x, M, vec, exact):
+        if not exact or M.shape[0] == 0 or x.numel() == 0:
+            return grid.resample(x, M, vec, exact)
+        acc = M.dtype
+        src = x.to(acc).contiguous()  # what the reference moves: exact in any dtype
+        out = torch.empty((M.shape[0],) + tuple(x.shape[1:]), dtype=acc, device=x.device)
+        elements = M.round().to(torch.int32).reshape(-1, 9).contiguous()
+        launch("cube_copies", x.device, src, elements, out)
+        return grid.mix_vectors(out, M, vec).to(x.dtype)
+
+    return resample
+

@@ -9,7 +9,9 @@ Philox seed is read by the kernel from device memory, and ``reduce_rows``' per-s
 are added with atomics (so they may differ between runs by rounding).
 
 ``backend="auto"`` picks ``"cpu"`` for CPU tensors for every row op (each measured faster
-than the torch reference on a 2-core CPU, see benchmarks/RESULTS.md).
+than the torch reference on a 2-core CPU, see benchmarks/RESULTS.md), and for
+``voxels_resample``, whose exact (cube-group) path is the ``cube_copies`` kernel (its
+trilinear path is the reference's ``grid_sample``; ``voxels_reduce`` has no CPU kernel).
 """
 
 from __future__ import annotations
@@ -62,3 +64,9 @@ for _kind in ("cpu", "cuda"):
 
 for _name in host.ROW_OPS:
     registry.set_auto_order(_name, "cpu", ("cpu",))
+
+# voxel grids: the cube-group copies on the CPU (no CUDA kernel here; Triton has the GPU's)
+_resample = host.voxels_resample(launcher("cpu"))
+_resample.__name__ = _resample.__qualname__ = "voxels_resample_cpu"
+registry.register("voxels_resample", "cpu", available=available("cpu"))(_resample)
+registry.set_auto_order("voxels_resample", "cpu", ("cpu",))

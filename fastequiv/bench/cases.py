@@ -438,7 +438,7 @@ def _voxel_cases(device, sizes) -> Iterator[Case]:
         # back-rotation of K outputs fused with the decomposition sums
         common = dict(op="voxels twirl_reduce", device=device, size=side, unit="side", bytes=4 * cells * (K + 2),
                       params=(("K", K), ("B", B), ("C", C)))
-        for b in impls:
+        for b in ["torch"] + _backends("voxels_reduce", device):
             impl, role = _fe(b)
 
             def setup(b=b, data=data):

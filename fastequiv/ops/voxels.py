@@ -7,7 +7,8 @@ Conventions (axes, centre, channels, the exact cube path and the trilinear path)
 * the references, :func:`fastequiv.grid.resample` and :func:`fastequiv.grid.reduce`
   (pure torch, differentiable), registered as the ``"torch"`` backend;
 * ``torch.ops.fastequiv.voxels_resample`` and ``torch.ops.fastequiv.voxels_reduce``: the
-  same on a compiled backend (the Triton kernels of ``kernels/voxels.py``), with fake
+  same on a compiled backend (the Triton kernels of ``kernels/voxels.py``; for
+  ``voxels_resample`` also the C++ cube copies of the cpu backend), with fake
   implementations and autograd formulas that differentiate the reference (the kernels
   have no backward of their own);
 * the public functions :func:`rotate`, :func:`rotate_copies` and :func:`twirl_reduce`.
@@ -119,7 +120,7 @@ def rotate(x: Tensor, R: Tensor, rep="voxels", *, inverse: bool = False, backend
         R: ``(N, 3, 3)`` orthogonal; exact index gathers when every ``R`` is a symmetry of
             the cube, trilinear resampling otherwise (see :mod:`fastequiv.voxels`).
         rep: a voxel rep (``"voxels"``, :class:`~fastequiv.Voxels`).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``.
     Returns:
         ``(N, ..., C, n, n, n)`` in ``x.dtype``.
     """
