@@ -307,5 +307,7 @@ class Voxels(Rep):
 
     def vector_starts(self, lead: int, C: int, device) -> torch.Tensor:
         """First channel of every vector in the ``lead * C`` flattened channels: int32 ``(G,)``."""
+        if not self.vectors or not lead:  # scalar grids (the common case): one empty tensor
+            return torch.empty(0, dtype=torch.int32, device=device)
         first = self.n_scalars(C) + 3 * torch.arange(self.vectors, device=device, dtype=torch.int32)
         return (first[None, :] + C * torch.arange(lead, device=device, dtype=torch.int32)[:, None]).reshape(-1)
