@@ -112,30 +112,32 @@ def _stages(path, world):
 
 
 def _run_ranks(world, path):
-    """Run `_worker` on `world` processes. Skip only where torch's own rendezvous could not
-    connect them (the machine cannot run this test); fail on anything after that."""
+    """Run `_worker` on `world` processes. Skip only where the machine could not start and
+    connect them (the deadline passed before they connected, or torch's own rendezvous
+    failed); fail where a rank died before its rendezvous or anything went wrong after it."""
     ctx = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False, start_method="spawn")
-    deadline, error = time.monotonic() + DEADLINE, None
+    deadline, error, timed_out = time.monotonic() + DEADLINE, None, False
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                error = f"the ranks were still running after {DEADLINE} s"
+                error, timed_out = f"the ranks were still running after {DEADLINE} s", True
                 break
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        error = e.msg
+        error = e.msg  # an exception, or an exit (a rank's watchdog exits a stuck rank)
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
     stages = _stages(path, world)
-    if "not started" in stages:
-        pytest.fail(f"a rank failed before it reached the rendezvous: {error}")
-    unconnected = [s for s in stages if s != "connected"]
-    if unconnected:
-        why = "a rank was stuck in the rendezvous" if unconnected[0] == "connecting" else unconnected[0]
-        pytest.skip(f"gloo could not connect {world} local processes here: {why}")
-    if error is not None:
-        pytest.fail(f"a rank failed after the process group connected: {error}")
+    if all(s == "connected" for s in stages):
+        if error is not None:
+            pytest.fail(f"a rank failed after the process group connected: {error}")
+        return
+    if "not started" in stages and not timed_out:
+        pytest.fail(f"a rank died before it reached the rendezvous: {error}")
+    refused = [s for s in stages if s.startswith("not connected")]
+    why = refused[0] if refused else f"{error} (each rank: {', '.join(stages)})"
+    pytest.skip(f"gloo could not start and connect {world} local processes here: {why}")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
