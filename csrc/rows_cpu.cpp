@@ -197,10 +197,11 @@ void rotate_rows_backward_impl(const RotateRowsBackwardArgs& a) {
     (void)parallel;
 }
 
-// reduce_rows for dense rows of three components, in tiles of rows of one sample: the K
-// matrices are fixed across a tile and the loops over its rows vectorise. The arithmetic
-// per row and copy is the shared back_rotate_component; the K copies are back-rotated
-// twice (for the mean, then for the deviations), from a tile that stays in cache.
+// reduce_rows for dense rows of three components, in tiles of rows of one sample. Each
+// copy's rows are split into component arrays and back-rotated once (the loops over the
+// tile's rows vectorise); the K back-rotated tiles stay in a per-thread buffer for the
+// second pass (the deviations from the twirled mean, so the spread has no cancellation).
+// The arithmetic per element is back_rotate_component's, in its order.
 template <typename TO, typename TY, typename Acc>
 void reduce_rows_dense3(const ReduceRowsArgs& a) {
     constexpr int T = 128;
@@ -223,7 +224,8 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
 #endif
     {
         double* local = partial.data() + static_cast<size_t>(thread_id()) * 3 * B;
-        Acc abar[3][T], yt[3][T], total[T], spread[T];
+        std::vector<Acc> back(static_cast<size_t>(K) * 3 * T);  // the K back-rotated tiles
+        Acc abar[3][T], yt[3][T], u[3][T], total[T], spread[T];
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp for schedule(static)
 #endif
@@ -242,34 +244,42 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
             for (int64_t k = 0; k < K; ++k) {
                 const Acc* mk = M + (k * B + s) * 9;
                 const Acc* ck = c + (k * B + s) * 3;
-                const TO* ok = out + (k * N + r0) * 3;
+                const TO* ot = out + (k * N + r0) * 3;
+                for (int j = 0; j < n; ++j) {
+                    for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
+                }
+                Acc* bk = back.data() + k * 3 * T;
+                for (int i = 0; i < 3; ++i) {
+                    const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
+                    Acc* bi = bk + i * T;
+                    for (int j = 0; j < n; ++j) {
+                        Acc v = 0;
+                        v += m0 * u[0][j];
+                        v += m1 * u[1][j];
+                        v += m2 * u[2][j];
+                        v += ci;
+                        bi[j] = v;
+                        abar[i][j] += v;
+                    }
+                }
                 for (int j = 0; j < n; ++j) {
                     Acc e2 = 0;
-                    for (int i = 0; i < 3; ++i) {
-                        const Acc v = back_rotate_component<3>(ok + j * 3, mk, ck, 3, i);
-                        abar[i][j] += v;
-                        e2 += (v - yt[i][j]) * (v - yt[i][j]);
-                    }
+                    for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - yt[i][j]) * (bk[i * T + j] - yt[i][j]);
                     total[j] += e2;
                 }
             }
             const Acc inv_k = Acc(1) / static_cast<Acc>(K);
+            for (int i = 0; i < 3; ++i) {
+                for (int j = 0; j < n; ++j) abar[i][j] *= inv_k;
+            }
             for (int j = 0; j < n; ++j) {
-                for (int i = 0; i < 3; ++i) {
-                    abar[i][j] *= inv_k;
-                    mean[(r0 + j) * 3 + i] = abar[i][j];
-                }
+                for (int i = 0; i < 3; ++i) mean[(r0 + j) * 3 + i] = abar[i][j];
             }
             for (int64_t k = 0; k < K; ++k) {
-                const Acc* mk = M + (k * B + s) * 9;
-                const Acc* ck = c + (k * B + s) * 3;
-                const TO* ok = out + (k * N + r0) * 3;
+                const Acc* bk = back.data() + k * 3 * T;
                 for (int j = 0; j < n; ++j) {
                     Acc e2 = 0;
-                    for (int i = 0; i < 3; ++i) {
-                        const Acc e = back_rotate_component<3>(ok + j * 3, mk, ck, 3, i) - abar[i][j];
-                        e2 += e * e;
-                    }
+                    for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - abar[i][j]) * (bk[i * T + j] - abar[i][j]);
                     spread[j] += e2;
                 }
             }
