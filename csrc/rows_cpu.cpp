@@ -96,6 +96,20 @@ void combine_partials(const std::vector<double>& partial, int threads, int64_t B
     }
 }
 
+// The dense layout in tiles of at most T rows of one sample each (P rows a sample; the
+// last sample may be short): tile t is rows r0 .. r0 + n - 1 of sample s.
+struct DenseTiles {
+    int64_t N, P, T, per_sample, count;
+    DenseTiles(const RowLayout& L, int64_t tile)
+        : N(L.N), P(L.P), T(tile), per_sample((L.P + tile - 1) / tile),
+          count(std::min(L.B, (L.N + L.P - 1) / L.P) * per_sample) {}
+    void at(int64_t t, int64_t& s, int64_t& r0, int& n) const {
+        s = t / per_sample;
+        r0 = s * P + (t % per_sample) * T;
+        n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+    }
+};
+
 template <int D, typename TX, typename Acc>
 void rotate_rows_impl(const RotateRowsArgs& a) {
     const RowLayout L = a.rows;
@@ -125,14 +139,12 @@ template <typename TX, typename Acc>
 void rotate_rows_dense3(const RotateRowsArgs& a) {
     constexpr int T = 256;
     const RowLayout L = a.rows;
-    const int64_t N = L.N, P = L.P, B = L.B, K = L.K;
+    const int64_t N = L.N, B = L.B, K = L.K;
     const TX* x = static_cast<const TX*>(a.x);
     const Acc* M = static_cast<const Acc*>(a.M);
     const Acc* c = static_cast<const Acc*>(a.center);
     TX* out = static_cast<TX*>(a.out);
-    const int64_t per_sample = (P + T - 1) / T;
-    const int64_t samples = std::min(B, (N + P - 1) / P);
-    const int64_t tiles = samples * per_sample;
+    const DenseTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp parallel if (parallel)
@@ -142,10 +154,10 @@ void rotate_rows_dense3(const RotateRowsArgs& a) {
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t s = t / per_sample;
-            const int64_t r0 = s * P + (t % per_sample) * T;
-            const int n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+        for (int64_t t = 0; t < tiles.count; ++t) {
+            int64_t s, r0;
+            int n;
+            tiles.at(t, s, r0, n);
             const TX* xt = x + r0 * 3;
             const Acc c0 = c[s * 3], c1 = c[s * 3 + 1], c2 = c[s * 3 + 2];
             for (int j = 0; j < n; ++j) {
@@ -206,16 +218,14 @@ template <typename TO, typename TY, typename Acc>
 void reduce_rows_dense3(const ReduceRowsArgs& a) {
     constexpr int T = 128;
     const RowLayout L = a.rows;
-    const int64_t N = L.N, P = L.P, B = L.B, K = L.K;
+    const int64_t N = L.N, B = L.B, K = L.K;
     const TO* out = static_cast<const TO*>(a.out);
     const Acc* M = static_cast<const Acc*>(a.M);
     const TY* y = static_cast<const TY*>(a.target);
     const Acc* c = static_cast<const Acc*>(a.center);
     Acc* mean = static_cast<Acc*>(a.mean);
     Acc* sums = static_cast<Acc*>(a.sums);
-    const int64_t per_sample = (P + T - 1) / T;
-    const int64_t samples = std::min(B, (N + P - 1) / P);
-    const int64_t tiles = samples * per_sample;
+    const DenseTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
     const int nt = parallel ? max_threads() : 1;
     std::vector<double> partial(static_cast<size_t>(nt) * 3 * B, 0.0);
@@ -229,10 +239,10 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t s = t / per_sample;
-            const int64_t r0 = s * P + (t % per_sample) * T;
-            const int n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+        for (int64_t t = 0; t < tiles.count; ++t) {
+            int64_t s, r0;
+            int n;
+            tiles.at(t, s, r0, n);
             for (int j = 0; j < n; ++j) {
                 for (int i = 0; i < 3; ++i) {
                     abar[i][j] = 0;
@@ -345,7 +355,7 @@ template <typename TO, typename TY, typename Acc>
 void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
     constexpr int T = 128;
     const RowLayout L = a.rows;
-    const int64_t N = L.N, P = L.P, B = L.B, K = L.K;
+    const int64_t N = L.N, B = L.B, K = L.K;
     const TO* out = static_cast<const TO*>(a.out);
     const Acc* M = static_cast<const Acc*>(a.M);
     const TY* y = static_cast<const TY*>(a.target);
@@ -354,9 +364,7 @@ void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
     const Acc* gm = static_cast<const Acc*>(a.grad_mean);
     const Acc* gs = static_cast<const Acc*>(a.grad_sums);
     TO* go = static_cast<TO*>(a.grad_out);
-    const int64_t per_sample = (P + T - 1) / T;
-    const int64_t samples = std::min(B, (N + P - 1) / P);
-    const int64_t tiles = samples * per_sample;
+    const DenseTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
     const Acc two_over_k = static_cast<Acc>(2.0 / K);
 #if defined(FASTEQUIV_OPENMP)
@@ -367,10 +375,10 @@ void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp for schedule(static)
 #endif
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t s = t / per_sample;
-            const int64_t r0 = s * P + (t % per_sample) * T;
-            const int n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+        for (int64_t t = 0; t < tiles.count; ++t) {
+            int64_t s, r0;
+            int n;
+            tiles.at(t, s, r0, n);
             for (int j = 0; j < n; ++j) {
                 const bool valid = !a.valid || a.valid[r0 + j];
                 g0[j] = valid ? gs[s] : Acc(0);
