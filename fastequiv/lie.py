@@ -28,6 +28,10 @@ of ``1/(2n) sum_i ||L_i f(x)||^2`` is a cheap upper estimate of the mean L_equiv
 
 :func:`lie_derivative` returns the three ``L_i f(x)`` themselves; it costs one forward
 pass (with forward-mode AD) over the 3 stacked copies ``x, x, x``, no rotation sampling.
+A model that computes forces as ``-dE/dpos`` is differentiated forward over its backward
+pass; where torch has no forward-mode formula for one of its backward ops (MACE's SiLU),
+``method="central"`` takes central differences of the twisted model instead: one call
+on 6 copies at ``exp(+-h X_i)``.
 The tangents ``drho(X_i) x`` come from differentiating the reference of
 :func:`fastequiv.ops.rotate_copies` at the identity, so every rep, every graph level
 (node, edge, graph, cells) and masks are handled as the measuring functions handle them.
