@@ -1,8 +1,9 @@
 // CPU kernels of the row contract: rotate_rows, rotate_rows_backward, reduce_rows and
 // reduce_rows_backward. Each loops over rows (OpenMP, static schedule) and calls the
 // per-row functions of kernels/twirl_math.cuh that the CUDA kernels call, with the row
-// size fixed at compile time for d = 1 and d = 3; reduce_rows on dense rows of three goes
-// in tiles of rows of one sample instead (reduce_rows_dense3), where the loops vectorise.
+// size fixed at compile time for d = 1 and d = 3. Rows of three (vectors, positions) go in
+// tiles of runs of rows of one sample instead (RowTiles; *_tiled3), split into component
+// arrays, where the loops vectorise.
 //
 // reduce_rows sums per sample: every thread adds its rows into its own (3, B) partial
 // sums (in double), then the partials are added in thread order, so the result does not
@@ -96,19 +97,47 @@ void combine_partials(const std::vector<double>& partial, int threads, int64_t B
     }
 }
 
-// The dense layout in tiles of at most T rows of one sample each (P rows a sample; the
-// last sample may be short): tile t is rows r0 .. r0 + n - 1 of sample s.
-struct DenseTiles {
+// Rows in tiles of at most T, each cut into runs of rows of one sample: fn(s, r0, n) for
+// rows r0 .. r0 + n - 1 of sample s. Dense layout (P rows a sample, the last sample maybe
+// short): a tile is part of one sample. Graph layout: tile t is rows t T .. t T + T - 1,
+// cut where the sample index changes (a sorted batch index, as PyG and MACE batches have,
+// gives one or two runs a tile; an unsorted one runs of a few rows).
+struct RowTiles {
+    const int64_t* sample;
     int64_t N, P, T, per_sample, count;
-    DenseTiles(const RowLayout& L, int64_t tile)
-        : N(L.N), P(L.P), T(tile), per_sample((L.P + tile - 1) / tile),
-          count(std::min(L.B, (L.N + L.P - 1) / L.P) * per_sample) {}
-    void at(int64_t t, int64_t& s, int64_t& r0, int& n) const {
-        s = t / per_sample;
-        r0 = s * P + (t % per_sample) * T;
-        n = static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0);
+    RowTiles(const RowLayout& L, int64_t tile)
+        : sample(L.sample), N(L.N), P(L.P), T(tile),
+          per_sample(L.sample ? 1 : (L.P + tile - 1) / tile),
+          count(L.sample ? (L.N + tile - 1) / tile : std::min(L.B, (L.N + L.P - 1) / L.P) * per_sample) {}
+    template <typename Fn>
+    void each(int64_t t, Fn&& fn) const {
+        if (!sample) {
+            const int64_t s = t / per_sample, r0 = s * P + (t % per_sample) * T;
+            fn(s, r0, static_cast<int>(std::min({r0 + T, (s + 1) * P, N}) - r0));
+            return;
+        }
+        const int64_t end = std::min(t * T + T, N);
+        for (int64_t r = t * T; r < end;) {
+            const int64_t s = sample[r];
+            int64_t q = r + 1;
+            while (q < end && sample[q] == s) ++q;
+            fn(s, r, static_cast<int>(q - r));
+            r = q;
+        }
     }
 };
+
+// Whether the tiled kernels suit this layout: rows of three, dense, or a graph batch whose
+// sample index comes in runs (sorted, as PyG and MACE batches are). Judged on the first
+// rows; an unsorted index (runs of one or two rows) goes row by row, which is faster there.
+bool tiled3(const RowLayout& L) {
+    if (L.d != 3) return false;
+    if (!L.sample) return L.P > 0;  // P = 0: no rows at all
+    const int64_t n = std::min<int64_t>(L.N, 8192);
+    int64_t runs = n > 0;
+    for (int64_t r = 1; r < n; ++r) runs += L.sample[r] != L.sample[r - 1];
+    return runs * 8 <= n;  // runs of 8 rows or more on average
+}
 
 template <int D, typename TX, typename Acc>
 void rotate_rows_impl(const RotateRowsArgs& a) {
@@ -131,12 +160,12 @@ void rotate_rows_impl(const RotateRowsArgs& a) {
     (void)parallel;
 }
 
-// rotate_rows for dense rows of three components, in tiles of rows of one sample. A tile's
+// rotate_rows for rows of three components, in tiles of runs of rows of one sample. A tile's
 // rows are split into three component arrays once (minus the centre) and reused for every
 // copy: the loops over the tile's rows then vectorise, where a loop over rows of three
 // interleaved components does not. The arithmetic per element is rotate_row's, in its order.
 template <typename TX, typename Acc>
-void rotate_rows_dense3(const RotateRowsArgs& a) {
+void rotate_rows_tiled3(const RotateRowsArgs& a) {
     constexpr int T = 256;
     const RowLayout L = a.rows;
     const int64_t N = L.N, B = L.B, K = L.K;
@@ -144,7 +173,7 @@ void rotate_rows_dense3(const RotateRowsArgs& a) {
     const Acc* M = static_cast<const Acc*>(a.M);
     const Acc* c = static_cast<const Acc*>(a.center);
     TX* out = static_cast<TX*>(a.out);
-    const DenseTiles tiles(L, T);
+    const RowTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp parallel if (parallel)
@@ -155,36 +184,35 @@ void rotate_rows_dense3(const RotateRowsArgs& a) {
 #pragma omp for schedule(static)
 #endif
         for (int64_t t = 0; t < tiles.count; ++t) {
-            int64_t s, r0;
-            int n;
-            tiles.at(t, s, r0, n);
-            const TX* xt = x + r0 * 3;
-            const Acc c0 = c[s * 3], c1 = c[s * 3 + 1], c2 = c[s * 3 + 2];
-            for (int j = 0; j < n; ++j) {
-                u0[j] = to_acc<Acc>(xt[j * 3]) - c0;
-                u1[j] = to_acc<Acc>(xt[j * 3 + 1]) - c1;
-                u2[j] = to_acc<Acc>(xt[j * 3 + 2]) - c2;
-            }
-            for (int64_t k = 0; k < K; ++k) {
-                const Acc* mk = M + (k * B + s) * 9;
-                TX* ot = out + (k * N + r0) * 3;
-                for (int i = 0; i < 3; ++i) {
-                    const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2], ci = c[s * 3 + i];
-                    Acc* yi = y + i * T;
+            tiles.each(t, [&](int64_t s, int64_t r0, int n) {
+                const TX* xt = x + r0 * 3;
+                const Acc c0 = c[s * 3], c1 = c[s * 3 + 1], c2 = c[s * 3 + 2];
+                for (int j = 0; j < n; ++j) {
+                    u0[j] = to_acc<Acc>(xt[j * 3]) - c0;
+                    u1[j] = to_acc<Acc>(xt[j * 3 + 1]) - c1;
+                    u2[j] = to_acc<Acc>(xt[j * 3 + 2]) - c2;
+                }
+                for (int64_t k = 0; k < K; ++k) {
+                    const Acc* mk = M + (k * B + s) * 9;
+                    TX* ot = out + (k * N + r0) * 3;
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2], ci = c[s * 3 + i];
+                        Acc* yi = y + i * T;
+                        for (int j = 0; j < n; ++j) {
+                            Acc v = 0;
+                            v += m0 * u0[j];
+                            v += m1 * u1[j];
+                            v += m2 * u2[j];
+                            yi[j] = v + ci;
+                        }
+                    }
                     for (int j = 0; j < n; ++j) {
-                        Acc v = 0;
-                        v += m0 * u0[j];
-                        v += m1 * u1[j];
-                        v += m2 * u2[j];
-                        yi[j] = v + ci;
+                        ot[j * 3] = from_acc<TX>(y[j]);
+                        ot[j * 3 + 1] = from_acc<TX>(y[T + j]);
+                        ot[j * 3 + 2] = from_acc<TX>(y[2 * T + j]);
                     }
                 }
-                for (int j = 0; j < n; ++j) {
-                    ot[j * 3] = from_acc<TX>(y[j]);
-                    ot[j * 3 + 1] = from_acc<TX>(y[T + j]);
-                    ot[j * 3 + 2] = from_acc<TX>(y[2 * T + j]);
-                }
-            }
+            });
         }
     }
     (void)parallel;
@@ -209,13 +237,13 @@ void rotate_rows_backward_impl(const RotateRowsBackwardArgs& a) {
     (void)parallel;
 }
 
-// reduce_rows for dense rows of three components, in tiles of rows of one sample. Each
+// reduce_rows for rows of three components, in tiles of runs of rows of one sample. Each
 // copy's rows are split into component arrays and back-rotated once (the loops over the
 // tile's rows vectorise); the K back-rotated tiles stay in a per-thread buffer for the
 // second pass (the deviations from the twirled mean, so the spread has no cancellation).
 // The arithmetic per element is back_rotate_component's, in its order.
 template <typename TO, typename TY, typename Acc>
-void reduce_rows_dense3(const ReduceRowsArgs& a) {
+void reduce_rows_tiled3(const ReduceRowsArgs& a) {
     constexpr int T = 128;
     const RowLayout L = a.rows;
     const int64_t N = L.N, B = L.B, K = L.K;
@@ -225,7 +253,7 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
     const Acc* c = static_cast<const Acc*>(a.center);
     Acc* mean = static_cast<Acc*>(a.mean);
     Acc* sums = static_cast<Acc*>(a.sums);
-    const DenseTiles tiles(L, T);
+    const RowTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
     const int nt = parallel ? max_threads() : 1;
     std::vector<double> partial(static_cast<size_t>(nt) * 3 * B, 0.0);
@@ -240,71 +268,70 @@ void reduce_rows_dense3(const ReduceRowsArgs& a) {
 #pragma omp for schedule(static)
 #endif
         for (int64_t t = 0; t < tiles.count; ++t) {
-            int64_t s, r0;
-            int n;
-            tiles.at(t, s, r0, n);
-            for (int j = 0; j < n; ++j) {
-                for (int i = 0; i < 3; ++i) {
-                    abar[i][j] = 0;
-                    yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
-                }
-                total[j] = 0;
-                spread[j] = 0;
-            }
-            for (int64_t k = 0; k < K; ++k) {
-                const Acc* mk = M + (k * B + s) * 9;
-                const Acc* ck = c + (k * B + s) * 3;
-                const TO* ot = out + (k * N + r0) * 3;
+            tiles.each(t, [&](int64_t s, int64_t r0, int n) {
                 for (int j = 0; j < n; ++j) {
-                    for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
+                    for (int i = 0; i < 3; ++i) {
+                        abar[i][j] = 0;
+                        yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
+                    }
+                    total[j] = 0;
+                    spread[j] = 0;
                 }
-                Acc* bk = back.data() + k * 3 * T;
-                for (int i = 0; i < 3; ++i) {
-                    const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
-                    Acc* bi = bk + i * T;
+                for (int64_t k = 0; k < K; ++k) {
+                    const Acc* mk = M + (k * B + s) * 9;
+                    const Acc* ck = c + (k * B + s) * 3;
+                    const TO* ot = out + (k * N + r0) * 3;
                     for (int j = 0; j < n; ++j) {
-                        Acc v = 0;
-                        v += m0 * u[0][j];
-                        v += m1 * u[1][j];
-                        v += m2 * u[2][j];
-                        v += ci;
-                        bi[j] = v;
-                        abar[i][j] += v;
+                        for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
+                    }
+                    Acc* bk = back.data() + k * 3 * T;
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
+                        Acc* bi = bk + i * T;
+                        for (int j = 0; j < n; ++j) {
+                            Acc v = 0;
+                            v += m0 * u[0][j];
+                            v += m1 * u[1][j];
+                            v += m2 * u[2][j];
+                            v += ci;
+                            bi[j] = v;
+                            abar[i][j] += v;
+                        }
+                    }
+                    for (int j = 0; j < n; ++j) {
+                        Acc e2 = 0;
+                        for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - yt[i][j]) * (bk[i * T + j] - yt[i][j]);
+                        total[j] += e2;
                     }
                 }
-                for (int j = 0; j < n; ++j) {
-                    Acc e2 = 0;
-                    for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - yt[i][j]) * (bk[i * T + j] - yt[i][j]);
-                    total[j] += e2;
+                const Acc inv_k = Acc(1) / static_cast<Acc>(K);
+                for (int i = 0; i < 3; ++i) {
+                    for (int j = 0; j < n; ++j) abar[i][j] *= inv_k;
                 }
-            }
-            const Acc inv_k = Acc(1) / static_cast<Acc>(K);
-            for (int i = 0; i < 3; ++i) {
-                for (int j = 0; j < n; ++j) abar[i][j] *= inv_k;
-            }
-            for (int j = 0; j < n; ++j) {
-                for (int i = 0; i < 3; ++i) mean[(r0 + j) * 3 + i] = abar[i][j];
-            }
-            for (int64_t k = 0; k < K; ++k) {
-                const Acc* bk = back.data() + k * 3 * T;
                 for (int j = 0; j < n; ++j) {
-                    Acc e2 = 0;
-                    for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - abar[i][j]) * (bk[i * T + j] - abar[i][j]);
-                    spread[j] += e2;
+                    for (int i = 0; i < 3; ++i) mean[(r0 + j) * 3 + i] = abar[i][j];
                 }
-            }
-            double t_sum = 0, b_sum = 0, s_sum = 0;
-            for (int j = 0; j < n; ++j) {
-                if (a.valid && !a.valid[r0 + j]) continue;
-                Acc bias = 0;
-                for (int i = 0; i < 3; ++i) bias += (abar[i][j] - yt[i][j]) * (abar[i][j] - yt[i][j]);
-                t_sum += total[j] * inv_k;
-                b_sum += bias;
-                s_sum += spread[j] * inv_k;
-            }
-            local[s] += t_sum;
-            local[B + s] += b_sum;
-            local[2 * B + s] += s_sum;
+                for (int64_t k = 0; k < K; ++k) {
+                    const Acc* bk = back.data() + k * 3 * T;
+                    for (int j = 0; j < n; ++j) {
+                        Acc e2 = 0;
+                        for (int i = 0; i < 3; ++i) e2 += (bk[i * T + j] - abar[i][j]) * (bk[i * T + j] - abar[i][j]);
+                        spread[j] += e2;
+                    }
+                }
+                double t_sum = 0, b_sum = 0, s_sum = 0;
+                for (int j = 0; j < n; ++j) {
+                    if (a.valid && !a.valid[r0 + j]) continue;
+                    Acc bias = 0;
+                    for (int i = 0; i < 3; ++i) bias += (abar[i][j] - yt[i][j]) * (abar[i][j] - yt[i][j]);
+                    t_sum += total[j] * inv_k;
+                    b_sum += bias;
+                    s_sum += spread[j] * inv_k;
+                }
+                local[s] += t_sum;
+                local[B + s] += b_sum;
+                local[2 * B + s] += s_sum;
+            });
         }
     }
     combine_partials(partial, nt, B, sums);
@@ -347,12 +374,12 @@ void reduce_rows_impl(const ReduceRowsArgs& a) {
     combine_partials(partial, nt, B, sums);
 }
 
-// reduce_rows_backward for dense rows of three components, in tiles of rows of one sample,
-// as component arrays (see rotate_rows_dense3): the target, the twirled mean, grad_mean and
+// reduce_rows_backward for rows of three components, in tiles of runs of rows of one sample,
+// as component arrays (see rotate_rows_tiled3): the target, the twirled mean, grad_mean and
 // each copy's rows are split once, and the loops over the tile's rows vectorise. The
 // arithmetic per element is reduce_row_backward's, in its order.
 template <typename TO, typename TY, typename Acc>
-void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
+void reduce_rows_backward_tiled3(const ReduceRowsBackwardArgs& a) {
     constexpr int T = 128;
     const RowLayout L = a.rows;
     const int64_t N = L.N, B = L.B, K = L.K;
@@ -364,7 +391,7 @@ void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
     const Acc* gm = static_cast<const Acc*>(a.grad_mean);
     const Acc* gs = static_cast<const Acc*>(a.grad_sums);
     TO* go = static_cast<TO*>(a.grad_out);
-    const DenseTiles tiles(L, T);
+    const RowTiles tiles(L, T);
     const bool parallel = K * N * 3 >= kParallelElements;
     const Acc two_over_k = static_cast<Acc>(2.0 / K);
 #if defined(FASTEQUIV_OPENMP)
@@ -376,56 +403,55 @@ void reduce_rows_backward_dense3(const ReduceRowsBackwardArgs& a) {
 #pragma omp for schedule(static)
 #endif
         for (int64_t t = 0; t < tiles.count; ++t) {
-            int64_t s, r0;
-            int n;
-            tiles.at(t, s, r0, n);
-            for (int j = 0; j < n; ++j) {
-                const bool valid = !a.valid || a.valid[r0 + j];
-                g0[j] = valid ? gs[s] : Acc(0);
-                g1[j] = valid ? gs[B + s] : Acc(0);
-                g2[j] = valid ? gs[2 * B + s] : Acc(0);
-                for (int i = 0; i < 3; ++i) {
-                    yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
-                    ab[i][j] = mean[(r0 + j) * 3 + i];
-                    gmk[i][j] = gm ? gm[(r0 + j) * 3 + i] / static_cast<Acc>(K) : Acc(0);
-                }
-            }
-            for (int64_t k = 0; k < K; ++k) {
-                const Acc* mk = M + (k * B + s) * 9;
-                const Acc* ck = c + (k * B + s) * 3;
-                const TO* ot = out + (k * N + r0) * 3;
-                TO* gk = go + (k * N + r0) * 3;
+            tiles.each(t, [&](int64_t s, int64_t r0, int n) {
                 for (int j = 0; j < n; ++j) {
-                    for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
-                }
-                for (int i = 0; i < 3; ++i) {
-                    const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
-                    for (int j = 0; j < n; ++j) {
-                        Acc av = 0;
-                        av += m0 * u[0][j];
-                        av += m1 * u[1][j];
-                        av += m2 * u[2][j];
-                        av += ci;
-                        Acc v = two_over_k * (g0[j] * (av - yt[i][j]) + g1[j] * (ab[i][j] - yt[i][j]) +
-                                              g2[j] * (av - ab[i][j]));
-                        if (gm) v += gmk[i][j];
-                        ga[i][j] = v;
+                    const bool valid = !a.valid || a.valid[r0 + j];
+                    g0[j] = valid ? gs[s] : Acc(0);
+                    g1[j] = valid ? gs[B + s] : Acc(0);
+                    g2[j] = valid ? gs[2 * B + s] : Acc(0);
+                    for (int i = 0; i < 3; ++i) {
+                        yt[i][j] = to_acc<Acc>(y[(r0 + j) * 3 + i]);
+                        ab[i][j] = mean[(r0 + j) * 3 + i];
+                        gmk[i][j] = gm ? gm[(r0 + j) * 3 + i] / static_cast<Acc>(K) : Acc(0);
                     }
                 }
-                for (int i = 0; i < 3; ++i) {
-                    const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2];
+                for (int64_t k = 0; k < K; ++k) {
+                    const Acc* mk = M + (k * B + s) * 9;
+                    const Acc* ck = c + (k * B + s) * 3;
+                    const TO* ot = out + (k * N + r0) * 3;
+                    TO* gk = go + (k * N + r0) * 3;
                     for (int j = 0; j < n; ++j) {
-                        Acc v = 0;
-                        v += m0 * ga[0][j];
-                        v += m1 * ga[1][j];
-                        v += m2 * ga[2][j];
-                        u[i][j] = v;  // u is free again: the gradient, component-wise
+                        for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
+                    }
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
+                        for (int j = 0; j < n; ++j) {
+                            Acc av = 0;
+                            av += m0 * u[0][j];
+                            av += m1 * u[1][j];
+                            av += m2 * u[2][j];
+                            av += ci;
+                            Acc v = two_over_k * (g0[j] * (av - yt[i][j]) + g1[j] * (ab[i][j] - yt[i][j]) +
+                                                  g2[j] * (av - ab[i][j]));
+                            if (gm) v += gmk[i][j];
+                            ga[i][j] = v;
+                        }
+                    }
+                    for (int i = 0; i < 3; ++i) {
+                        const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2];
+                        for (int j = 0; j < n; ++j) {
+                            Acc v = 0;
+                            v += m0 * ga[0][j];
+                            v += m1 * ga[1][j];
+                            v += m2 * ga[2][j];
+                            u[i][j] = v;  // u is free again: the gradient, component-wise
+                        }
+                    }
+                    for (int j = 0; j < n; ++j) {
+                        for (int i = 0; i < 3; ++i) gk[j * 3 + i] = from_acc<TO>(u[i][j]);
                     }
                 }
-                for (int j = 0; j < n; ++j) {
-                    for (int i = 0; i < 3; ++i) gk[j * 3 + i] = from_acc<TO>(u[i][j]);
-                }
-            }
+            });
         }
     }
     (void)parallel;
@@ -473,8 +499,8 @@ const char* rotate_rows_cpu(const RotateRowsArgs& a) {
     if (const char* err = check_sample_indices(a.rows)) return err;
     with_float_type(a.x_type, [&](auto tx) {
         with_float_type(a.acc_type, [&](auto acc) {
-            if (a.rows.d == 3 && !a.rows.sample && a.rows.P > 0) {  // dense (P = 0: graph)
-                rotate_rows_dense3<decltype(tx), decltype(acc)>(a);
+            if (tiled3(a.rows)) {
+                rotate_rows_tiled3<decltype(tx), decltype(acc)>(a);
                 return;
             }
             with_row_dim(a.rows.d, [&](auto D) {
@@ -502,8 +528,8 @@ const char* reduce_rows_cpu(const ReduceRowsArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
-                if (a.rows.d == 3 && !a.rows.sample && a.rows.P > 0) {  // dense (P = 0: graph)
-                    reduce_rows_dense3<decltype(to), decltype(ty), decltype(acc)>(a);
+                if (tiled3(a.rows)) {
+                    reduce_rows_tiled3<decltype(to), decltype(ty), decltype(acc)>(a);
                     return;
                 }
                 with_row_dim(a.rows.d, [&](auto D) {
@@ -520,8 +546,8 @@ const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
-                if (a.rows.d == 3 && !a.rows.sample && a.rows.P > 0) {  // dense (P = 0: graph)
-                    reduce_rows_backward_dense3<decltype(to), decltype(ty), decltype(acc)>(a);
+                if (tiled3(a.rows)) {
+                    reduce_rows_backward_tiled3<decltype(to), decltype(ty), decltype(acc)>(a);
                     return;
                 }
                 with_row_dim(a.rows.d, [&](auto D) {

@@ -116,7 +116,8 @@ class Case:
     """Random inputs of the row contract: K copies, B samples, N rows of d components.
 
     Dense: the last sample is one row short. Graph: sample 1 is empty, the others in random
-    order. With ``mask``, sample 2 is fully masked.
+    order ("graph") or sorted into runs ("graph_sorted"). With ``mask``, sample 2 is fully
+    masked.
     """
 
     def __init__(self, K=3, B=4, P=5, d=3, dtype=torch.float32, layout="dense", center=True, mask=False,
@@ -128,9 +129,11 @@ class Case:
             self.N, self.P, self.sample = B * P - (P > 1), P, None  # last sample one row short
         else:
             self.N, self.P = B * P + 1, 0
-            # sample 1 is empty; the others in random order
+            # sample 1 is empty; the others in random order ("graph") or in runs, as a
+            # sorted batch index of PyG or MACE ("graph_sorted")
             s = torch.randint(0, B, (self.N,), generator=g)
-            self.sample = torch.where(s == 1, 0, s).to(device)
+            s = torch.where(s == 1, 0, s)
+            self.sample = (s.sort().values if layout == "graph_sorted" else s).to(device)
         N = self.N
         self.M = torch.randn(K, B, d, d, generator=g, dtype=torch.float64).to(acc).to(device)
         self.x = torch.randn(N, d, generator=g).to(dtype).to(device)

@@ -366,6 +366,18 @@ def test_row_kernels_over_many_rows(backend):
     check_reduce_ops(Case(K=2, B=7, P=3001, d=3, dtype=torch.float64, layout="graph", device=dev), backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("center", [True, False], ids=["center", "nocenter"])
+@pytest.mark.parametrize("K,P", [(3, 60), (2, 700)])
+def test_row_kernels_on_a_sorted_graph_batch(K, P, center, dtype, backend):
+    """A sorted batch index, as PyG and MACE batches have: runs of rows of one sample, which
+    the CPU kernels take in tiles (runs crossing tile boundaries, an empty sample, a fully
+    masked one)."""
+    check_reduce_ops(Case(K=K, B=6, P=P, d=3, dtype=dtype, layout="graph_sorted", center=center, mask=True,
+                          device=device_of(backend)), backend)
+
+
 @pytest.mark.parametrize("backend", backend_params("cuda", "cupy"))
 @pytest.mark.parametrize("K", [1, 2, 24])
 @pytest.mark.parametrize("layout", ["dense", "graph"])
