@@ -139,6 +139,36 @@ bool tiled3(const RowLayout& L) {
     return runs * 8 <= n;  // runs of 8 rows or more on average
 }
 
+// Tiles of rows of three as component arrays (the tiled kernels' layout): split3 reads n
+// interleaved rows minus the centre c into u[0..3)[0..n); join3 writes them back
+// interleaved in T's type; back_rotate3 is component i of M^T u + c for the n rows, in
+// back_rotate_component's order.
+template <int T, typename Acc, typename X>
+void split3(const X* rows, const Acc* c, int n, Acc (&u)[3][T]) {
+    for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(rows[j * 3 + i]) - c[i];
+    }
+}
+
+template <int T, typename Acc, typename X>
+void join3(const Acc (&v)[3][T], int n, X* rows) {
+    for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < 3; ++i) rows[j * 3 + i] = from_acc<X>(v[i][j]);
+    }
+}
+
+template <int T, typename Acc>
+void back_rotate3(const Acc* m, const Acc* c, const Acc (&u)[3][T], int n, int i, Acc* a) {
+    const Acc m0 = m[i], m1 = m[3 + i], m2 = m[6 + i], ci = c[i];
+    for (int j = 0; j < n; ++j) {
+        Acc v = 0;
+        v += m0 * u[0][j];
+        v += m1 * u[1][j];
+        v += m2 * u[2][j];
+        a[j] = v + ci;
+    }
+}
+
 template <int D, typename TX, typename Acc>
 void rotate_rows_impl(const RotateRowsArgs& a) {
     const RowLayout L = a.rows;
@@ -179,38 +209,27 @@ void rotate_rows_tiled3(const RotateRowsArgs& a) {
 #pragma omp parallel if (parallel)
 #endif
     {
-        Acc u0[T], u1[T], u2[T], y[3 * T];
+        Acc u[3][T], y[3][T];
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp for schedule(static)
 #endif
         for (int64_t t = 0; t < tiles.count; ++t) {
             tiles.each(t, [&](int64_t s, int64_t r0, int n) {
-                const TX* xt = x + r0 * 3;
-                const Acc c0 = c[s * 3], c1 = c[s * 3 + 1], c2 = c[s * 3 + 2];
-                for (int j = 0; j < n; ++j) {
-                    u0[j] = to_acc<Acc>(xt[j * 3]) - c0;
-                    u1[j] = to_acc<Acc>(xt[j * 3 + 1]) - c1;
-                    u2[j] = to_acc<Acc>(xt[j * 3 + 2]) - c2;
-                }
+                const Acc* cs = c + s * 3;
+                split3(x + r0 * 3, cs, n, u);
                 for (int64_t k = 0; k < K; ++k) {
                     const Acc* mk = M + (k * B + s) * 9;
-                    TX* ot = out + (k * N + r0) * 3;
-                    for (int i = 0; i < 3; ++i) {
-                        const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2], ci = c[s * 3 + i];
-                        Acc* yi = y + i * T;
+                    for (int i = 0; i < 3; ++i) {  // row i of M (x - c) + c, in rotate_row's order
+                        const Acc m0 = mk[i * 3], m1 = mk[i * 3 + 1], m2 = mk[i * 3 + 2], ci = cs[i];
                         for (int j = 0; j < n; ++j) {
                             Acc v = 0;
-                            v += m0 * u0[j];
-                            v += m1 * u1[j];
-                            v += m2 * u2[j];
-                            yi[j] = v + ci;
+                            v += m0 * u[0][j];
+                            v += m1 * u[1][j];
+                            v += m2 * u[2][j];
+                            y[i][j] = v + ci;
                         }
                     }
-                    for (int j = 0; j < n; ++j) {
-                        ot[j * 3] = from_acc<TX>(y[j]);
-                        ot[j * 3 + 1] = from_acc<TX>(y[T + j]);
-                        ot[j * 3 + 2] = from_acc<TX>(y[2 * T + j]);
-                    }
+                    join3(y, n, out + (k * N + r0) * 3);
                 }
             });
         }
@@ -280,23 +299,12 @@ void reduce_rows_tiled3(const ReduceRowsArgs& a) {
                 for (int64_t k = 0; k < K; ++k) {
                     const Acc* mk = M + (k * B + s) * 9;
                     const Acc* ck = c + (k * B + s) * 3;
-                    const TO* ot = out + (k * N + r0) * 3;
-                    for (int j = 0; j < n; ++j) {
-                        for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
-                    }
+                    split3(out + (k * N + r0) * 3, ck, n, u);
                     Acc* bk = back.data() + k * 3 * T;
                     for (int i = 0; i < 3; ++i) {
-                        const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
                         Acc* bi = bk + i * T;
-                        for (int j = 0; j < n; ++j) {
-                            Acc v = 0;
-                            v += m0 * u[0][j];
-                            v += m1 * u[1][j];
-                            v += m2 * u[2][j];
-                            v += ci;
-                            bi[j] = v;
-                            abar[i][j] += v;
-                        }
+                        back_rotate3(mk, ck, u, n, i, bi);
+                        for (int j = 0; j < n; ++j) abar[i][j] += bi[j];
                     }
                     for (int j = 0; j < n; ++j) {
                         Acc e2 = 0;
@@ -308,9 +316,7 @@ void reduce_rows_tiled3(const ReduceRowsArgs& a) {
                 for (int i = 0; i < 3; ++i) {
                     for (int j = 0; j < n; ++j) abar[i][j] *= inv_k;
                 }
-                for (int j = 0; j < n; ++j) {
-                    for (int i = 0; i < 3; ++i) mean[(r0 + j) * 3 + i] = abar[i][j];
-                }
+                join3(abar, n, mean + r0 * 3);
                 for (int64_t k = 0; k < K; ++k) {
                     const Acc* bk = back.data() + k * 3 * T;
                     for (int j = 0; j < n; ++j) {
@@ -418,19 +424,11 @@ void reduce_rows_backward_tiled3(const ReduceRowsBackwardArgs& a) {
                 for (int64_t k = 0; k < K; ++k) {
                     const Acc* mk = M + (k * B + s) * 9;
                     const Acc* ck = c + (k * B + s) * 3;
-                    const TO* ot = out + (k * N + r0) * 3;
-                    TO* gk = go + (k * N + r0) * 3;
-                    for (int j = 0; j < n; ++j) {
-                        for (int i = 0; i < 3; ++i) u[i][j] = to_acc<Acc>(ot[j * 3 + i]) - ck[i];
-                    }
+                    split3(out + (k * N + r0) * 3, ck, n, u);
                     for (int i = 0; i < 3; ++i) {
-                        const Acc m0 = mk[i], m1 = mk[3 + i], m2 = mk[6 + i], ci = ck[i];
+                        back_rotate3(mk, ck, u, n, i, ga[i]);  // a_k, then dL/da_k in place
                         for (int j = 0; j < n; ++j) {
-                            Acc av = 0;
-                            av += m0 * u[0][j];
-                            av += m1 * u[1][j];
-                            av += m2 * u[2][j];
-                            av += ci;
+                            const Acc av = ga[i][j];
                             Acc v = two_over_k * (g0[j] * (av - yt[i][j]) + g1[j] * (ab[i][j] - yt[i][j]) +
                                                   g2[j] * (av - ab[i][j]));
                             if (gm) v += gmk[i][j];
@@ -447,9 +445,7 @@ void reduce_rows_backward_tiled3(const ReduceRowsBackwardArgs& a) {
                             u[i][j] = v;  // u is free again: the gradient, component-wise
                         }
                     }
-                    for (int j = 0; j < n; ++j) {
-                        for (int i = 0; i < 3; ++i) gk[j * 3 + i] = from_acc<TO>(u[i][j]);
-                    }
+                    join3(u, n, go + (k * N + r0) * 3);
                 }
             });
         }
