@@ -150,3 +150,20 @@ class Case:
         self.grad_sums = torch.randn(3, B, generator=g, dtype=torch.float64).to(acc).to(device)
         self.grad_mean = torch.randn(N, d, generator=g, dtype=torch.float64).to(acc).to(device)
         self.grad_rot = torch.randn(K, N, d, generator=g).to(dtype).to(device)
+
+
+#: Case arguments both row ops are checked on (tests/test_rotate_copies.py and
+#: tests/test_twirl_reduce.py, besides each file's grid over dtypes, layouts and widths):
+#: many copies and one or a few rows per sample; past the CPU kernels' parallel threshold
+#: (OpenMP partial sums per thread); and sorted graph batches, as PyG and MACE batches
+#: have (runs of rows of one sample, which the CPU kernels take in tiles: runs crossing
+#: tile boundaries, an empty sample, a fully masked one).
+ROW_CASES = {
+    **{f"K{K}-P{P}": dict(K=K, B=3, P=P, d=3, dtype=torch.float64) for K in (1, 2, 3, 8, 24) for P in (1, 7)},
+    "many-rows-dense": dict(K=4, B=5, P=4001, d=3, dtype=torch.float32, mask=True),
+    "many-rows-graph": dict(K=2, B=7, P=3001, d=3, dtype=torch.float64, layout="graph"),
+    **{f"sorted-graph-K{K}-P{P}-{str(dtype)[6:]}-{'center' if center else 'nocenter'}":
+       dict(K=K, B=6, P=P, d=3, dtype=dtype, layout="graph_sorted", center=center, mask=True)
+       for K, P in ((3, 60), (2, 700)) for dtype in (torch.float32, torch.float64) for center in (True, False)},
+}
+

@@ -15,7 +15,7 @@ small for Triton's CPU interpreter; sizes leave partial blocks and several progr
 import pytest
 import torch
 from conftest import BACKENDS, GPU, KERNELS, acc_of, assert_close_dtype, backend_params, device_of, kernel
-from opdata import Case, data, dim, graph_batch, layout, loop_act, mats, rand, rotations
+from opdata import ROW_CASES, Case, data, dim, graph_batch, layout, loop_act, mats, rand, rotations
 
 import fastequiv as fe
 import fastequiv.backends.triton
@@ -242,30 +242,10 @@ def test_row_kernels_match_reference(dtype, layout, d, center, backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("K", [1, 2, 3, 8, 24])
-@pytest.mark.parametrize("P", [1, 7])
-def test_row_kernels_copies_and_rows_per_sample(K, P, backend):
-    check_rotate_ops(Case(K=K, B=3, P=P, d=3, dtype=torch.float64, device=device_of(backend)), backend)
-
-
-@pytest.mark.parametrize("backend", KERNELS)
-def test_row_kernels_over_many_rows(backend):
-    """Past the CPU kernels' parallel threshold: OpenMP partial sums per thread."""
-    dev = device_of(backend)
-    check_rotate_ops(Case(K=4, B=5, P=4001, d=3, dtype=torch.float32, mask=True, device=dev), backend)
-    check_rotate_ops(Case(K=2, B=7, P=3001, d=3, dtype=torch.float64, layout="graph", device=dev), backend)
-
-
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("center", [True, False], ids=["center", "nocenter"])
-@pytest.mark.parametrize("K,P", [(3, 60), (2, 700)])
-def test_row_kernels_on_a_sorted_graph_batch(K, P, center, dtype, backend):
-    """A sorted batch index, as PyG and MACE batches have: runs of rows of one sample, which
-    the CPU kernels take in tiles (runs crossing tile boundaries, an empty sample, a fully
-    masked one)."""
-    check_rotate_ops(Case(K=K, B=6, P=P, d=3, dtype=dtype, layout="graph_sorted", center=center, mask=True,
-                          device=device_of(backend)), backend)
+@pytest.mark.parametrize("case", list(ROW_CASES.values()), ids=list(ROW_CASES))
+def test_row_kernels_on_the_shared_cases(case, backend):
+    """opdata.ROW_CASES: many copies, many rows, sorted graph batches."""
+    check_rotate_ops(Case(**case, device=device_of(backend)), backend)
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "cupy"))

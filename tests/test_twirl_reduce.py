@@ -16,7 +16,7 @@ the dense reduction) several chunks per sample.
 import pytest
 import torch
 from conftest import BACKENDS, KERNELS, acc_of, assert_close_dtype, backend_params, device_of, kernel
-from opdata import Case, data, dim, graph_batch, layout, loop_act, mats, rand, reduce_inputs, rotations
+from opdata import ROW_CASES, Case, data, dim, graph_batch, layout, loop_act, mats, rand, reduce_inputs, rotations
 
 import fastequiv as fe
 from fastequiv.ops import rotate_copies, twirl_reduce
@@ -352,30 +352,10 @@ def test_row_kernels_accept_a_short_last_sample(short, backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("K", [1, 2, 3, 8, 24])
-@pytest.mark.parametrize("P", [1, 7])
-def test_row_kernels_copies_and_rows_per_sample(K, P, backend):
-    check_reduce_ops(Case(K=K, B=3, P=P, d=3, dtype=torch.float64, device=device_of(backend)), backend)
-
-
-@pytest.mark.parametrize("backend", KERNELS)
-def test_row_kernels_over_many_rows(backend):
-    """Past the CPU kernels' parallel threshold: OpenMP partial sums per thread."""
-    dev = device_of(backend)
-    check_reduce_ops(Case(K=4, B=5, P=4001, d=3, dtype=torch.float32, mask=True, device=dev), backend)
-    check_reduce_ops(Case(K=2, B=7, P=3001, d=3, dtype=torch.float64, layout="graph", device=dev), backend)
-
-
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("center", [True, False], ids=["center", "nocenter"])
-@pytest.mark.parametrize("K,P", [(3, 60), (2, 700)])
-def test_row_kernels_on_a_sorted_graph_batch(K, P, center, dtype, backend):
-    """A sorted batch index, as PyG and MACE batches have: runs of rows of one sample, which
-    the CPU kernels take in tiles (runs crossing tile boundaries, an empty sample, a fully
-    masked one)."""
-    check_reduce_ops(Case(K=K, B=6, P=P, d=3, dtype=dtype, layout="graph_sorted", center=center, mask=True,
-                          device=device_of(backend)), backend)
+@pytest.mark.parametrize("case", list(ROW_CASES.values()), ids=list(ROW_CASES))
+def test_row_kernels_on_the_shared_cases(case, backend):
+    """opdata.ROW_CASES: many copies, many rows, sorted graph batches."""
+    check_reduce_ops(Case(**case, device=device_of(backend)), backend)
 
 
 @pytest.mark.parametrize("backend", backend_params("cuda", "cupy"))
