@@ -229,11 +229,25 @@ def packed_blocks(R: torch.Tensor, lmax: int) -> torch.Tensor:
     return torch.cat(blocks_flat(lmax, R), dim=0).t().contiguous()
 
 
+def packed_width(lmax: int) -> int:
+    """``sum_{l <= lmax} (2l+1)^2``: the columns of the packed blocks ``D_0 .. D_lmax``
+    (:func:`packed_blocks`); ``packed_width(l - 1)`` is where block ``l`` starts."""
+    return (lmax + 1) * (2 * lmax + 1) * (2 * lmax + 3) // 3
+
+
+def packed_block(packed: torch.Tensor, sign: torch.Tensor, l: int, p: int) -> torch.Tensor:
+    """The ``(n, 2l+1, 2l+1)`` Wigner-D block of degree ``l`` and parity ``p`` from the packed
+    blocks ``(n, S)`` of the proper parts of the rotations and their orientation ``sign``
+    ``(n,)``: e3nn's parity, ``D = p**k D_l(proper R)`` with ``k = 1`` where ``sign < 0``."""
+    w, start = 2 * l + 1, packed_width(l - 1)
+    block = packed[:, start:start + w * w].reshape(-1, w, w)
+    return block * sign.reshape(-1, 1, 1).to(block.dtype) if p == -1 else block
+
+
 def assemble(key: tuple[tuple[int, int, int], ...], packed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """The block-diagonal ``(n, dim, dim)`` matrix of the irreps ``key`` from the packed
-    blocks ``(n, S)`` of the proper parts of the rotations (:func:`packed_blocks`: block
-    ``l`` row-major at column ``sum_{l'<l} (2l'+1)^2``) and their orientation ``sign``
-    ``(n,)`` (parity: ``p**k`` with ``k = 1`` where ``sign < 0``).
+    blocks ``(n, S)`` of the proper parts of the rotations and their orientation ``sign``
+    ``(n,)`` (see :func:`packed_block`).
 
     A zero fill, then one strided copy per ``(mul, l, p)`` entry of ``key``: its ``mul``
     diagonal blocks are one view of the output. (A gather of every output entry from the
@@ -247,12 +261,8 @@ def assemble(key: tuple[tuple[int, int, int], ...], packed: torch.Tensor, sign: 
         w = 2 * l + 1
         if mul == 0:
             continue
-        start = sum((2 * j + 1) ** 2 for j in range(l))
-        block = packed[:, start:start + w * w].reshape(n, 1, w, w)
-        if p == -1:
-            block = block * sign.reshape(n, 1, 1, 1).to(block.dtype)
         diagonal = out.as_strided((n, mul, w, w), (dim * dim, (dim + 1) * w, dim, 1), offset * (dim + 1))
-        diagonal.copy_(block.expand(n, mul, w, w))
+        diagonal.copy_(packed_block(packed, sign, l, p)[:, None].expand(n, mul, w, w))
         offset += mul * w
     return out
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import grid
 from ..groups import refuse_during_capture
-from ..wigner import recursion_terms
+from ..wigner import packed_width, recursion_terms
 
 ROW_OPS = ("rotate_rows", "rotate_rows_backward", "reduce_rows", "reduce_rows_backward", "wigner_blocks",
            "random_rotations_seeded")
@@ -100,11 +100,6 @@ def wigner_tables(lmax: int, dtype: torch.dtype, device: torch.device):
             torch.from_numpy(start).to(device))
 
 
-def wigner_size(lmax: int) -> int:
-    """``sum_{l <= lmax} (2l+1)^2``: the columns of the packed blocks."""
-    return (lmax + 1) * (2 * lmax + 1) * (2 * lmax + 3) // 3
-
-
 def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
     """The six row-contract implementations of a backend on ``device_type`` ("cpu" or
     "cuda") whose kernels are started by ``launch(name, device, *binding_args)``."""
@@ -157,7 +152,7 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
     def wigner_blocks(R, lmax):
         work = R.dtype if R.dtype in CPU_FLOATS else torch.float32
         index, coef, start = wigner_tables(lmax, work, R.device)
-        out = torch.empty(R.shape[0], wigner_size(lmax), dtype=work, device=R.device)
+        out = torch.empty(R.shape[0], packed_width(lmax), dtype=work, device=R.device)
         launch("wigner_blocks", R.device, R.to(work).contiguous(), lmax, index, coef, start, out)
         return out.to(R.dtype)
 

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 
 from ..reps import Rep
-from ..wigner import irreps_groups, key_lmax
+from ..wigner import irreps_groups, key_lmax, packed_block
 from .wigner_d import packed_blocks_of, wigner_D_key
 
 
@@ -60,10 +60,8 @@ class Action:
             packed, sign = self._matrices[pk]
             groups = []
             for l, p, columns in irreps_groups(rep.key, R.device):
-                n, start = 2 * l + 1, sum((2 * j + 1) ** 2 for j in range(l))
-                M = packed[:, start:start + n * n].reshape(K, B, n, n)
-                if p == -1:  # e3nn's parity: D = p^k D_l(proper R), k = 1 for improper R
-                    M = M * sign.reshape(K, B, 1, 1)
+                n = 2 * l + 1
+                M = packed_block(packed, sign, l, p).reshape(K, B, n, n)
                 groups.append((l, p, columns, M.contiguous()))
             self._matrices[key] = groups
         return self._matrices[key]

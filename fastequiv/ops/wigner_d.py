@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..backends import registry
 from ..groups import orientation
-from ..wigner import assemble, check_R, irreps_key, key_lmax, packed_blocks, parse_irreps
+from ..wigner import assemble, check_R, irreps_key, key_lmax, packed_blocks, packed_width, parse_irreps
 
 __all__ = ["wigner_D", "wigner_D_key", "packed_blocks_of", "wigner_blocks_reference"]
 
@@ -40,7 +40,7 @@ def wigner_blocks(R: Tensor, lmax: int, backend: str) -> Tensor:
 
 @wigner_blocks.register_fake
 def _(R, lmax, backend):
-    return R.new_empty((R.shape[0], sum((2 * l + 1) ** 2 for l in range(lmax + 1))))
+    return R.new_empty((R.shape[0], packed_width(lmax)))
 
 
 def wigner_D_key(key: tuple[tuple[int, int, int], ...], R: Tensor, backend: str = "auto") -> Tensor:
