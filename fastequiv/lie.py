@@ -180,11 +180,7 @@ def _jvp(model: Callable, spec: Spec, batch):
         # drho_out(X_i) f(x), from copy 0
         _, own = tangent(lambda R, h=head: rotate_copies(h.value[0].to(acc), R, h.rep, h.mask, batch=h.batch,
                                                          backend="torch"))
-        lie = do - own.reshape(o.shape)
-        m = mask_for(head.mask, o.shape[1:], f"output {head.name!r}") if head.mask is not None else None
-        if m is not None:
-            lie = torch.where(m, lie, torch.zeros((), dtype=acc, device=lie.device))
-        results.append(lie)
+        results.append(_zero_invalid(do - own.reshape(o.shape), head, acc))
     return spec.build_output(results)
 
 
@@ -202,9 +198,11 @@ def _central(model: Callable, spec: Spec, batch, step: Optional[float]):
         # rho_out(R_k)^-1 y_k, copy by copy (rho(R^T) = rho(R)^-1 for rotations)
         back = torch.stack([rotate_copies(head.value[k].to(acc), R[k:k + 1].transpose(-1, -2), head.rep, head.mask,
                                           batch=head.batch, backend="torch") for k in range(6)])
-        lie = (back[:3] - back[3:]) / (2 * h)
-        m = mask_for(head.mask, lie.shape[1:], f"output {head.name!r}") if head.mask is not None else None
-        if m is not None:
-            lie = torch.where(m, lie, torch.zeros((), dtype=acc, device=lie.device))
-        results.append(lie)
+        results.append(_zero_invalid((back[:3] - back[3:]) / (2 * h), head, acc))
     return spec.build_output(results)
+
+
+def _zero_invalid(lie: torch.Tensor, head, acc: torch.dtype) -> torch.Tensor:
+    """``lie`` ``(3, rows, ...)`` with the derivatives of the head's invalid elements set to 0."""
+    m = mask_for(head.mask, lie.shape[1:], f"output {head.name!r}") if head.mask is not None else None
+    return lie if m is None else torch.where(m, lie, torch.zeros((), dtype=acc, device=lie.device))
