@@ -154,7 +154,7 @@ EOF
 # is not marked gpu: it also runs in the interpreter), then every other test marked gpu
 DEVICE_TESTS="" IGNORE=""
 for f in tests/test_gpu.py tests/test_gpu_readiness.py tests/test_rotate_copies.py tests/test_twirl_reduce.py \
-         tests/test_random_rotations.py tests/test_wigner_d.py tests/test_voxels.py tests/test_cupy.py; do
+         tests/test_random_rotations.py tests/test_wigner_d.py tests/test_voxels.py tests/test_backends.py; do
   [ -f "$f" ] && DEVICE_TESTS="$DEVICE_TESTS $f" && IGNORE="$IGNORE --ignore=$f"
 done
 if [ "$DRY" = 1 ]; then

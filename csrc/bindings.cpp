@@ -127,7 +127,7 @@ void random_rotations_cuda(Array out, uint64_t seed, uint64_t offset, bool impro
 }
 #endif
 
-// --- the row contract (fastequiv/ops/_rows.py) -------------------------------------------
+// --- the row contract (fastequiv/ops/layout.py) ------------------------------------------
 
 using OptArray = std::optional<Array>;
 
@@ -660,7 +660,7 @@ NB_MODULE(_C, m) {
           "torch.cuda.current_stream().cuda_stream); asynchronous.");
 #endif
 
-    // The row contract (fastequiv/ops/_rows.py). Outputs are preallocated, C-contiguous;
+    // The row contract (fastequiv/ops/layout.py). Outputs are preallocated, C-contiguous;
     // `center` is always given (zeros for none); M (K, B, d, d) sets the accumulation
     // dtype, which center, mean, sums, grad_mean and grad_sums share.
     m.def("rotate_rows_cpu", &rotate_rows_cpu, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),

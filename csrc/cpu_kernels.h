@@ -12,7 +12,7 @@ namespace fastequiv {
 template <typename T>
 void random_rotations_cpu(T* out, int64_t n, uint64_t seed, uint64_t offset, bool improper);
 
-// The row contract (fastequiv/ops/_rows.py) on the CPU, for f32/f64 arrays. Each returns
+// The row contract (fastequiv/ops/layout.py) on the CPU, for f32/f64 arrays. Each returns
 // nullptr on success or a message naming the bad argument (an out-of-range sample index).
 const char* rotate_rows_cpu(const RotateRowsArgs& args);
 const char* rotate_rows_backward_cpu(const RotateRowsBackwardArgs& args);

@@ -22,7 +22,7 @@ const char* launch_random_rotations_seeded(float* out, int64_t n, const int64_t*
 const char* launch_random_rotations_seeded(double* out, int64_t n, const int64_t* seed, uint64_t offset,
                                            bool improper, int device, void* stream);
 
-// The row contract (fastequiv/ops/_rows.py) on arrays in device memory of `device`
+// The row contract (fastequiv/ops/layout.py) on arrays in device memory of `device`
 // (kernels/rotate_copies.cu, kernels/twirl_reduce.cu, kernels/wigner_d.cu). For
 // reduce_rows, args.sums must be zero on entry (the kernel adds to it with atomics).
 const char* launch_rotate_rows(const RotateRowsArgs& args, int device, void* stream);

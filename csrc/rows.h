@@ -1,4 +1,4 @@
-// Arguments of the row kernels (the contract of fastequiv/ops/_rows.py), shared by the CPU
+// Arguments of the row kernels (the contract of fastequiv/ops/layout.py), shared by the CPU
 // kernels (csrc/rows_cpu.cpp, csrc/wigner_cpu.cpp) and the CUDA launchers (kernels/*.cu).
 // Plain C++: no CUDA headers. Arrays are C-contiguous; the bindings (csrc/bindings.cpp)
 // check shapes, dtypes and devices before filling these.

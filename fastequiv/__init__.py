@@ -5,8 +5,8 @@
     d = fe.equivariance_error(model, {"pos": pos, "z": z}, target=forces, spec=spec, samples=8)
     d.total, d.mean, d.equiv, d.pct
 
-See DESIGN notes in the repository for the math; every function that computes takes
-``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cupy").
+The math and the performance targets: docs/design.md in the repository. Every function
+that computes takes ``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cupy").
 """
 
 from .backends import BackendUnavailableError, build_info

@@ -1,6 +1,7 @@
-// CUDA kernels of rotate_rows and rotate_rows_backward (fastequiv/ops/_rows.py), the row
-// primitives of rotate_copies: one thread per (copy, row) forward, one per row backward,
-// each calling the per-row math of twirl_math.cuh that the CPU kernels call.
+// CUDA kernels of rotate_rows and rotate_rows_backward (contract: fastequiv/ops/layout.py;
+// references: fastequiv/ops/rotate_copies.py), the row primitives of rotate_copies: one
+// thread per (copy, row) forward, one per row backward, each calling the per-row math of
+// twirl_math.cuh that the CPU kernels call.
 //
 // Compiled by nvcc into fastequiv._C (with the launchers at the bottom) and by NVRTC for
 // the CuPy backend. Kernel names: fe_rotate_rows_<x>_<acc> and

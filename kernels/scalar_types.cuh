@@ -1,7 +1,7 @@
 // Element types of the row kernels and their conversion to the accumulation type.
 //
 // Inputs may be float16, bfloat16, float32 or float64; the math runs in the accumulation
-// type Acc (float or double, "acc" in fastequiv/ops/_rows.py). `to_acc<Acc>(v)` reads an
+// type Acc (float or double, "acc" in fastequiv/ops/layout.py). `to_acc<Acc>(v)` reads an
 // element and `from_acc<T>(v)` rounds a result back (round to nearest even, as torch's
 // `.to(dtype)`).
 //

@@ -1,8 +1,8 @@
-// Per-row math of the row contract (fastequiv/ops/_rows.py), shared by the CUDA kernels
+// Per-row math of the row contract (fastequiv/ops/layout.py), shared by the CUDA kernels
 // (kernels/rotate_copies.cu, kernels/twirl_reduce.cu) and the C++ CPU kernels
 // (csrc/rows_cpu.cpp): one definition, so the CPU tests check the GPU's arithmetic.
 //
-// Conventions (as in _rows.py):
+// Conventions (as in layout.py):
 // - a row has n components; M (one d x d block per copy and sample) is row-major;
 // - rotation:      y = M (x - c) + c            (rotate_rows)
 // - back-rotation: a = M^T (o - c) + c          (reduce_rows)

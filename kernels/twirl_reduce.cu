@@ -1,6 +1,6 @@
-// CUDA kernels of reduce_rows and reduce_rows_backward (fastequiv/ops/_rows.py), the row
-// primitives of twirl_reduce, calling the per-row math of twirl_math.cuh that the CPU
-// kernels call.
+// CUDA kernels of reduce_rows and reduce_rows_backward (contract: fastequiv/ops/layout.py;
+// references: fastequiv/ops/twirl_reduce.py), the row primitives of twirl_reduce, calling
+// the per-row math of twirl_math.cuh that the CPU kernels call.
 //
 // Forward: each block takes a tile of kRowsPerThread * blockDim.x consecutive rows (thread
 // t takes rows t, t + blockDim.x, ...: coalesced). A thread keeps a running sum of its rows'

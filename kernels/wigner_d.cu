@@ -1,4 +1,4 @@
-// CUDA kernel of wigner_blocks (fastequiv/ops/_rows.py): packed Wigner-D blocks
+// CUDA kernel of wigner_blocks (reference: fastequiv/ops/wigner_d.py): packed Wigner-D blocks
 // D_0 .. D_lmax of proper rotations, one thread per rotation writing its own output row,
 // by the recursion of kernels/wigner.cuh (the CPU kernel runs the same function on 16
 // lanes). Every thread walks the same term table, so its loads are uniform across a warp.

@@ -19,7 +19,8 @@ import torch
 
 __all__ = ["machine", "target_verdict", "op_rows", "format_ops", "format_overhead", "write_json", "plot_ops", "plot_overhead", "TARGETS"]
 
-# DESIGN.md section 5, as (variant, largest ratio to the plain step)
+# the step targets of docs/design.md (Performance targets), as (variant, largest ratio to
+# the plain step)
 TARGETS = {"b": 1.02, "c": 1.05}
 
 
