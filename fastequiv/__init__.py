@@ -17,6 +17,8 @@ from .spec import Spec
 from . import ops
 from .ops import random_rotations, warmup, wigner_D
 from .twirl import Twirled, equivariance_error, twirl_loss
+from .adapted import Adapted
+from .adapters import adapt
 from . import distributed
 from .monitor import EquivarianceMonitor
 from .lie import lie_derivative
@@ -31,6 +33,7 @@ except Exception:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "Adapted",
     "BackendUnavailableError",
     "Decomposition",
     "EquivarianceMonitor",
@@ -39,6 +42,7 @@ __all__ = [
     "Terms",
     "Twirled",
     "Voxels",
+    "adapt",
     "build_info",
     "diagnostics",
     "equivariance_error",

@@ -12,7 +12,8 @@ of each node in ``batch`` ``(N,)`` (int64) and node indices such as ``edge_index
 role                    the K stacked copies (one model call)
 ======================  =============================================================
 ``"batch"``             ``cat_k (batch + k * B)``: copy ``k`` of graph ``b`` is graph ``k * B + b``
-``"index"``             ``cat_k (index + k * N)`` along the last dim (``(2, K * E)`` for ``edge_index``)
+``"index"``             ``cat_k (index + k * N)`` along the last dim (``(2, K * E)`` for ``edge_index``,
+                        ``(K * E,)`` for each of a pair of 1-D indices)
 ``"num_graphs"``        ``K * B`` (an int, or a tensor like the input)
 ``"ptr"``               ``(K B + 1,)`` node offsets of the stacked graphs
 ======================  =============================================================
@@ -25,7 +26,10 @@ Every tensor with a rep is stacked along dim 0 by its level:
   row ``k * B + b``.
 * per edge (``E`` rows, the last dim of the first ``"index"`` input): edge vectors, the
   periodic shifts of MACE and NequIP, rotated with the graph of the edge's first node
-  (``index[0]``).
+  (``index[0]``). Edges given as two 1-D index tensors (SchNetPack's ``_idx_i`` and
+  ``_idx_j``, Orb's ``senders`` and ``receivers``) are declared as two ``"index"``
+  inputs, the edge's first node first in the spec: ``{"idx_i": "index", "idx_j":
+  "index", ...}``.
 
 A rep may declare its level (``"vector@edge"``, ``"scalar@graph"``, ``"cell"``); otherwise
 its row count decides, and only where it is unambiguous: a tensor whose row count is
@@ -57,7 +61,7 @@ import torch
 
 from .reps import describe
 
-__all__ = ["ROLES", "Role", "GraphLayout", "is_object_input", "object_leaves", "rebuild_object"]
+__all__ = ["ROLES", "Role", "GraphLayout", "is_object_input", "object_leaves", "rebuild_object", "unnamed_error"]
 
 ROLES = ("batch", "index", "num_graphs", "ptr")
 
@@ -105,7 +109,9 @@ def as_role(value) -> Optional[Role]:
 
 def graph_roles(struct) -> dict:
     """``{"batch": name, "index": [names], "num_graphs": name}`` from parsed spec inputs ({} if none)."""
-    items = struct.items() if isinstance(struct, dict) else enumerate(struct) if isinstance(struct, tuple) else ()
+    # tuple inputs are named "0", "1", ... like their leaves (Spec.input_leaves)
+    items = struct.items() if isinstance(struct, dict) else \
+        ((str(i), r) for i, r in enumerate(struct)) if isinstance(struct, tuple) else ()
     roles: dict = {}
     for name, r in items:
         if isinstance(r, Role):
@@ -118,6 +124,15 @@ def graph_roles(struct) -> dict:
     if roles and "batch" not in roles:
         raise ValueError(f"spec.inputs has graph inputs {roles} but no \"batch\" input (the graph of each node)")
     return roles
+
+
+def unnamed_error(listed: str, count: int) -> ValueError:
+    """The error for inputs the spec does not name (``listed``: all of them, described)."""
+    verb = "has" if count == 1 else "have"
+    return ValueError(
+        f"{listed} {verb} no rep in the spec: add each to spec.inputs (\"scalar\" if rotations leave it unchanged, "
+        "\"scalar@graph\" if per graph, \"vector@edge\" for edge shifts...), or pass fe.Spec(..., unnamed=\"keep\") "
+        "to hand them to the model unchanged (not stacked)")
 
 
 def is_object_input(inputs, spec) -> bool:
@@ -144,10 +159,10 @@ def object_leaves(obj, spec) -> dict:
     unnamed = [k for k in _attribute_names(obj)
                if k not in spec.inputs and k != "ptr" and isinstance(getattr(obj, k, None), torch.Tensor)]
     if unnamed and spec.unnamed != "keep":
-        raise ValueError(
-            f"the input object has tensor attributes {unnamed} that the spec does not name: give each a rep or a "
-            "role in spec.inputs (\"scalar\" if rotations leave it unchanged, \"scalar@graph\" if per graph), or "
-            "pass fe.Spec(..., unnamed=\"keep\") to hand them to the model unchanged (not stacked)")
+        raise unnamed_error(f"the input object's tensor attributes {unnamed} ("
+                            + ", ".join(describe(getattr(obj, k)) for k in unnamed) + ")", len(unnamed))
+    if spec.unnamed == "keep":
+        values.update({k: getattr(obj, k) for k in unnamed})  # checked for per-row sizes like dict inputs
     return values
 
 
@@ -204,7 +219,12 @@ class GraphLayout:
         self.index_names = roles.get("index", [])
         first = values[self.index_names[0]] if self.index_names else None
         self.E = first.shape[-1] if first is not None else None
-        self.edge_batch = self.batch[first[0]] if first is not None and first.dim() == 2 and self.E else None
+        # the graph of each edge is that of its first node: index[0] of a (2, E) edge_index,
+        # or the first of a pair of 1-D indices (SchNetPack's idx_i, Orb's senders)
+        if first is None or not self.E or first.dim() > 2:
+            self.edge_batch = None
+        else:
+            self.edge_batch = self.batch[first[0] if first.dim() == 2 else first]
         self.num_graphs_name = roles.get("num_graphs")
         # the batch index is read once per call (one host copy on a GPU; none inside
         # torch.compile or CUDA-graph capture, where it is trusted)

@@ -14,6 +14,12 @@ rep                       action of ``g = R`` (``R`` may be improper under O(3))
 ``"position"``            ``p -> R (p - c) + c``, ``c`` the per-sample centroid
 ``"rank2"``               ``S -> R S R^T`` on the last two dims ``(..., 3, 3)``
                           (stress, virials, polarisability; symmetric or not)
+``"voigt"``               a symmetric rank-2 tensor in Voigt notation, last dim 6,
+                          ASE's order ``(xx, yy, zz, yz, xz, xy)``; another order is
+                          named, e.g. ``"voigt(xx, yy, zz, xy, yz, zx)"`` (SevenNet's).
+                          It transforms as the 3 x 3 tensor it stands for and is
+                          reduced as that tensor (the mean over its 9 entries, which
+                          is rotation-invariant; 6 Voigt entries would not be)
 ``"cell"``                a periodic cell whose rows are lattice vectors:
                           ``cell -> cell R^T``; per graph, ``(B, 3, 3)`` or MACE's
                           flattened ``(3 B, 3)``
@@ -46,7 +52,7 @@ from .grid import grid_shape, is_cube_element, resample
 from .groups import orientation
 from .wigner import irreps_key, parse_irreps, wigner_D_matrix
 
-__all__ = ["Rep", "Voxels", "as_rep", "centroid", "describe"]
+__all__ = ["Rep", "Voigt", "Voxels", "as_rep", "centroid", "describe"]
 
 _NAMED = ("scalar", "pseudoscalar", "vector", "pseudovector", "position", "rank2", "cell")
 LEVELS = ("node", "edge", "graph")
@@ -202,6 +208,8 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
         return parsed.at(level)
     if rep == "cell":
         return Rep("vector", level="graph", cell=True)
+    if isinstance(rep, str) and rep.strip().startswith("voigt"):
+        return Voigt.parse(rep, name)
     if isinstance(rep, str) and rep in _NAMED:
         return Rep(rep)
     if isinstance(rep, str) and rep.strip().startswith("voxels"):
@@ -216,6 +224,89 @@ def as_rep(rep: Union[str, "Rep", object], name: str = "rep") -> Rep:
             raise ValueError(f"{name}={rep!r} is an empty irreps")
         return Rep("irreps", irreps)
     raise ValueError(f"{name} must be one of {_NAMED}, an e3nn irreps string or o3.Irreps, got {rep!r}")
+
+
+class Voigt(Rep):
+    """A symmetric 3 x 3 tensor as its six Voigt components (stress in ASE, Orb, SevenNet).
+
+    Args:
+        order: the six components in order, each two of ``x, y, z`` (``"zx"`` and
+            ``"xz"`` are the same entry); default ASE's ``("xx", "yy", "zz", "yz", "xz", "xy")``.
+
+    A Voigt tensor is rotated as the matrix it stands for (``S -> R S R^T``) and reduced
+    as that matrix: a head declared ``"voigt"`` is compared with its target over the 9
+    entries of the 3 x 3 tensor, whose squared error is rotation-invariant (the 6 Voigt
+    entries weigh the off-diagonal ones half as much, which is not). Targets of such a
+    head may be given in Voigt form or as ``(..., 3, 3)``.
+    """
+
+    ASE = ("xx", "yy", "zz", "yz", "xz", "xy")
+
+    def __init__(self, order=ASE, level: Optional[str] = None):
+        order = tuple(order)
+        pairs = [tuple(sorted("xyz".index(c) for c in comp)) if len(comp) == 2 and set(comp) <= set("xyz") else None
+                 for comp in order]
+        if len(order) != 6 or None in pairs or len(set(pairs)) != 6:
+            raise ValueError(f"a Voigt order names the six distinct entries of a symmetric 3 x 3 tensor, each two of "
+                             f"x, y, z (e.g. {Voigt.ASE}), got {order!r}")
+        super().__init__("voigt", level=level)
+        self.dim = 6
+        self.order = order
+        self.rows = [i for i, _ in pairs]
+        self.cols = [j for _, j in pairs]
+
+    @property
+    def name(self) -> str:
+        return "voigt" if self.order == Voigt.ASE else f"voigt({', '.join(self.order)})"
+
+    def _id(self):
+        return self.kind, self.order, self.level, False
+
+    def at(self, level: str) -> "Voigt":
+        return Voigt(self.order, level)
+
+    @property
+    def rank2(self) -> Rep:
+        """The rep of the 3 x 3 tensor this stands for."""
+        return Rep("rank2", level=self.level)
+
+    @classmethod
+    def parse(cls, text: str, name: str = "rep") -> "Voigt":
+        """``"voigt"`` (ASE's order) or ``"voigt(xx, yy, zz, xy, yz, zx)"``."""
+        m = re.fullmatch(r"\s*voigt\s*(?:\((.*)\))?\s*", text)
+        if m is None:
+            raise ValueError(f"{name}={text!r} is not a Voigt rep: expected 'voigt' or 'voigt(xx, yy, zz, yz, xz, xy)'")
+        if m.group(1) is None:
+            return cls()
+        try:
+            return cls([c.strip() for c in re.split(r"[,\s]+", m.group(1).strip())])
+        except ValueError as err:
+            raise ValueError(f"{name}={text!r}: {err}") from None
+
+    def check(self, x: torch.Tensor, name: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor for rep {self}, got {type(x).__name__}")
+        if not ((x.dim() >= 2 and x.shape[-1] == 6) or (x.dim() >= 3 and tuple(x.shape[-2:]) == (3, 3))):
+            raise ValueError(f"{name} must have shape (batch, ..., 6) (Voigt, order {self.order}) or "
+                             f"(batch, ..., 3, 3) for rep {self}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor to rotate as {self}, got dtype {x.dtype}")
+
+    def to_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., 3, 3)`` from the Voigt ``(..., 6)`` (a ``(..., 3, 3)`` tensor is returned as is)."""
+        if x.shape[-1] != 6:
+            return x
+        S = x.new_zeros(x.shape[:-1] + (3, 3))
+        S[..., self.rows, self.cols] = x
+        S[..., self.cols, self.rows] = x
+        return S
+
+    def from_matrix(self, S: torch.Tensor) -> torch.Tensor:
+        """The Voigt ``(..., 6)`` of the symmetric part of ``S`` ``(..., 3, 3)``."""
+        return 0.5 * (S[..., self.rows, self.cols] + S[..., self.cols, self.rows])
+
+    def matrix(self, R: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"rep {self} is rotated as the 3 x 3 tensor it stands for (Voigt.to_matrix, rank2)")
 
 
 class Voxels(Rep):

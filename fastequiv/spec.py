@@ -12,11 +12,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .graph import as_role, graph_roles
+from .graph import as_role, graph_roles, unnamed_error
 from .groups import GROUPS
 from .reps import Rep, as_rep, describe
 
-__all__ = ["Spec", "describe"]
+__all__ = ["Spec", "describe", "read_field"]
 
 
 def _parse(struct, name: str, roles: bool = False):
@@ -147,36 +147,57 @@ class Spec:
         return mask
 
 
+_MISSING = object()
+
+
+def read_field(obj, key):
+    """``obj[key]`` for a dict or an object that indexes by name (a PyG ``Data``, SevenNet's
+    batch), else the attribute ``obj.key`` (dataclasses, named tuples); ``_MISSING`` if neither."""
+    if isinstance(obj, dict):
+        return obj.get(key, _MISSING)
+    if isinstance(key, str) and hasattr(type(obj), "__getitem__") and not isinstance(obj, (tuple, list, torch.Tensor)):
+        try:
+            return obj[key]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+    return getattr(obj, key, _MISSING)
+
+
 def _leaves(value, struct, name: str, allow_passthrough: bool, single: str, keep_tensors: bool = False):
     if isinstance(struct, dict):
+        if not allow_passthrough:
+            # outputs and targets: the spec's heads, in the spec's order, read by key or by
+            # attribute from whatever the model returns (a dict, a batch object, a dataclass);
+            # other fields (a model's extra diagnostics) are not decomposed
+            got = {k: read_field(value, k) for k in struct}
+            missing = [k for k, v in got.items() if v is _MISSING]
+            if missing:
+                have = list(value) if isinstance(value, dict) else type(value).__name__
+                raise ValueError(f"{name} lacks the heads {missing} that the spec names (got {have}): a dict, or an "
+                                 "object with those keys or attributes, is expected")
+            for k in struct:
+                if got[k] is None:
+                    raise ValueError(f"{name}[{k!r}] is None, but the spec names it as a head ({struct[k]}): the model "
+                                     "did not compute it (e.g. MACE computes stress only with compute_stress=True); "
+                                     "make the model return it, or leave it out of spec.output")
+                struct[k].check(got[k], f"{name}[{k!r}]")
+            return [(k, got[k], struct[k]) for k in struct]
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a dict with keys {list(struct)} to match the spec, got {describe(value)}")
         missing = [k for k in struct if k not in value]
         if missing:
             raise ValueError(f"{name} lacks the keys {missing} that the spec names (got keys {list(value)})")
-        if not allow_passthrough:
-            # outputs and targets: the spec's heads, in the spec's order; other keys (a model's
-            # extra diagnostics) are not decomposed
-            for k in struct:
-                if value[k] is None:
-                    raise ValueError(f"{name}[{k!r}] is None, but the spec names it as a head ({struct[k]}): the model "
-                                     "did not compute it (e.g. MACE computes stress only with compute_stress=True); "
-                                     "make the model return it, or leave it out of spec.output")
-                struct[k].check(value[k], f"{name}[{k!r}]")
-            return [(k, value[k], struct[k]) for k in struct]
-        out = []
+        out, unnamed = [], []
         for k, v in value.items():
             if k in struct:
                 struct[k].check(v, f"{name}[{k!r}]")
                 out.append((k, v, struct[k]))
-            elif allow_passthrough and (keep_tensors or not isinstance(v, torch.Tensor)):
+            elif keep_tensors or not isinstance(v, torch.Tensor):
                 out.append((k, v, None))
-            elif allow_passthrough:
-                raise ValueError(
-                    f"{name}[{k!r}] is {describe(v)} but the spec gives it no rep: add it to the spec "
-                    "(\"scalar\" if rotations leave it unchanged, \"scalar@graph\" if per graph), or pass "
-                    "fe.Spec(..., unnamed=\"keep\") to hand it to the model unchanged"
-                )
+            else:
+                unnamed.append(k)
+        if unnamed:  # every one of them, not only the first
+            raise unnamed_error(", ".join(f"{name}[{k!r}] ({describe(value[k])})" for k in unnamed), len(unnamed))
         return out
     if isinstance(struct, tuple):
         if not isinstance(value, (tuple, list)) or len(value) != len(struct):

@@ -32,7 +32,7 @@ from .ops import rotate_copies
 from .ops.action import Action
 from .ops.layout import accumulate_dtype, mask_for
 from .ops.random_rotations import random_rotations_seeded, seed_tensor
-from .reps import Rep
+from .reps import Rep, Voigt
 from .spec import Spec, describe
 
 __all__ = ["Inputs", "Stacked", "eval_mode", "stack", "read_inputs", "draw_rotations", "stack_copies", "call_model",
@@ -87,6 +87,7 @@ def read_inputs(inputs, spec: Spec, mask: Optional[torch.Tensor], chunk_size: Op
         B = rows = next(iter(sizes.values()))
         if B == 0:
             raise ValueError("inputs have batch size 0: there is no sample to decompose")
+    _check_kept(leaves, layout, B)
     spec_mask = spec.mask_of(inputs)
     if spec_mask is not None and mask is not None:
         raise ValueError("pass mask= or name a mask input in the Spec, not both")
@@ -98,6 +99,29 @@ def read_inputs(inputs, spec: Spec, mask: Optional[torch.Tensor], chunk_size: Op
     floats = [v for _, v in tensors if v.is_floating_point()]
     dtype = accumulate_dtype(*floats) if floats else torch.float32
     return Inputs(leaves, obj, layout, B, rows, mask, tensors[0][1].device, dtype)
+
+
+def _check_kept(leaves: list, layout: Optional[GraphLayout], B: int) -> None:
+    """Raise before the model call when a tensor the spec does not name (``unnamed="keep"``)
+    has as many rows as the batch has samples, nodes or edges: the model would get it
+    unstacked (``B`` rows next to inputs of ``K * B``) and fail deep inside, or worse, not."""
+    sizes = layout.sizes() if layout is not None else {"sample": B}
+    found = []
+    for name, value, rep in leaves:
+        if rep is None and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            levels = [lvl for lvl, n in sizes.items() if value.shape[0] == n]
+            if levels:
+                found.append((name, value.shape[0], levels))
+    if not found:
+        return
+    what = "; ".join(f"{name!r} has {rows} rows, the number of {' and of '.join(l + 's' for l in levels)}"
+                     for name, rows, levels in found)
+    hint = ("declare each in spec.inputs by where its rows live, e.g. \"scalar@graph\", \"scalar@node\", "
+            "\"vector@edge\"" if layout is not None else "give each a rep in spec.inputs (e.g. \"scalar\")")
+    raise ValueError(f"inputs the spec does not name (unnamed=\"keep\" hands them over unstacked) have a row per "
+                     f"sample, node or edge of the batch, so the model would see them next to K stacked copies of "
+                     f"the rest: {what}. To stack them with the batch, {hint}; to keep them out of the model, "
+                     "drop them from the inputs")
 
 
 def draw_rotations(spec: Spec, K: int, exhaustive: bool, batch: Inputs, *, seed, generator,
@@ -140,7 +164,8 @@ def _stack_graph_leaf(layout: GraphLayout, name: str, value, rep, action: Action
         raise ValueError(f"{name} is a per-edge input with rep position: edges have no centroid to turn "
                          "about; give edge vectors (rep vector) instead")
     if layout.edge_batch is None:
-        raise ValueError(f"{name} is per edge but the index input {layout.index_names[0]!r} is not (2, E)")
+        raise ValueError(f"{name} is per edge, but the first index input {layout.index_names[0]!r} is neither a (2, E) "
+                         "edge_index nor a 1-D (E,) index of the edges' first nodes, so an edge's graph is unknown")
     return rotate_copies(value, action, rep, None, batch=layout.edge_batch, backend=backend)
 
 
@@ -151,11 +176,17 @@ def stack_copies(batch: Inputs, action: Action, backend: str) -> tuple[list, lis
         names.append(name)
         if rep is None:
             values.append(value)  # a non-tensor dict value passes through
-        elif batch.layout is not None:
-            values.append(_stack_graph_leaf(batch.layout, name, value, rep, action, batch.mask, backend))
+        elif isinstance(rep, Voigt) and value.shape[-1] == 6:  # turned as the 3 x 3 tensor it stands for
+            values.append(rep.from_matrix(_stack_leaf(batch, name, rep.to_matrix(value), rep.rank2, action, backend)))
         else:
-            values.append(rotate_copies(value, action, rep, batch.mask, backend=backend))
+            values.append(_stack_leaf(batch, name, value, rep, action, backend))
     return names, values
+
+
+def _stack_leaf(batch: Inputs, name: str, value, rep, action: Action, backend: str):
+    if batch.layout is not None:
+        return _stack_graph_leaf(batch.layout, name, value, rep, action, batch.mask, backend)
+    return rotate_copies(value, action, rep, batch.mask, backend=backend)
 
 
 def call_model(model: Callable, spec: Spec, batch: Inputs, names: list, values: list, K: int,
@@ -217,6 +248,7 @@ class Head:
     rep: Rep
     batch: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    declared: Optional[Rep] = None  # the spec's rep, where it differs (a Voigt head is reduced as rank2)
 
 
 def split_heads(out, spec: Spec, batch: Inputs, K: int, check_finite: bool) -> list[Head]:
@@ -224,6 +256,9 @@ def split_heads(out, spec: Spec, batch: Inputs, K: int, check_finite: bool) -> l
     layout, B = batch.layout, batch.B
     heads = []
     for name, value, rep in spec.output_leaves(out):
+        declared = rep
+        if isinstance(rep, Voigt):  # reduced as the 3 x 3 tensor it stands for
+            value, rep = rep.to_matrix(value), rep.rank2
         if rep.kind == "vector" and value.dim() >= 3 and tuple(value.shape[-2:]) == (3, 3) \
                 and any(word in name.lower() for word in ("stress", "virial")):
             warnings.warn(f"model output {name!r} of shape {tuple(value.shape)} is declared \"vector\": that rotates "
@@ -242,7 +277,7 @@ def split_heads(out, spec: Spec, batch: Inputs, K: int, check_finite: bool) -> l
         value = value.reshape((K, n) + tuple(value.shape[1:]))
         if check_finite:
             _check_finite(value, mask, name)
-        heads.append(Head(name, value, rep, index, mask))
+        heads.append(Head(name, value, rep, index, mask, declared))
     return heads
 
 

@@ -19,6 +19,8 @@ from .estimators import Decomposition, combine, decompose
 from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
+from .adapted import Adapted, bind, own_spec
+from .reps import Voigt
 from .spec import Spec, describe
 from .stacking import Head, Stacked, plan, stack
 from .stacking import eval_mode as stacking_eval_mode
@@ -55,6 +57,7 @@ def _weights(spec: Spec, loss_weights) -> dict:
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
                chunk_size, backend, check_finite) -> tuple[Decomposition, dict]:
     """The decomposition and the samples that count, ``{"": (B,) bool, head: (B,) bool}``."""
+    spec, inputs = bind(model, inputs, spec)
     K, exhaustive = plan(spec, samples, default_samples)
     _require_two(K, exhaustive)
     if not (loss == "mse" or callable(loss)):
@@ -68,6 +71,8 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     heads, head_valid = {}, {}
     for head, (_, y, _) in zip(st.heads, targets):
         name, out = head.name, head.value
+        if isinstance(head.declared, Voigt):  # reduced as the 3 x 3 tensor it stands for
+            y = head.declared.to_matrix(y)
         if y.shape != out.shape[1:]:
             where = "target" if name == "output" else f"target[{name!r}]"
             raise ValueError(f"{where} has shape {tuple(y.shape)}, but the model's output for it has shape "
@@ -147,7 +152,9 @@ _COMMON_ARGS = """
             args, mirroring ``spec.inputs``) with the K copies stacked along dim 0.
         inputs: a tensor, a tuple of tensors or a dict (non-tensor dict values pass through).
         target: mirrors ``spec.output``; given in the frame of the unrotated input.
-        spec: a :class:`fastequiv.Spec`.
+        spec: a :class:`fastequiv.Spec`; leave it out for a model adapted with
+            :func:`fastequiv.adapt`, which carries its own (``inputs`` is then the
+            codebase's own batch).
         loss: ``"mse"`` (exact estimators) or a callable ``loss(pred, target)`` returning
             elementwise losses (reduction ``'none'``): its plug-in Jensen gap is reported
             with ``exact=False``.
@@ -176,7 +183,7 @@ def equivariance_error(
     inputs: Any,
     target: Any,
     *,
-    spec: Spec,
+    spec: Optional[Spec] = None,
     samples: Optional[int] = None,
     loss: LossLike = "mse",
     mask: Optional[torch.Tensor] = None,
@@ -219,7 +226,7 @@ def twirl_loss(
     inputs: Any,
     target: Any,
     *,
-    spec: Spec,
+    spec: Optional[Spec] = None,
     samples: Optional[int] = None,
     equiv_weight: float = 0.0,
     loss: LossLike = "mse",
@@ -277,9 +284,11 @@ class Twirled(nn.Module):
         chunk_size, backend, check_finite: as in :func:`equivariance_error`.
     """
 
-    def __init__(self, model: Callable, *, spec: Spec, samples: Optional[int] = None, seed: Optional[int] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True):
+    def __init__(self, model: Callable, *, spec: Optional[Spec] = None, samples: Optional[int] = None,
+                 seed: Optional[int] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+                 check_finite: bool = True):
         super().__init__()
+        spec = own_spec(model, spec)
         self.model = model
         self.spec = spec
         self.K, self.exhaustive = plan(spec, samples, 16)
@@ -287,10 +296,23 @@ class Twirled(nn.Module):
             groups.resolve_seed(seed)
         self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
 
+    def prepare(self, inputs):
+        """The wrapped model's inputs from ``inputs``: an adapted model's codebase batch
+        is prepared by it (so a Twirled adapted model measures like the model itself)."""
+        return self.model.prepare(inputs) if isinstance(self.model, Adapted) else inputs
+
     def forward(self, *args, **kwargs):
-        if isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs \
+        if isinstance(self.model, Adapted):
+            if len(args) != 1 or kwargs:
+                raise TypeError(f"a Twirled {self.model.family} model takes one batch, got {len(args)} positional "
+                                f"and {len(kwargs)} keyword arguments")
+            inputs = self.model.prepare(args[0])
+        elif isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs \
                 and graph.is_object_input(args[0], self.spec):
             inputs = args[0]  # an object holding the inputs, e.g. a PyG Batch
+        elif isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs and isinstance(args[0], dict) \
+                and self.spec.call == "dict":
+            inputs = args[0]  # called like the model: model(data)
         elif isinstance(self.spec.inputs, dict):
             if args:
                 raise TypeError("this Twirled model's spec has dict inputs: call it with keyword arguments")
@@ -311,6 +333,8 @@ class Twirled(nn.Module):
                 continue
             m = mask_for(head.mask, out.shape[1:], f"output {head.name!r}")
             means.append(back_rotate(out, st.action, head.rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
+        # a Voigt head was averaged as its 3 x 3 tensor: give it back in the model's form
+        means = [h.declared.from_matrix(v) if isinstance(h.declared, Voigt) else v for h, v in zip(st.heads, means)]
         return self.spec.build_output(means)
 
     def extra_repr(self) -> str:

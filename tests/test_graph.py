@@ -175,6 +175,10 @@ def test_object_inputs_like_a_pyg_batch_and_the_num_graphs_role():
     with pytest.raises(ValueError, match=r"attributes \['y'\].*unnamed"):  # as a dict key the spec does not name
         fe.equivariance_error(on_batch, obj, target, spec=SPEC, samples=K, seed=SEED)
     keep = fe.Spec(inputs=SPEC.inputs, output=SPEC.output, unnamed="keep")
+    # kept, but with a row per graph: the model would get 3 rows next to K * 3 graphs
+    with pytest.raises(ValueError, match=r"'y' has 3 rows, the number of graphs.*scalar@graph"):
+        fe.equivariance_error(on_batch, obj, target, spec=keep, samples=K, seed=SEED)
+    obj.y = torch.tensor(0.5)  # bookkeeping without a batch dim is handed over unchanged
     d_obj = fe.equivariance_error(on_batch, obj, target, spec=keep, samples=K, seed=SEED)
     d = fe.equivariance_error(model, inputs, target, spec=SPEC, samples=K, seed=SEED)
     torch.testing.assert_close(d_obj.per_sample.total, d.per_sample.total)

@@ -23,9 +23,11 @@ LAYERS = [
     ("reps", ["fastequiv.reps", "fastequiv.graph", "fastequiv.spec"]),
     ("backends", ["fastequiv.kernels", "fastequiv.backends"]),
     ("ops", ["fastequiv.ops"]),
-    ("stacking", ["fastequiv.stacking"]),
+    ("stacking", ["fastequiv.stacking", "fastequiv.adapted"]),
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
-             "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.ase"]),
+             "fastequiv.voxels", "fastequiv.diagnostics"]),
+    # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
+    ("integrations", ["fastequiv.adapters", "fastequiv.ase"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API
     ("top", ["fastequiv.__main__", "fastequiv.demo", "fastequiv.bench", "fastequiv.check"]),
 ]
