@@ -1,9 +1,8 @@
 """How much of a MACE model's loss is equivariance error? (It should be none.)
 
 MACE is equivariant by construction, so its L_equiv is float noise; a variant with a
-deliberately non-equivariant term is not. The same Spec works for NequIP- and
-fairchem-style models that take one dict of graph tensors and compute forces (and
-stress) by autograd inside their forward.
+deliberately non-equivariant term is not. ``fe.adapt(model)`` reads MACE's own batches
+and carries the spec (below, for reference, the same as a plain fe.Spec).
 
     python examples/mace_equivariance.py            # a tiny random MACE, float64
     python examples/mace_equivariance.py --periodic # a triclinic cell, with stress
@@ -15,29 +14,32 @@ it and with newer e3nn).
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import numpy as np
 import torch
 
 import fastequiv as fe
+from fastequiv.adapters.mace import AdaptedMACE
 
-# The spec of a MACE batch (mace.tools.torch_geometric Batch, or its .to_dict()):
-# positions rotate (about each graph's centroid: translations do not matter), the cell's
-# rows are lattice vectors (MACE flattens them to (3 B, 3)), the Cartesian shifts of
-# periodic edges rotate with their edge, the integer unit shifts and the element one-hot
-# encodings do not rotate. Targets and weights stored in the batch are not read by the
-# model: unnamed="keep" hands them over unchanged.
+# The Spec route, for readers who want to see what fe.adapt declares for MACE: positions
+# rotate (about each graph's centroid), the cell's rows are lattice vectors (flattened to
+# (3 B, 3)), the Cartesian shifts of periodic edges rotate with their edge, integer unit
+# shifts and one-hot elements do not. The inputs are the batch's keys the model reads.
 MACE_SPEC = fe.Spec(
     inputs={"positions": "position", "cell": "cell", "shifts": "vector@edge", "unit_shifts": "scalar@edge",
             "node_attrs": "scalar@node", "head": "scalar@graph",
             "batch": "batch", "ptr": "ptr", "edge_index": "index"},
     output={"energy": "scalar", "forces": "vector"},
-    call="dict", model_grad=True, unnamed="keep",
+    call="dict", model_grad=True,
 )
 MACE_STRESS_SPEC = fe.Spec(inputs=MACE_SPEC.inputs, output={"energy": "scalar", "forces": "vector", "stress": "rank2"},
-                           call="dict", model_grad=True, unnamed="keep")
+                           call="dict", model_grad=True)
+
+
+def model_inputs(batch) -> dict:
+    """The keys of a MACE batch its model reads (its labels and weights left out)."""
+    return {k: batch[k] for k in MACE_SPEC.inputs}
 
 
 def tiny_mace(seed: int = 0):
@@ -97,19 +99,18 @@ def targets(batch, seed: int = 1):
             "stress": torch.randn(B, 3, 3, generator=g, dtype=torch.float64) * 0.01}
 
 
-class BrokenMACE(torch.nn.Module):
+class BrokenMACE(AdaptedMACE):
     """MACE plus a term that depends on the absolute orientation: an external field that
     pulls every atom along +z (energy -a z, forces +a e_z). Not equivariant."""
 
-    def __init__(self, mace, strength: float = 0.3):
-        super().__init__()
-        self.mace, self.strength = mace, strength
+    def __init__(self, mace, strength: float = 0.3, stress: bool = False):
+        super().__init__(mace, ("energy", "forces", "stress") if stress else ("energy", "forces"))
+        self.strength = strength
 
-    def forward(self, data, **kwargs):
-        out = dict(self.mace(data, **kwargs))
+    def forward(self, data):
+        out = super().forward(data)
         z = data["positions"][:, 2]
-        field = torch.zeros_like(out["energy"]).index_add(0, data["batch"], -self.strength * z)
-        out["energy"] = out["energy"] + field
+        out["energy"] = out["energy"] + torch.zeros_like(out["energy"]).index_add(0, data["batch"], -self.strength * z)
         pull = torch.zeros_like(out["forces"])
         pull[:, 2] = self.strength
         out["forces"] = out["forces"] + pull
@@ -123,21 +124,19 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args(argv)
 
-    model = tiny_mace()
+    mace = tiny_mace()
     batch = mace_batch(structures(args.periodic, args.structures))
     y = targets(batch)
-    spec = MACE_STRESS_SPEC if args.periodic else MACE_SPEC
-    call = functools.partial(model, compute_stress=True) if args.periodic else model
     if not args.periodic:
         y = {k: y[k] for k in ("energy", "forces")}
+    model = fe.adapt(mace, stress=args.periodic)  # carries MACE's spec; reads MACE's batch as it comes
     start = time.perf_counter()
-    d = fe.equivariance_error(call, batch.to_dict(), y, spec=spec, samples=args.samples, seed=0)
+    d = fe.equivariance_error(model, batch, y, samples=args.samples, seed=0)
     seconds = time.perf_counter() - start
     print(f"MACE ({'periodic, with stress' if args.periodic else 'molecules'}): pct = {float(d.pct):.3g} "
           f"(L_equiv {float(d.equiv):.3g} of L_total {float(d.total):.3g}) in {seconds:.2f} s")
-    broken = BrokenMACE(model)
-    call = functools.partial(broken, compute_stress=True) if args.periodic else broken
-    d = fe.equivariance_error(call, batch.to_dict(), y, spec=spec, samples=args.samples, seed=0)
+    broken = BrokenMACE(mace, stress=args.periodic)
+    d = fe.equivariance_error(broken, batch, y, samples=args.samples, seed=0)
     print(f"MACE + an external field: pct = {float(d.pct):.3g} (L_equiv {float(d.equiv):.3g})")
     return 0
 

@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import jvp
 
+from .adapted import bind
 from .ops import rotate_copies
 from .ops.action import Action
 from .ops.layout import mask_for
@@ -88,8 +90,9 @@ def so3_generators(dtype: torch.dtype = torch.float32, device=None) -> torch.Ten
 _METHODS = ("jvp", "central")
 
 
-def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[torch.Tensor] = None,
-                   method: str = "jvp", step: Optional[float] = None):
+def lie_derivative(model: Callable, inputs: Any, *, spec: Optional[Spec] = None, mask: Optional[torch.Tensor] = None,
+                   method: str = "jvp", delta: Optional[float] = None, backend: str = "auto",
+                   step: Optional[float] = None):
     """The Lie derivatives ``L_i f(x)`` along the three generators of so(3) (see module docs).
 
     Args:
@@ -100,6 +103,7 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[t
         inputs: a tensor, tuple or dict mirroring ``spec.inputs``, dense or a graph batch
             (the spec names its roles, as in :func:`fastequiv.equivariance_error`).
         spec: a :class:`fastequiv.Spec`; its group is ignored (the generators are those of SO(3)).
+            Leave it out for a model adapted with :func:`fastequiv.adapt`.
         mask: optional bool ``(B, *inner)`` of valid elements, unless the spec names one:
             positions turn about the centroid of their valid points, and the derivatives of
             invalid output elements are set to 0.
@@ -109,23 +113,35 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Spec, mask: Optional[t
             an op torch cannot differentiate forward, such as MACE's autograd forces
             (``silu_backward``). Its error is ``O(h^2)`` plus rounding ``O(eps / h)``:
             about 1e-10 relative in float64, 1e-4 in float32.
-        step: ``h`` for ``method="central"``: default 1e-5 for float64 inputs, 5e-3 otherwise.
+        delta: ``h`` for ``method="central"``: default 1e-5 for float64 inputs, 5e-3 otherwise.
+        backend: of the rotations and back-rotations with ``method="central"``.
+            ``method="jvp"`` differentiates the pure-torch reference of the ops (forward-mode
+            AD needs it), whatever ``backend`` says.
+        step: the old name of ``delta`` (deprecated: ``step`` means a training step elsewhere).
     Returns:
         the model's output structure (a tensor, tuple or dict) with every leaf of shape
         ``(3, B, *E)``: entry ``i`` is ``L_{X_i} f(x)`` for the x, y, z generators, in the
         accumulation dtype (float64 for float64 outputs, else float32).
     """
+    spec, inputs = bind(model, inputs, spec)
     if not isinstance(spec, Spec):
         raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
+    if step is not None:
+        warnings.warn("lie_derivative(step=...) is deprecated: call it delta= (step means a training step in "
+                      "fastequiv's other functions)", DeprecationWarning, stacklevel=2)
+        if delta is not None:
+            raise ValueError(f"pass delta= only (got delta={delta!r} and its deprecated name step={step!r})")
+        delta = step
+    step = delta
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if step is not None and (method != "central" or isinstance(step, bool) or not isinstance(step, (int, float))
                              or not 0 < step < 1):
-        raise ValueError(f"step is the central-difference step h, a float in (0, 1) with method='central', "
-                         f"got step={step!r} with method={method!r}")
+        raise ValueError(f"delta is the central-difference step h, a float in (0, 1) with method='central', "
+                         f"got delta={step!r} with method={method!r}")
     batch = read_inputs(inputs, spec, mask, None)
     if method == "central":
-        return _central(model, spec, batch, step)
+        return _central(model, spec, batch, step, backend)
     return _jvp(model, spec, batch)
 
 
@@ -184,20 +200,20 @@ def _jvp(model: Callable, spec: Spec, batch):
     return spec.build_output(results)
 
 
-def _central(model: Callable, spec: Spec, batch, step: Optional[float]):
+def _central(model: Callable, spec: Spec, batch, step: Optional[float], backend: str):
     """``method="central"``: the twisted model at ``exp(+-h X_i)``, 6 copies in one call."""
     B, acc = batch.B, batch.dtype
     h = step if step is not None else (1e-5 if acc == torch.float64 else 5e-3)
     X = so3_generators(torch.float64, batch.device)
     R = torch.linalg.matrix_exp(torch.cat([h * X, -h * X])).to(acc)  # copies 0-2: +h, 3-5: -h
     R = R[:, None].expand(6, B, 3, 3).contiguous()
-    names, values = stack_copies(batch, Action(R, "torch"), "torch")
+    names, values = stack_copies(batch, Action(R, backend), backend)
     out = call_model(model, spec, batch, names, values, 6, None)
     results = []
     for head in split_heads(out, spec, batch, 6, False):
         # rho_out(R_k)^-1 y_k, copy by copy (rho(R^T) = rho(R)^-1 for rotations)
         back = torch.stack([rotate_copies(head.value[k].to(acc), R[k:k + 1].transpose(-1, -2), head.rep, head.mask,
-                                          batch=head.batch, backend="torch") for k in range(6)])
+                                          batch=head.batch, backend=backend) for k in range(6)])
         results.append(_zero_invalid((back[:3] - back[3:]) / (2 * h), head, acc))
     return spec.build_output(results)
 

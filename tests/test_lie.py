@@ -186,6 +186,11 @@ def test_errors():
         fe.lie_derivative(lambda v: v[:1], torch.zeros(2, 3), spec=spec)
     with pytest.raises(ValueError, match="method"):
         fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec=spec, method="fd")
-    for step, method in ((1e-3, "jvp"), (0.0, "central"), (2.0, "central"), (True, "central")):
-        with pytest.raises(ValueError, match="step"):
-            fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec=spec, method=method, step=step)
+    for delta, method in ((1e-3, "jvp"), (0.0, "central"), (2.0, "central"), (True, "central")):
+        with pytest.raises(ValueError, match="delta"):
+            fe.lie_derivative(lambda v: v, torch.zeros(2, 3), spec=spec, method=method, delta=delta)
+    # the old name still works for a release, with a warning
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="delta"):
+        old = fe.lie_derivative(lambda v: 2 * v, x, spec=spec, method="central", step=1e-4)
+    torch.testing.assert_close(old, fe.lie_derivative(lambda v: 2 * v, x, spec=spec, method="central", delta=1e-4))
