@@ -20,6 +20,7 @@ back-rotated: ``E``, ``R^T F``, ``R^T S R`` (``S`` the 3x3 stress).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ except ImportError as e:  # pragma: no cover - the test extra installs ASE
                       'or pip install ase') from e
 
 from .estimators import Decomposition, combine, decompose
-from .groups import check_group, group_elements, group_order
+from .groups import check_group, group_elements, group_order, resolve_seed
 from .ops import twirl_reduce
 from .ops.random_rotations import random_rotations
 from .reps import as_rep
@@ -138,9 +139,9 @@ def _default_targets(atoms_list) -> list:
         targets.append(t)
     if not any(targets):
         raise ValueError(
-            "targets=None takes the reference values stored on the structures (atoms.calc.results, e.g. of a "
+            "target=None takes the reference values stored on the structures (atoms.calc.results, e.g. of a "
             "SinglePointCalculator read from an extxyz file), but none of the structures in atoms_list has any "
-            "for its current positions. Pass targets=[{'energy': E, 'forces': F, 'stress': S}, ...] (one dict per "
+            "for its current positions. Pass target=[{'energy': E, 'forces': F, 'stress': S}, ...] (one dict per "
             "structure, reference data in the frame of the unrotated structure), or attach the reference values "
             "with atoms.calc = SinglePointCalculator(atoms, energy=E, forces=F)")
     return targets
@@ -160,13 +161,13 @@ def _check_inputs(calc, atoms_list, targets):
         targets = _default_targets(atoms_list)
     elif not isinstance(targets, (list, tuple)) or len(targets) != len(atoms_list) or \
             not all(isinstance(t, dict) for t in targets):
-        raise ValueError(f"targets must be a list of {len(atoms_list)} dicts (one per structure in atoms_list, "
+        raise ValueError(f"target must be a list of {len(atoms_list)} dicts (one per structure in atoms_list, "
                          f"keys among {tuple(PROPERTIES)}), got {type(targets).__name__}"
                          + (f" of length {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
     for i, t in enumerate(targets):
         unknown = set(t) - set(PROPERTIES)
         if unknown:
-            raise ValueError(f"targets[{i}] has keys {sorted(unknown)} that fastequiv.ase does not measure; "
+            raise ValueError(f"target[{i}] has keys {sorted(unknown)} that fastequiv.ase does not measure; "
                              f"known properties: {tuple(PROPERTIES)}")
     return atoms_list, list(targets)
 
@@ -217,7 +218,7 @@ def _select(properties, calc, atoms_list, targets) -> dict:
 
 
 def _target_value(p: str, value, atoms: Atoms, i: int) -> np.ndarray:
-    where = f"targets[{i}][{p!r}]"
+    where = f"target[{i}][{p!r}]"
     if p == "stress":
         return _as_3x3(value, where)
     v = np.asarray(value, dtype=np.float64)
@@ -230,14 +231,18 @@ def _target_value(p: str, value, atoms: Atoms, i: int) -> np.ndarray:
 def equivariance_error(
     calc,
     atoms_list: Sequence[Atoms],
+    target: Optional[Sequence[dict]] = None,
     *,
     samples: Optional[int] = None,
     group: str = "SO3",
-    seed: int = 0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
     properties: Optional[Sequence[str]] = None,
-    targets: Optional[Sequence[dict]] = None,
     loss_weights: Optional[dict] = None,
+    batched: Optional[bool] = None,
+    chunk_size: Optional[int] = None,
     backend: str = "auto",
+    targets: Optional[Sequence[dict]] = None,
 ) -> Decomposition:
     """Decompose an ASE calculator's augmented loss on ``atoms_list`` into L_mean + L_equiv.
 
@@ -254,9 +259,18 @@ def equivariance_error(
     components. Each head is averaged over the structures it applies to; the top level is
     the ``loss_weights``-weighted sum of the heads (``d.heads``).
 
+    Two routes give the same numbers (to float rounding, rotation for rotation):
+
+    * batched, when :func:`fastequiv.adapt` recognises the calculator (MACE's, NequIP's,
+      SevenNet's, Orb's, SchNetPack's): the structures go through the codebase's own data
+      pipeline once, and the K rotated copies of all of them through its model in one
+      call (per ``chunk_size`` structures): positions turned about each structure's
+      centroid, cells, shifts and edges with them. No calculator call.
+    * serial, for any other calculator (or ``batched=False``): ``K * len(atoms_list)``
+      calculator calls on rotated copies of the structures.
+
     Args:
-        calc: any ASE calculator. It is called ``K * len(atoms_list)`` times, on rotated
-            copies (the structures themselves are left untouched).
+        calc: any ASE calculator (the structures themselves are left untouched).
         atoms_list: a list of ``ase.Atoms`` of any sizes, periodic or not (one Atoms
             counts as a list of one).
         samples: K per structure: default 8 i.i.d. Haar draws for ``"SO3"``/``"O3"``,
@@ -264,14 +278,15 @@ def equivariance_error(
             cannot estimate L_equiv).
         group: ``"SO3"``, ``"O3"``, ``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``.
         seed: copy ``k`` of structure ``b`` is rotated by rotation ``k * B + b`` of this
-            Philox stream (``fastequiv.random_rotations(K * B, seed=seed, group=group)``).
+            Philox stream (``fastequiv.random_rotations(K * B, seed=seed, group=group)``);
+            generator: draw the seed from it; default: a seed from torch's default generator.
         properties: names among ``"energy"``, ``"free_energy"``, ``"forces"``,
             ``"stress"``; each must be computable by ``calc`` and given in every target,
             and ``"stress"`` needs every structure periodic in all three directions.
             ``None`` (default): whichever of energy, forces and stress the calculator
             implements and the targets give, the stress over the fully periodic
             structures only (skipped when there is none).
-        targets: one dict per structure, with keys among the properties (energy a number,
+        target: one dict per structure, with keys among the properties (energy a number,
             forces ``(N, 3)``, stress a Voigt 6-vector or ``3x3``), reference values in the
             frame of the unrotated structure (DFT labels, or another calculator's
             values). Default: the values stored on the structures themselves
@@ -282,12 +297,26 @@ def equivariance_error(
             ``total = 0`` and ``pct = 0/0 = nan``.
         loss_weights: ``{property: weight}`` for the measured properties (others default
             to 1).
-        backend: of the reduction (:func:`fastequiv.ops.twirl_reduce`).
+        batched: ``None`` (default): the batched route where it applies (a recognised
+            calculator; energy, forces and stress, the stress only if every structure is
+            periodic); ``True``: require it (a ValueError says why not); ``False``: serial.
+        chunk_size: structures per model call on the batched route (default: all in one).
+            Each chunk then draws its own rotations (stream ``seed + chunk``), so only the
+            one-chunk result equals the serial route rotation for rotation.
+        backend: of the rotations and reductions.
+        targets: the old name of ``target`` (deprecated).
 
     Returns:
         a :class:`fastequiv.Decomposition` (float64 tensors) with per-property ``heads``.
     """
-    atoms_list, targets = _check_inputs(calc, atoms_list, targets)
+    if targets is not None:
+        warnings.warn("fastequiv.ase.equivariance_error(targets=...) is deprecated: call it target=, as "
+                      "fastequiv.equivariance_error does", DeprecationWarning, stacklevel=2)
+        if target is not None:
+            raise ValueError("pass target= only (targets= is its deprecated name)")
+        target = targets
+    seed = resolve_seed(seed, generator)  # one stream for both routes
+    atoms_list, targets = _check_inputs(calc, atoms_list, target)
     K, exhaustive = _plan(samples, group, 8)
     if K < 2 and not exhaustive:
         raise ValueError(f"samples={samples!r} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
@@ -299,6 +328,17 @@ def equivariance_error(
             raise ValueError(f"loss_weights must be a dict whose keys are among the measured properties "
                              f"{list(chosen)}, got {loss_weights!r}")
         weights.update({p: float(w) for p, w in loss_weights.items()})
+    why_not = _batched_route_refused(calc, chosen)
+    if batched and why_not:
+        raise ValueError(f"batched=True, but the batched route does not apply: {why_not}")
+    if batched is not False and not why_not:
+        from .ase_batched import decompose_batched
+
+        return decompose_batched(calc, atoms_list, targets, list(chosen), weights, samples=None if exhaustive else K,
+                                 group=group, seed=seed, chunk_size=chunk_size, backend=backend)
+    if chunk_size is not None:
+        raise ValueError("chunk_size= applies to the batched route only (the serial route calls the calculator "
+                         "once per copy)")
 
     B = len(atoms_list)
     nmax = max(len(a) for a in atoms_list)
@@ -338,6 +378,19 @@ def equivariance_error(
     return combine(heads, weights, head_valid)
 
 
+def _batched_route_refused(calc, chosen: dict) -> Optional[str]:
+    """Why the batched route cannot measure ``chosen`` with ``calc`` (None if it can)."""
+    from .adapters import family_of
+
+    if family_of(calc) is None:
+        return f"fastequiv.adapt does not recognise the calculator {type(calc).__name__}"
+    if "free_energy" in chosen:
+        return "it measures energy, forces and stress, not free_energy"
+    if "stress" in chosen and not chosen["stress"].all():
+        return "the stress is asked for on a list that mixes periodic and non-periodic structures"
+    return None
+
+
 def _shape(p: str, nmax: int) -> tuple:
     return {"scalar": (), "vector": (nmax, 3), "rank2": (3, 3)}[PROPERTIES[p]]
 
@@ -362,12 +415,18 @@ class TwirledCalculator(Calculator):
             finite group; ``samples=K`` with a finite group draws K elements at random.
         group: ``"SO3"``, ``"O3"``, ``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``.
         seed: the Philox stream of the draws (``fastequiv.random_rotations(K, seed=seed)``).
+            Fixed by default (0), unlike the measuring functions' fresh draws: the twirled
+            calculator must be one deterministic function for relaxations and MD.
+        batched: ``None`` (default): when :func:`fastequiv.adapt` recognises ``calc``, the K
+            copies go through its model in one call (:mod:`fastequiv.ase_batched`); ``False``:
+            K calls of ``calc``; ``True``: require the batched route.
 
     ``implemented_properties``: those of energy, free_energy, forces and stress that
     ``calc`` implements. Structures are rotated as described in the module docs.
     """
 
-    def __init__(self, calc, samples: Optional[int] = None, group: str = "SO3", seed: int = 0, **kwargs):
+    def __init__(self, calc, samples: Optional[int] = None, group: str = "SO3", seed: int = 0,
+                 batched: Optional[bool] = None, **kwargs):
         if not hasattr(calc, "get_property"):
             raise ValueError(f"calc must be an ASE calculator (with get_property), got {type(calc).__name__}")
         K, exhaustive = _plan(samples, group, 16)
@@ -379,11 +438,29 @@ class TwirledCalculator(Calculator):
         if not self.implemented_properties:
             raise ValueError(f"calc {type(calc).__name__} implements none of {tuple(PROPERTIES)} "
                              f"(its implemented_properties: {_implemented(calc)}); there is nothing to twirl")
+        self.twirled = None  # the batched route: K copies in one model call
+        from .adapters import family_of
+
+        if batched and family_of(calc) is None:
+            raise ValueError(f"batched=True, but fastequiv.adapt does not recognise the calculator {type(calc).__name__}")
+        if batched is not False and family_of(calc) is not None:
+            from .ase_batched import adapted_calculator
+            from .twirl import Twirled
+
+            heads = tuple(p for p in ("energy", "forces", "stress") if p in self.implemented_properties)
+            self.twirled = Twirled(adapted_calculator(calc, heads, group), samples=None if exhaustive else K, seed=seed,
+                                   backend="auto")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         # energy and forces come with nearly every calculation; stress only when asked for
         props = [p for p in self.implemented_properties if p in properties or p in ("energy", "forces")]
+        if self.twirled is not None and "free_energy" not in props \
+                and ("stress" not in props or self.atoms.pbc.all()):
+            from .ase_batched import twirled_results
+
+            self.results.update({p: v for p, v in twirled_results(self.twirled, self.atoms).items() if p in props})
+            return
         acc = {p: [] for p in props}
         for R in self.rotations:
             values = _back_rotate(_compute(self.calc, rotated(self.atoms, R), props), R)

@@ -49,6 +49,7 @@ from . import stacking
 from .estimators import Decomposition, combine, decompose
 from .ops import twirl_reduce
 from .ops.layout import mask_for
+from .adapted import bind
 from .spec import Spec
 
 __all__ = ["Alignment", "Spectrum", "PerElement", "gradient_alignment", "hessian_spectrum", "lanczos",
@@ -161,7 +162,7 @@ def _heads_and_targets(st: stacking.Stacked, spec: Spec, target) -> list:
     return pairs
 
 
-def stacked_terms(model, inputs, target, *, spec: Spec, samples=None, mask=None, loss_weights=None, seed=None,
+def stacked_terms(model, inputs, target, *, spec: Optional[Spec] = None, samples=None, mask=None, loss_weights=None, seed=None,
                   generator=None, chunk_size=None, backend: str = "auto", reduce_backend: Optional[str] = None,
                   check_finite: bool = True) -> Decomposition:
     """The MSE decomposition of ``model`` on ``inputs``, differentiable (grad mode permitting).
@@ -170,6 +171,7 @@ def stacked_terms(model, inputs, target, *, spec: Spec, samples=None, mask=None,
     ``loss="mse"``; ``reduce_backend`` (default ``backend``) runs the reductions: pass
     ``"torch"`` to differentiate twice (the compiled reductions have a first derivative only).
     """
+    spec, inputs = bind(model, inputs, spec)
     K, exhaustive = _plan(spec, samples)
     weights = _weights(spec, loss_weights)
     st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
@@ -272,7 +274,7 @@ def _alignment(gm: list, ge: list, params: Params) -> tuple:
     return stats
 
 
-def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Spec, samples: Optional[int] = None,
+def gradient_alignment(model: Callable, inputs: Any, target: Any, *, spec: Optional[Spec] = None, samples: Optional[int] = None,
                        params=None, mask=None, loss_weights=None, seed: Optional[int] = None,
                        generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = None,
                        backend: str = "auto", check_finite: bool = True, eval_mode: bool = True,
@@ -510,7 +512,7 @@ def _check_k(k) -> None:
         raise ValueError(f"k must be a positive int, got {k!r}")
 
 
-def hessian_spectrum(model: Callable, inputs: Any, target: Any, *, spec: Spec, term: str = "total", k: int = 8,
+def hessian_spectrum(model: Callable, inputs: Any, target: Any, *, spec: Optional[Spec] = None, term: str = "total", k: int = 8,
                      which: str = "largest", samples: Optional[int] = None, params=None, mask=None,
                      loss_weights=None, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                      chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True,
@@ -619,7 +621,7 @@ class PerElement:
         return total
 
 
-def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec: Spec,
+def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec: Optional[Spec] = None,
                              samples: Optional[int] = None, mask=None, loss_weights=None,
                              seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                              chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True,
@@ -631,6 +633,7 @@ def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec:
     :func:`fastequiv.ops.twirl_reduce` on that copy alone (positions back-rotate about
     their copy's centroid, as in the full reduction).
     """
+    spec, inputs = bind(model, inputs, spec)
     K, exhaustive = _plan(spec, samples)
     weights = _weights(spec, loss_weights)
     with evaluating(model, eval_mode), torch.no_grad():
@@ -653,10 +656,12 @@ def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec:
 
 # --- one call for a training log ------------------------------------------------------------------
 
-def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Spec, samples: Optional[int] = None,
-                 k: int = 1, params=None, mask=None, loss_weights=None, seed: Optional[int] = 0,
-                 backend: str = "auto", eval_mode: bool = True, max_iter: Optional[int] = None,
-                 tol: float = 1e-3, lanczos_seed: int = 0) -> dict:
+def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Optional[Spec] = None,
+                 samples: Optional[int] = None, k: int = 1, params=None, mask=None, loss_weights=None,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True,
+                 eval_mode: bool = True, max_iter: Optional[int] = None, tol: float = 1e-3,
+                 lanczos_seed: int = 0) -> dict:
     """The training-dynamics numbers worth logging every few hundred steps, as floats.
 
     One forward over the K stacked copies and one backward per term that keeps its graph,
@@ -667,12 +672,16 @@ def log_dynamics(model: Callable, inputs: Any, target: Any, *, spec: Spec, sampl
     ``params``), and the largest Hessian eigenvalue of each term (with ``k > 1``, also
     ``"eig_mean"`` and ``"eig_equiv"``: the ``k`` largest, descending, as lists, and
     ``"cond_mean"``/``"cond_equiv"``: :meth:`Spectrum.condition` of those).
+    ``seed``, ``generator``, ``chunk_size``, ``backend``, ``check_finite``: as in
+    :func:`fastequiv.equivariance_error` (``seed=None`` draws fresh rotations; pass an int
+    to log the same rotations every time).
     """
     _check_k(k)
     chosen = select_params(model, params)
     with evaluating(model, eval_mode), torch.enable_grad(), twice_differentiable():
         d = stacked_terms(model, inputs, target, spec=spec, samples=samples, mask=mask, loss_weights=loss_weights,
-                          seed=seed, backend=backend, reduce_backend="torch", check_finite=True)
+                          seed=seed, generator=generator, chunk_size=chunk_size, backend=backend,
+                          reduce_backend="torch", check_finite=check_finite)
         gm = _grads(d.mean, chosen.tensors, create_graph=True, retain_graph=True)
         ge = _grads(d.equiv, chosen.tensors, create_graph=True, retain_graph=True)
         stats = _alignment([g.detach() for g in gm], [g.detach() for g in ge], chosen)

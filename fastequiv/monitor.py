@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .groups import SEED_MAX
+from .adapted import own_spec
 from .spec import Spec
 from .twirl import equivariance_error
 
@@ -38,7 +39,7 @@ class EquivarianceMonitor:
 
     Args:
         model: the model, called like in :func:`fastequiv.equivariance_error`.
-        spec: a :class:`fastequiv.Spec`.
+        spec: a :class:`fastequiv.Spec` (left out for a model adapted with :func:`fastequiv.adapt`).
         every: measure on steps ``step % every == 0``.
         fraction: share of the batch measured, ``0 < fraction <= 1`` (the first
             ``ceil(fraction * B)`` samples; every tensor input and target is cut along
@@ -59,9 +60,10 @@ class EquivarianceMonitor:
             defaults to False here, since it syncs with the device.
     """
 
-    def __init__(self, model: Callable, *, spec: Spec, every: int = 100, fraction: float = 0.125,
+    def __init__(self, model: Callable, *, spec: Optional[Spec] = None, every: int = 100, fraction: float = 0.125,
                  samples: Optional[int] = None, prefix: str = "equiv/", materialize: bool = False,
                  eval_mode: bool = True, seed: int = 0, sync: bool = False, process_group=None, **kwargs: Any):
+        spec = own_spec(model, spec)
         if not isinstance(spec, Spec):
             raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -89,7 +91,8 @@ class EquivarianceMonitor:
         if not self.due(step):
             return {}
         inputs, target, kwargs = self._subset(inputs, target)
-        d = equivariance_error(self.model, inputs, target, spec=self.spec, samples=self.samples,
+        d = equivariance_error(self.model, inputs, target, spec=None if self.spec is getattr(self.model, "spec", None)
+                               else self.spec, samples=self.samples,
                                seed=(self.seed + step) % SEED_MAX, sync=self.sync, process_group=self.process_group,
                                eval_mode=self.eval_mode, **kwargs)
         return self.values(d)

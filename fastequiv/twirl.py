@@ -94,13 +94,15 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
 
 
 def _check_heads(heads: dict, head_valid: dict, check_finite: bool) -> None:
-    """Raise a ValueError when a head has no valid element in the whole batch (its loss is
-    undefined) or, with ``check_finite``, a non-finite per-sample loss (a NaN or inf in the
+    """With ``check_finite``, raise a ValueError when a head has no valid element in the
+    whole batch (its loss is undefined) or a non-finite per-sample loss (a NaN or inf in the
     model's output or the target at a valid element). One host copy of a few flags; not
-    checked inside torch.compile or CUDA-graph capture."""
+    checked inside torch.compile or CUDA-graph capture. Without it nothing is read back:
+    such a batch then gives a NaN, never a silent number."""
+    if not check_finite:
+        return
     flags = [v.any() for v in head_valid.values()]
-    if check_finite:
-        flags += [torch.isfinite(d.per_sample.total).all() for d in heads.values()]
+    flags += [torch.isfinite(d.per_sample.total).all() for d in heads.values()]
     flags = torch.stack(flags)
     if torch.compiler.is_compiling() or (flags.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
@@ -168,9 +170,12 @@ _COMMON_ARGS = """
         chunk_size: call the model on at most this many stacked rows at a time.
         backend: ``"auto"``, ``"torch"``, ...; an unavailable one raises an error.
         check_finite: raise a ValueError if a valid element of the model's outputs (or of
-            the target) is NaN or inf. Read from the per-sample sums, which any such value
-            reaches (masked-out elements never do): one host read of a few flags, skipped
-            inside ``torch.compile`` and CUDA-graph capture.
+            the target) is NaN or inf, or a head has no valid element at all. Read from the
+            per-sample sums, which any such value reaches (masked-out elements never do): one
+            host read of a few flags (a sync with the device), skipped inside
+            ``torch.compile`` and CUDA-graph capture. Default True for the measuring
+            functions, False for :func:`twirl_loss` (every training step: no sync; a bad
+            batch gives a NaN loss instead of an error).
         sync: under ``torch.distributed`` (e.g. DDP), report the decomposition of the
             union of every rank's batch (two small all-reduces, no host copy; see
             :mod:`fastequiv.distributed`); a no-op when it is not initialised.
@@ -236,7 +241,7 @@ def twirl_loss(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
-    check_finite: bool = True,
+    check_finite: bool = False,
     sync: bool = False,
     process_group=None,
 ) -> tuple[torch.Tensor, Decomposition]:

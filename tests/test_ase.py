@@ -135,7 +135,7 @@ def hand_loop(calc, atoms_list, targets, K, seed, props, weights=None):
 
 def test_emt_clusters_equivariant_to_float_noise():
     atoms = clusters()
-    d = fa.equivariance_error(EMT(), atoms, targets=reference(atoms), samples=6, seed=3)
+    d = fa.equivariance_error(EMT(), atoms, target=reference(atoms), samples=6, seed=3)
     assert set(d.heads) == {"energy", "forces"}  # not periodic: no stress head
     assert float(d.total) > 1e-4
     assert float(d.pct) < EMT_PCT_BOUND
@@ -146,7 +146,7 @@ def test_emt_clusters_equivariant_to_float_noise():
 
 def test_emt_triclinic_periodic_with_stress():
     atoms = triclinic()
-    d = fa.equivariance_error(EMT(), atoms, targets=reference(atoms), samples=6, seed=4)
+    d = fa.equivariance_error(EMT(), atoms, target=reference(atoms), samples=6, seed=4)
     assert set(d.heads) == {"energy", "forces", "stress"}
     assert float(d.heads["stress"].total) > 1e-8
     assert float(d.pct) < EMT_PCT_BOUND
@@ -160,7 +160,7 @@ def test_broken_matches_hand_loop_mixed_batch():
     targets = reference(atoms)
     K, seed = 4, 11
     weights = {"energy": 0.5, "forces": 2.0, "stress": 100.0}
-    d = fa.equivariance_error(Broken(), atoms, targets=targets, samples=K, seed=seed, loss_weights=weights)
+    d = fa.equivariance_error(Broken(), atoms, target=targets, samples=K, seed=seed, loss_weights=weights)
     assert set(d.heads) == {"energy", "forces", "stress"}
     assert float(d.pct) > 1e-3
     top = np.zeros(3)
@@ -218,7 +218,7 @@ def test_broken_clusters_hand_loop_and_default_targets():
 
 def test_exhaustive_finite_group_is_exact():
     atoms = clusters()[1:]
-    d = fa.equivariance_error(Broken(), atoms, targets=reference(atoms), group="octahedral")
+    d = fa.equivariance_error(Broken(), atoms, target=reference(atoms), group="octahedral")
     assert d.samples == 24 and d.exhaustive and d.exact
     assert float(d.pct) > 1e-3
 
@@ -294,24 +294,24 @@ def test_bad_inputs():
     atoms = clusters()
     targets = reference(atoms)
     with pytest.raises(ValueError, match=r"atoms_list is empty"):
-        fa.equivariance_error(EMT(), [], targets=[])
+        fa.equivariance_error(EMT(), [], target=[])
     with pytest.raises(ValueError, match=r"samples=1 cannot estimate L_equiv"):
-        fa.equivariance_error(EMT(), atoms, targets=targets, samples=1)
+        fa.equivariance_error(EMT(), atoms, target=targets, samples=1)
     with pytest.raises(ValueError, match=r"properties=.*cannot compute 'stress'.*implemented_properties"):
-        fa.equivariance_error(Broken(stress=False), triclinic(), targets=reference(triclinic()),
+        fa.equivariance_error(Broken(stress=False), triclinic(), target=reference(triclinic()),
                               properties=("energy", "stress"))
     with pytest.raises(ValueError, match=r"properties=.*not periodic in all three directions"):
-        fa.equivariance_error(EMT(), atoms, targets=targets, properties=("forces", "stress"))
+        fa.equivariance_error(EMT(), atoms, target=targets, properties=("forces", "stress"))
     with pytest.raises(ValueError, match=r"properties=.*measures .*not 'magmom'"):
-        fa.equivariance_error(EMT(), atoms, targets=targets, properties=("magmom",))
-    with pytest.raises(ValueError, match=r"targets=None .* none of the structures"):
+        fa.equivariance_error(EMT(), atoms, target=targets, properties=("magmom",))
+    with pytest.raises(ValueError, match=r"target=None .* none of the structures"):
         fa.equivariance_error(EMT(), atoms)
-    with pytest.raises(ValueError, match=r"targets must be a list of 3 dicts"):
-        fa.equivariance_error(EMT(), atoms, targets=targets[:2])
-    with pytest.raises(ValueError, match=r"targets\[0\]\['forces'\] must have shape \(13, 3\)"):
-        fa.equivariance_error(EMT(), atoms, targets=[{"energy": 0.0, "forces": np.zeros((4, 3))}] + targets[1:])
+    with pytest.raises(ValueError, match=r"target must be a list of 3 dicts"):
+        fa.equivariance_error(EMT(), atoms, target=targets[:2])
+    with pytest.raises(ValueError, match=r"target\[0\]\['forces'\] must have shape \(13, 3\)"):
+        fa.equivariance_error(EMT(), atoms, target=[{"energy": 0.0, "forces": np.zeros((4, 3))}] + targets[1:])
     with pytest.raises(ValueError, match=r"loss_weights"):
-        fa.equivariance_error(EMT(), atoms, targets=targets, loss_weights={"stress": 1.0})
+        fa.equivariance_error(EMT(), atoms, target=targets, loss_weights={"stress": 1.0})
     with pytest.raises(ValueError, match=r"group must be one of"):
         fa.TwirledCalculator(EMT(), group="cubic")
 

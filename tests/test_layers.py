@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, module prefixes), bottom first; a module belongs to the first entry whose
 # prefix matches its dotted name (a package's __init__ is the package's own name)
 LAYERS = [
-    ("math", ["fastequiv.groups", "fastequiv.wigner", "fastequiv.estimators", "fastequiv.grid"]),
+    ("math", ["fastequiv.groups", "fastequiv.wigner", "fastequiv.estimators", "fastequiv.grid",
+              "fastequiv.tolerances"]),
     ("reps", ["fastequiv.reps", "fastequiv.graph", "fastequiv.spec"]),
     ("backends", ["fastequiv.kernels", "fastequiv.backends"]),
     ("ops", ["fastequiv.ops"]),
@@ -27,7 +28,7 @@ LAYERS = [
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
              "fastequiv.voxels", "fastequiv.diagnostics"]),
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
-    ("integrations", ["fastequiv.adapters", "fastequiv.ase"]),
+    ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API
     ("top", ["fastequiv.__main__", "fastequiv.demo", "fastequiv.bench", "fastequiv.check"]),
 ]
