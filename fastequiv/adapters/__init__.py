@@ -31,6 +31,7 @@ __all__ = ["Adapted", "FAMILIES", "adapt", "family_of"]
 # family -> (adapter module, the top-level packages its objects' classes come from, tested with)
 FAMILIES = {
     "mace": ("mace", ("mace",), "mace-torch 0.3.16"),
+    "nequip": ("nequip", ("nequip", "allegro"), "nequip 0.19.1"),
 }
 
 
