@@ -22,7 +22,9 @@ or under ``TRITON_INTERPRET=1``; ``cuda``; ``cupy``) and each device it runs on:
                        every replay with seed=None
 
 One line per (check, backend, device): the cases run, the largest error relative to the
-reference's magnitude, the tolerance it was held to, PASS or FAIL; then a summary. The
+reference's magnitude, the tolerance it was held to (the table of
+:mod:`fastequiv.tolerances`, which the tests use too), PASS or FAIL; then a summary. The
+row-kernel cases come from :mod:`fastequiv.ops.row_cases`, as the tests' do. The
 exit status is 1 when any check fails. ``--json`` prints the same as JSON.
 
 Examples::
@@ -46,6 +48,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .tolerances import MANY_ROW_SUMS, ROTATIONS, STEP, check_bound
+
 BACKENDS = ("torch", "cpu", "triton", "cuda", "cupy")
 CHECKS = ("random_rotations", "rotate_rows", "rotate_rows_bwd", "reduce_rows", "reduce_rows_bwd", "graph_atomics",
           "wigner_blocks", "voxels", "opcheck", "compile", "cuda_graph")
@@ -54,8 +58,6 @@ _OP_OF = {"random_rotations": "random_rotations_seeded", "rotate_rows": "rotate_
           "rotate_rows_bwd": "rotate_rows_backward", "reduce_rows": "reduce_rows",
           "reduce_rows_bwd": "reduce_rows_backward", "graph_atomics": "reduce_rows", "wigner_blocks": "wigner_blocks",
           "voxels": "voxels_resample", "opcheck": "rotate_rows", "compile": "reduce_rows", "cuda_graph": "reduce_rows"}
-# error relative to the reference's magnitude, by the dtype of the values compared
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 @dataclass
@@ -132,12 +134,8 @@ def _ref(op: str) -> Callable:
 # --------------------------------------------------------------------------- row kernels
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _row_shapes(ctx: Context) -> Iterator[tuple[int, torch.dtype, bool]]:
-    """``(d, dtype, graph)``: every dtype at d = 3 (and 9 on the CPU: on a GPU each case
+def _row_shapes(ctx: Context) -> Iterator[tuple[int, torch.dtype, str]]:
+    """``(d, dtype, layout)``: every dtype at d = 3 (and 9 on the CPU: on a GPU each case
     is a Triton compile), float32/float64 elsewhere, one float32 case per layout for the
     wide irreps."""
     wide = (288, 1152) if ctx.gpu else (288,)
@@ -149,75 +147,70 @@ def _row_shapes(ctx: Context) -> Iterator[tuple[int, torch.dtype, bool]]:
         else:
             dtypes = (torch.float64, torch.float32)
         for dtype in dtypes:
-            for graph in (False, True):
-                yield d, dtype, graph
+            for layout in ("dense", "graph"):
+                yield d, dtype, layout
 
 
-def _row_inputs(ctx: Context, d: int, dtype: torch.dtype, graph: bool) -> dict:
-    K, B = 3, 3
+def _row_case(ctx: Context, d: int, dtype: torch.dtype, layout: str):
+    """A :class:`~fastequiv.ops.row_cases.RowCase` on the checked device (centres only for
+    d = 3, as positions have them; a fully masked sample, an empty one in a graph)."""
+    from .ops.row_cases import RowCase
+
     P = 1 if d > 100 else (16 if ctx.gpu else 4)
-    N = B * P
-    acc = _acc(dtype)
-    if graph:  # any order: rows of one sample need not be adjacent
-        sample = ctx.randint(B, (N,))
-        P_arg = 0
-    else:
-        sample, P_arg = None, P
-    valid = torch.rand(N, generator=ctx.gen).lt(0.8).to(ctx.device)
-    return dict(K=K, B=B, N=N, P=P_arg, sample=sample, valid=valid, M=ctx.randn(K, B, d, d, dtype=acc) / d**0.5,
-                x=ctx.randn(N, d, dtype=dtype), grad=ctx.randn(K, N, d, dtype=dtype),
-                out=ctx.randn(K, N, d, dtype=dtype), target=ctx.randn(N, d, dtype=dtype),
-                center=ctx.randn(B, d, dtype=acc) if d == 3 else None,
-                centers=ctx.randn(K, B, d, dtype=acc) if d == 3 else None,
-                grad_mean=ctx.randn(N, d, dtype=acc), grad_sums=ctx.randn(3, B, dtype=acc), acc=acc)
+    seed = int(torch.randint(0, 2**62, (), generator=ctx.gen))
+    return RowCase(K=3, B=3, P=P, d=d, dtype=dtype, layout=layout, center=d == 3, mask=True, device=ctx.device,
+                   seed=seed)
 
 
-def _label(d, dtype, graph, extra=""):
-    return f"d={d} {str(dtype).replace('torch.', '')} {'graph' if graph else 'dense'}{extra}"
+def _label(d, dtype, layout, extra=""):
+    return f"d={d} {str(dtype).replace('torch.', '')} {layout}{extra}"
 
 
 def check_rotate_rows(ctx: Context, backend: str) -> Iterator[Case]:
-    for d, dtype, graph in _row_shapes(ctx):
-        c = _row_inputs(ctx, d, dtype, graph)
-        for center in (None,) if c["center"] is None else (None, c["center"]):
-            args = (c["x"], c["M"], c["sample"], c["P"], center)
+    for d, dtype, layout in _row_shapes(ctx):
+        c = _row_case(ctx, d, dtype, layout)
+        for center in (None,) if c.center_x is None else (None, c.center_x):
+            args = (c.x, c.M, c.sample, c.P, center)
             got = _impl("rotate_rows", backend)(*args)
-            yield Case(_label(d, dtype, graph), rel_err(got, _ref("rotate_rows")(*_cpu(args))), TOL[dtype])
+            yield Case(_label(d, dtype, layout), rel_err(got, _ref("rotate_rows")(*_cpu(args))), check_bound(dtype))
 
 
 def check_rotate_rows_bwd(ctx: Context, backend: str) -> Iterator[Case]:
-    for d, dtype, graph in _row_shapes(ctx):
-        c = _row_inputs(ctx, d, dtype, graph)
-        args = (c["grad"], c["M"], c["sample"], c["P"])
+    for d, dtype, layout in _row_shapes(ctx):
+        c = _row_case(ctx, d, dtype, layout)
+        args = (c.grad_rot, c.M, c.sample, c.P)
         got = _impl("rotate_rows_backward", backend)(*args)
-        yield Case(_label(d, dtype, graph), rel_err(got, _ref("rotate_rows_backward")(*_cpu(args))), TOL[c["acc"]])
+        yield Case(_label(d, dtype, layout), rel_err(got, _ref("rotate_rows_backward")(*_cpu(args))),
+                   check_bound(c.acc))
 
 
-def _reduce_variants(c: dict):
+def _reduce_variants(c):
+    """``(label, valid, center, grad_mean)``: nothing optional, then everything."""
     yield "", None, None, None
-    yield " masked", c["valid"], c["centers"], c["grad_mean"]
+    yield " masked", c.valid, c.center, c.grad_mean
 
 
 def check_reduce_rows(ctx: Context, backend: str) -> Iterator[Case]:
-    for d, dtype, graph in _row_shapes(ctx):
-        c = _row_inputs(ctx, d, dtype, graph)
+    for d, dtype, layout in _row_shapes(ctx):
+        c = _row_case(ctx, d, dtype, layout)
         for extra, valid, center, _ in _reduce_variants(c):
-            args = (c["out"], c["M"], c["target"], c["sample"], c["P"], valid, center, c["B"])
+            args = (c.out, c.M, c.target, c.sample, c.P, valid, center, c.B)
             got = _impl("reduce_rows", backend)(*args)
             # sums of squares in acc over rows of dtype: the inputs' rounding is the reference's too
-            yield Case(_label(d, dtype, graph, extra), rel_err(got, _ref("reduce_rows")(*_cpu(args))), TOL[c["acc"]])
+            yield Case(_label(d, dtype, layout, extra), rel_err(got, _ref("reduce_rows")(*_cpu(args))),
+                       check_bound(c.acc))
 
 
 def check_reduce_rows_bwd(ctx: Context, backend: str) -> Iterator[Case]:
-    for d, dtype, graph in _row_shapes(ctx):
-        c = _row_inputs(ctx, d, dtype, graph)
+    for d, dtype, layout in _row_shapes(ctx):
+        c = _row_case(ctx, d, dtype, layout)
         for extra, valid, center, grad_mean in _reduce_variants(c):
-            fwd = (c["out"], c["M"], c["target"], c["sample"], c["P"], valid, center)
-            mean, _ = _ref("reduce_rows")(*_cpu(fwd + (c["B"],)))
-            args = (grad_mean, c["grad_sums"]) + fwd + (mean.to(ctx.device),)
+            fwd = (c.out, c.M, c.target, c.sample, c.P, valid, center)
+            mean, _ = _ref("reduce_rows")(*_cpu(fwd + (c.B,)))
+            args = (grad_mean, c.grad_sums) + fwd + (mean.to(ctx.device),)
             got = _impl("reduce_rows_backward", backend)(*args)
             want = _ref("reduce_rows_backward")(*_cpu(args))
-            yield Case(_label(d, dtype, graph, extra), rel_err(got, want), TOL[dtype])
+            yield Case(_label(d, dtype, layout, extra), rel_err(got, want), check_bound(dtype))
 
 
 def check_graph_atomics(ctx: Context, backend: str) -> Iterator[Case]:
@@ -236,10 +229,9 @@ def check_graph_atomics(ctx: Context, backend: str) -> Iterator[Case]:
                 want = _ref("reduce_rows")(*_cpu(args))[1]
                 spread = max(rel_err(r, runs[0]) for r in runs)
                 label = f"d={d} {str(dtype).replace('torch.', '')} {order} N={N} x{ctx.repeat}"
-                yield Case(label + " spread", spread, 1e-5 if dtype == torch.float32 else 1e-12)
-                # float32 sums over ~N/7 rows each, in other orders than the reference's
+                yield Case(label + " spread", spread, check_bound(dtype))
                 yield Case(label + " vs reference", max(rel_err(r, want) for r in runs),
-                           1e-4 if dtype == torch.float32 else 1e-10)
+                           check_bound(dtype, MANY_ROW_SUMS))
 
 
 # --------------------------------------------------------------------------- other ops
@@ -267,7 +259,7 @@ def check_random_rotations(ctx: Context, backend: str) -> Iterator[Case]:
                     err = float((got.double().cpu() - want).abs().max()) if n else 0.0
                     if not bool(torch.isfinite(got).all()):
                         err = float("inf")
-                    yield Case(label, err, 1e-12 if dtype == torch.float64 else 2e-6)
+                    yield Case(label, err, check_bound(dtype, ROTATIONS))
     first = draws[(0, 0, False, torch.float32)]
     if torch.equal(first, draws[(7, 0, False, torch.float32)]) or torch.equal(first, draws[(0, 2**32 - 5, False, torch.float32)]):
         yield Case("other seeds and offsets give other rotations", float("inf"), 0.0)
@@ -281,9 +273,9 @@ def check_wigner_blocks(ctx: Context, backend: str) -> Iterator[Case]:
                          dtype=torch.float64)
     for lmax in (0, 1, 2, 5, 10):
         want = _ref("wigner_blocks")(R, lmax)
-        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for dtype in (torch.float64, torch.float32):
             got = impl(R.to(dtype).to(ctx.device), lmax)
-            yield Case(f"lmax={lmax} {str(dtype)[6:]}", rel_err(got, want), tol)
+            yield Case(f"lmax={lmax} {str(dtype)[6:]}", rel_err(got, want), check_bound(dtype))
 
 
 def _voxel_inputs(ctx: Context, exact: bool, dtype: torch.dtype):
@@ -313,7 +305,7 @@ def check_voxels(ctx: Context, backend: str) -> Iterator[Case]:
             label = f"{'exact' if exact else 'trilinear'} {str(dtype)[6:]}"
             args = (v["x"], v["M"], v["vec"], exact)
             yield Case("resample " + label, rel_err(_impl("voxels_resample", backend)(*args),
-                                                    _ref("voxels_resample")(*_cpu(args))), TOL[dtype])
+                                                    _ref("voxels_resample")(*_cpu(args))), check_bound(dtype))
             if backend not in registry.implemented("voxels_reduce"):
                 continue  # the cpu backend has the copies only
             Mk = v["M"].reshape(v["K"], v["B"], 3, 3).transpose(-1, -2).contiguous()
@@ -321,28 +313,27 @@ def check_voxels(ctx: Context, backend: str) -> Iterator[Case]:
                 args = (v["out"], Mk, v["y"], w, v["vec"], exact)
                 yield Case(f"reduce {label}{' weighted' if w is not None else ''}",
                            rel_err(_impl("voxels_reduce", backend)(*args), _ref("voxels_reduce")(*_cpu(args))),
-                           TOL[torch.float32])
+                           check_bound(torch.float32))
 
 
 # --------------------------------------------------------------------------- the library ops
 
 
 def _opcheck_args(ctx: Context, backend: str) -> Iterator[tuple[str, tuple]]:
-    c = _row_inputs(ctx, 3, torch.float32, graph=False)
-    g = _row_inputs(ctx, 9, torch.float32, graph=True)
-    x = c["x"].clone().requires_grad_()
-    yield "rotate_rows", (x, c["M"], None, c["P"], c["center"].clone().requires_grad_(), backend)
+    c = _row_case(ctx, 3, torch.float32, "dense")
+    g = _row_case(ctx, 9, torch.float32, "graph")
+    x = c.x.clone().requires_grad_()
+    yield "rotate_rows", (x, c.M, None, c.P, c.center_x.clone().requires_grad_(), backend)
     if ctx.gpu:  # the graph layout: the same schema, other kernels
-        yield "rotate_rows", (g["x"].clone().requires_grad_(), g["M"], g["sample"], 0, None, backend)
-    yield "rotate_rows_backward", (c["grad"], c["M"], None, c["P"], backend)
-    yield "reduce_rows", (c["out"].clone().requires_grad_(), c["M"], c["target"].clone().requires_grad_(), None, c["P"],
-                          c["valid"], c["centers"].clone().requires_grad_(), c["B"], backend)
+        yield "rotate_rows", (g.x.clone().requires_grad_(), g.M, g.sample, 0, None, backend)
+    yield "rotate_rows_backward", (c.grad_rot, c.M, None, c.P, backend)
+    yield "reduce_rows", (c.out.clone().requires_grad_(), c.M, c.target.clone().requires_grad_(), None, c.P,
+                          c.valid, c.center.clone().requires_grad_(), c.B, backend)
     if ctx.gpu:
-        yield "reduce_rows", (g["out"].clone().requires_grad_(), g["M"], g["target"], g["sample"], 0, None, None,
-                              g["B"], backend)
-    mean, _ = _ref("reduce_rows")(*_cpu((c["out"], c["M"], c["target"], None, c["P"], c["valid"], c["centers"], c["B"])))
-    yield "reduce_rows_backward", (c["grad_mean"], c["grad_sums"], c["out"], c["M"], c["target"], None, c["P"],
-                                   c["valid"], c["centers"], mean.to(ctx.device), backend)
+        yield "reduce_rows", (g.out.clone().requires_grad_(), g.M, g.target, g.sample, 0, None, None, g.B, backend)
+    mean, _ = _ref("reduce_rows")(*_cpu((c.out, c.M, c.target, None, c.P, c.valid, c.center, c.B)))
+    yield "reduce_rows_backward", (c.grad_mean, c.grad_sums, c.out, c.M, c.target, None, c.P, c.valid, c.center,
+                                   mean.to(ctx.device), backend)
     from . import random_rotations
 
     R = random_rotations(5, seed=1, dtype=torch.float32, device=ctx.device)
@@ -421,7 +412,7 @@ def check_compile(ctx: Context, backend: str) -> Iterator[Case]:
         want_loss.backward()
         err = max(rel_err(loss, want_loss), rel_err(equiv, want_equiv),
                   *(rel_err(g, p.grad) for g, p in zip(grads, lin.parameters())))
-        yield Case(f"twirl_loss step {str(dtype)[6:]}", err, 1e-4 if dtype == torch.float32 else 1e-10)
+        yield Case(f"twirl_loss step {str(dtype)[6:]}", err, check_bound(dtype, STEP))
 
 
 def check_cuda_graph(ctx: Context, backend: str) -> Iterator[Case]:
@@ -460,7 +451,7 @@ def check_cuda_graph(ctx: Context, backend: str) -> Iterator[Case]:
     torch.cuda.synchronize()
     err = max(rel_err(fixed_out[0], want_loss), rel_err(fixed_out[1], want_equiv),
               *(rel_err(p.grad, g) for p, g in zip(lin.parameters(), want_grads)))
-    yield Case("seed=11 replay vs eager", err, 1e-4)
+    yield Case("seed=11 replay vs eager", err, check_bound(torch.float32, STEP))
 
     lin.zero_grad(set_to_none=True)
     with torch.cuda.graph(fresh):

@@ -4,7 +4,8 @@
   ``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported (and before
   :mod:`fastequiv.backends.triton` reads it, on import), which is why it is set here,
   before any test module imports fastequiv.
-* :data:`TOL`: the one tolerance table of the suite, and :func:`assert_close_dtype`.
+* :func:`assert_close_dtype`: a result against its reference, to the bound of its dtype in
+  the package's one tolerance table (:data:`fastequiv.tolerances.TOL`).
 * :data:`BACKENDS` / :data:`KERNELS` / :func:`backend_params`: the backend
   parametrisation of the per-op test files (tests/test_<op>.py). Every backend is listed
   everywhere; one that cannot run here is skipped with the reason: ``"cuda"`` without a
@@ -28,40 +29,8 @@ import pytest  # noqa: E402
 GPU = torch.cuda.is_available()
 
 # --- tolerances --------------------------------------------------------------------------------
-
-#: ``rtol`` and ``atol`` for a result of each dtype against the torch reference computed
-#: from the same inputs (or, for a result rounded to a narrower dtype, against the exact
-#: float64 value), on data of scale ~1. Each entry is the tightest bound that the tables
-#: this replaced allowed for that dtype (test_triton.py, test_native.py, test_voxels.py,
-#: test_wigner.py):
-#:
-#: * float64: test_native's 1e-12 (test_triton allowed rtol 1e-10, test_wigner atol 1e-10);
-#: * float32: test_triton's 1e-5 (test_native allowed 2e-5, and 1e-4 for results
-#:   accumulated in float32);
-#: * float16: 2e-3, as both row tables (two float16 ulps at 1);
-#: * bfloat16: test_voxels' 1e-2, which covers one bfloat16 rounding (an ulp is at most
-#:   2**-7 = 0.0078 of the value): a kernel and the reference that sum in float32 in
-#:   different orders may round the same value to neighbouring bfloat16 numbers
-#:   (test_triton and test_native allowed 1.6e-2).
-#:
-#: Values bounded by 1 in magnitude (entries of Wigner-D matrices) are held to ``atol``
-#: alone (``unit=True`` below), as test_wigner.py held them (rtol 0, atol 1e-5 in float32).
-#:
-#: Tests that need a looser bound say so where they use it, with the reason; tests that
-#: hold a result to a tighter bound (a float64 quantity rounded once, such as rotations
-#: drawn in float32 within 1e-6 of the float64 stream, or float32 math against float64
-#: math on float32 inputs, within 1e-6 + 4e-6) state it themselves.
-TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-}
-
-
-def tol(dtype: torch.dtype) -> dict:
-    """``TOL[dtype]`` (``rtol``, ``atol``), for ``torch.testing.assert_close(..., **tol(dtype))``."""
-    return TOL[dtype]
+# The bounds live in the package (fastequiv.tolerances, shared with ``fastequiv check``),
+# each with its reason; a test that needs another bound says so where it uses it.
 
 
 def assert_close_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype = None, msg=None,
@@ -72,6 +41,8 @@ def assert_close_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype
     CPU; tensors of different dtypes (a float32 result against a float64 reference) are
     compared in float64. ``unit``: values at most 1 in magnitude, held to ``atol`` alone.
     """
+    from fastequiv.tolerances import TOL
+
     dtype = dtype or want.dtype
     bound = dict(TOL[dtype], rtol=0) if unit else TOL[dtype]
     got, want = got.detach().cpu(), want.detach().cpu()

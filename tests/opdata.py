@@ -5,7 +5,8 @@
 * The row contract (:mod:`fastequiv.ops.layout`): random rows, matrices and layouts on a
   backend's device, in two styles that the kernel tests use: the functions
   :func:`layout` / :func:`rand` / :func:`mats` / :func:`reduce_inputs`, and :class:`Case`,
-  every argument of the four row ops at once.
+  every argument of the four row ops at once. Layouts and cases come from the package's
+  generator (:mod:`fastequiv.ops.row_cases`), which ``fastequiv check`` uses too.
 
 Matrices are general, not orthogonal: an orthogonal one would hide a transposition error.
 """
@@ -17,6 +18,7 @@ import torch
 import fastequiv as fe
 from conftest import acc_of
 from fastequiv.ops.layout import sample_index
+from fastequiv.ops.row_cases import RowCase, random_layout
 from fastequiv.reps import as_rep
 
 # --- the public ops ----------------------------------------------------------------------------
@@ -68,18 +70,8 @@ def dim(rep):
 # --- the row contract: functions ---------------------------------------------------------------
 
 
-def layout(B, P, graph, device, empty_sample=None, seed=0):
-    """``(sample, P, N)``: dense (every sample has P rows) or a graph batch index with
-    uneven, shuffled samples (one of them, ``empty_sample``, with no rows)."""
-    if not graph:
-        return None, P, B * P
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(1, 2 * P, (B,), generator=g)
-    if empty_sample is not None:
-        counts[empty_sample] = 0
-    sample = torch.repeat_interleave(torch.arange(B), counts)
-    sample = sample[torch.randperm(len(sample), generator=g)]
-    return sample.to(device), 0, len(sample)
+#: ``(sample, P, N)`` of a dense or graph batch (the package's generator of row cases)
+layout = random_layout
 
 
 def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
@@ -112,44 +104,8 @@ def reduce_inputs(K, B, P, d, dtype, graph, masked, with_center, device, seed=0)
 # --- the row contract: every argument at once --------------------------------------------------
 
 
-class Case:
-    """Random inputs of the row contract: K copies, B samples, N rows of d components.
-
-    Dense: the last sample is one row short. Graph: sample 1 is empty, the others in random
-    order ("graph") or sorted into runs ("graph_sorted"). With ``mask``, sample 2 is fully
-    masked.
-    """
-
-    def __init__(self, K=3, B=4, P=5, d=3, dtype=torch.float32, layout="dense", center=True, mask=False,
-                 device="cpu", seed=0, target_dtype=None):
-        g = torch.Generator().manual_seed(seed)
-        acc = acc_of(dtype, target_dtype or dtype)
-        self.K, self.B, self.d, self.acc = K, B, d, acc
-        if layout == "dense":
-            self.N, self.P, self.sample = B * P - (P > 1), P, None  # last sample one row short
-        else:
-            self.N, self.P = B * P + 1, 0
-            # sample 1 is empty; the others in random order ("graph") or in runs, as a
-            # sorted batch index of PyG or MACE ("graph_sorted")
-            s = torch.randint(0, B, (self.N,), generator=g)
-            s = torch.where(s == 1, 0, s)
-            self.sample = (s.sort().values if layout == "graph_sorted" else s).to(device)
-        N = self.N
-        self.M = torch.randn(K, B, d, d, generator=g, dtype=torch.float64).to(acc).to(device)
-        self.x = torch.randn(N, d, generator=g).to(dtype).to(device)
-        self.out = torch.randn(K, N, d, generator=g).to(dtype).to(device)
-        self.target = torch.randn(N, d, generator=g).to(target_dtype or dtype).to(device)
-        self.center_x = torch.randn(B, d, generator=g, dtype=torch.float64).to(acc).to(device) if center else None
-        self.center = torch.randn(K, B, d, generator=g, dtype=torch.float64).to(acc).to(device) if center else None
-        self.valid = None
-        if mask:
-            v = torch.rand(N, generator=g) > 0.3
-            s = sample_index(N, self.P, self.sample, "cpu").cpu()
-            v[s == 2] = False  # a fully masked sample
-            self.valid = v.to(device)
-        self.grad_sums = torch.randn(3, B, generator=g, dtype=torch.float64).to(acc).to(device)
-        self.grad_mean = torch.randn(N, d, generator=g, dtype=torch.float64).to(acc).to(device)
-        self.grad_rot = torch.randn(K, N, d, generator=g).to(dtype).to(device)
+#: every argument of the row contract at once (fastequiv check draws its cases from it too)
+Case = RowCase
 
 
 #: Case arguments both row ops are checked on (tests/test_rotate_copies.py and

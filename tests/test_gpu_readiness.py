@@ -25,7 +25,9 @@ from fastequiv.kernels import rotate_copies as rotate_kernels  # noqa: E402
 from fastequiv.kernels import triton_common  # noqa: E402
 from fastequiv.kernels import twirl_reduce as reduce_kernels  # noqa: E402
 from fastequiv.ops.rotate_copies import rotate_rows_backward_reference, rotate_rows_reference  # noqa: E402
+from fastequiv.ops.row_cases import RowCase  # noqa: E402
 from fastequiv.ops.twirl_reduce import reduce_rows_backward_reference, reduce_rows_reference  # noqa: E402
+from fastequiv.tolerances import TOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,51 +37,36 @@ INTERPRETER = not torch.cuda.is_available()
 # --------------------------------------------------------------------------- wide rows
 
 
-def _row_case(d: int, dtype: torch.dtype, graph: bool, seed: int = 0):
-    """Inputs of the four row kernels at ``d`` components: K = 2 copies of B = 2 samples,
+def _row_case(d: int, dtype: torch.dtype, graph: bool) -> RowCase:
+    """Inputs of the four row kernels at ``d`` components: K = 2 copies of B = 3 samples,
     two rows each (one row each for d > 100, to keep the interpreter quick)."""
-    g = torch.Generator().manual_seed(seed)
-    K, B = 2, 2
-    P = 1 if d > 100 else 2
-    N = B * P
-
-    def rand(*shape, dt=torch.float64):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt).to(DEVICE)
-
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    M = rand(K, B, d, d, dt=acc) / d**0.5
-    sample = (torch.arange(N) // P).to(DEVICE) if graph else None
-    return dict(K=K, B=B, P=0 if graph else P, N=N, M=M, sample=sample, x=rand(N, d, dt=dtype),
-                grad=rand(K, N, d, dt=dtype), out=rand(K, N, d, dt=dtype), y=rand(N, d, dt=dtype),
-                center=rand(B, d, dt=acc), centers=rand(K, B, d, dt=acc),
-                valid=torch.tensor([True, False] * (N // 2), device=DEVICE),
-                grad_mean=rand(N, d, dt=acc), grad_sums=rand(3, B, dt=acc))
+    return RowCase(K=2, B=3, P=1 if d > 100 else 2, d=d, dtype=dtype, layout="graph" if graph else "dense",
+                   mask=True, device=DEVICE)
 
 
 def _close(got, want, dtype):
-    tol = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), **TOL[dtype])
 
 
 def _check_row_kernels(d: int, dtype: torch.dtype, graph: bool, every_variant: bool = True) -> None:
     """The four row kernels against their references; ``every_variant``: with and without
     centres, masks and grad_mean (else only with all of them)."""
     c = _row_case(d, dtype, graph)
-    M, sample, P = c["M"], c["sample"], c["P"]
-    for center in (None, c["center"]) if every_variant else (c["center"],):
-        _close(rotate_kernels.rotate_rows(c["x"], M, sample, P, center),
-               rotate_rows_reference(c["x"], M, sample, P, center), dtype)
-    _close(rotate_kernels.rotate_rows_backward(c["grad"], M, sample, P),
-           rotate_rows_backward_reference(c["grad"], M, sample, P), dtype)
-    variants = ((None, None, None), (c["valid"], c["centers"], c["grad_mean"]))
+    M, sample, P = c.M, c.sample, c.P
+    for center in (None, c.center_x) if every_variant else (c.center_x,):
+        _close(rotate_kernels.rotate_rows(c.x, M, sample, P, center),
+               rotate_rows_reference(c.x, M, sample, P, center), dtype)
+    _close(rotate_kernels.rotate_rows_backward(c.grad_rot, M, sample, P),
+           rotate_rows_backward_reference(c.grad_rot, M, sample, P), dtype)
+    variants = ((None, None, None), (c.valid, c.center, c.grad_mean))
     for valid, center, grad_mean in variants if every_variant else variants[1:]:
-        args = (c["out"], M, c["y"], sample, P, valid, center)
-        mean, sums = reduce_kernels.reduce_rows(*args, c["B"])
-        want_mean, want_sums = reduce_rows_reference(*args, c["B"])
+        args = (c.out, M, c.target, sample, P, valid, center)
+        mean, sums = reduce_kernels.reduce_rows(*args, c.B)
+        want_mean, want_sums = reduce_rows_reference(*args, c.B)
         _close(mean, want_mean, dtype)
         _close(sums, want_sums, dtype)
-        _close(reduce_kernels.reduce_rows_backward(grad_mean, c["grad_sums"], *args, want_mean),
-               reduce_rows_backward_reference(grad_mean, c["grad_sums"], *args, want_mean), dtype)
+        _close(reduce_kernels.reduce_rows_backward(grad_mean, c.grad_sums, *args, want_mean),
+               reduce_rows_backward_reference(grad_mean, c.grad_sums, *args, want_mean), dtype)
 
 
 @pytest.mark.parametrize("d", [1, 3, 9, 25, 288, 1152])

@@ -8,7 +8,8 @@
 * the ``torch.ops.fastequiv.random_rotations_seeded`` registration (opcheck).
 
 A draw is computed in float64 (float32 in the GPU kernels) and rounded once, so the tests
-hold it to bounds of their own, tighter than tests/conftest.py's TOL (with ``rtol=0``).
+hold it to bounds of their own, tighter than the package's TOL (fastequiv.tolerances;
+with ``rtol=0``).
 The Philox stream itself and the quaternion and group math are tests/test_groups.py.
 """
 
