@@ -334,7 +334,7 @@ class Twirled(nn.Module):
             if head.batch is not None:  # per node of a graph batch: the op's twirled mean
                 s = twirl_reduce(out, st.action, torch.zeros_like(out[0]), head.rep, head.mask, batch=head.batch,
                                  backend=self.backend)
-                means.append(s.mean.to(out.dtype))
+                means.append(s.twirled.to(out.dtype))
                 continue
             m = mask_for(head.mask, out.shape[1:], f"output {head.name!r}")
             means.append(back_rotate(out, st.action, head.rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))

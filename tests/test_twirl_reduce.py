@@ -52,7 +52,7 @@ def test_matches_a_loop(rep, K, B, N, backend):
     a = torch.stack([torch.stack([loop_act(rep, out[k, b], R[k, b], inverse=True) for b in range(B)])
                      for k in range(K)])
     abar = a.mean(0)
-    assert_close_dtype(s.mean, abar)
+    assert_close_dtype(s.twirled, abar)
     assert_close_dtype(s.total, ((a - y) ** 2).mean(0).reshape(B, -1).mean(1))
     assert_close_dtype(s.bias, ((abar - y) ** 2).reshape(B, -1).mean(1))
     assert_close_dtype(s.spread, ((a - abar) ** 2).mean(0).reshape(B, -1).mean(1))
@@ -105,7 +105,7 @@ def test_empty_batches_and_empty_inner_dims(backend):
         assert torch.isfinite(s.total).all()
     empty = torch.zeros(0, 4, 3, device=dev)
     s = twirl_reduce(torch.zeros(2, 0, 4, 3, device=dev), R[:2, :0], empty, as_rep("vector"), backend=backend)
-    assert s.total.shape == (0,) and s.mean.shape == (0, 4, 3)
+    assert s.total.shape == (0,) and s.twirled.shape == (0, 4, 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,7 +147,7 @@ def test_gradients_of_the_ops(backend):
     def f(x):
         copies = rotate_copies(x, R, as_rep("position"), backend=backend).reshape(3, 2, 4, 3)
         s = twirl_reduce(torch.tanh(copies), R, y, rep, backend=backend)
-        return s.total.sum() + 3 * s.spread.sum() + s.mean.sum()
+        return s.total.sum() + 3 * s.spread.sum() + s.twirled.sum()
 
     assert torch.autograd.gradcheck(f, (x,))
 
@@ -161,8 +161,8 @@ def test_gradient_of_the_torch_backend_matches_definition():
     s1 = fe.ops.twirl_reduce(out, R, y, rep, backend="torch")
     s2 = twirl_reduce_reference(out, R, y, rep, None)
     w = torch.randn(4, B, dtype=torch.float64)
-    f1 = sum((t * wi).sum() for t, wi in zip(s1[1:4], w)) + s1.mean.sum()
-    f2 = sum((t * wi).sum() for t, wi in zip(s2[1:4], w)) + s2.mean.sum()
+    f1 = sum((t * wi).sum() for t, wi in zip(s1[1:4], w)) + s1.twirled.sum()
+    f2 = sum((t * wi).sum() for t, wi in zip(s2[1:4], w)) + s2.twirled.sum()
     for a, b in zip(torch.autograd.grad(f1, (out, y)), torch.autograd.grad(f2, (out, y))):
         torch.testing.assert_close(a, b)
 
@@ -197,7 +197,7 @@ def test_graph_layout_equals_each_graph_alone(rep, backend):
     for b, n in enumerate(sizes):
         sl = slice(start, start + n)
         one = fe.ops.twirl_reduce(out[:, None, sl], R[:, b:b + 1], y[None, sl], r, backend="torch")
-        assert_close_dtype(sums.mean[sl], one.mean[0])
+        assert_close_dtype(sums.twirled[sl], one.twirled[0])
         for field in ("total", "bias", "spread", "count"):
             assert_close_dtype(getattr(sums, field)[b], getattr(one, field)[0], msg=field)
         start += n
@@ -219,7 +219,7 @@ def test_backend_matches_the_torch_backend(backend, rep, K):
     expected = fe.ops.twirl_reduce(out, R, y, r, mask, backend="torch")
     assert_sums_close(got, expected)
     w = torch.arange(1.0, 4.0, device=dev)
-    loss = lambda s: (s.total * w).sum() + 0.5 * (s.spread * w).sum() - (s.bias * w).sum() + s.mean.sum()  # noqa: E731
+    loss = lambda s: (s.total * w).sum() + 0.5 * (s.spread * w).sum() - (s.bias * w).sum() + s.twirled.sum()  # noqa: E731
     (g_got,) = torch.autograd.grad(loss(got), out)
     (g_exp,) = torch.autograd.grad(loss(expected), out)
     assert_close_dtype(g_got, g_exp)

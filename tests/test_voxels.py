@@ -286,7 +286,7 @@ def test_twirl_reduce_half_inputs_and_empty(half, backend):
         assert x1.dtype == torch.float32
         assert_close_dtype(x2, x1)  # both accumulate the half inputs in float32
     e = V.twirl_reduce(out[:, :0], R[:, :0], y[:0], backend=backend)
-    assert e.mean.shape == (0, 3, 5, 5, 5) and e.total.shape == (0,)
+    assert e.twirled.shape == (0, 3, 5, 5, 5) and e.total.shape == (0,)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -304,7 +304,7 @@ def test_gradients_are_the_reference_gradients(backend):
         xr, o, t = x.clone().requires_grad_(), out.clone().requires_grad_(), y.clone().requires_grad_()
         s = V.twirl_reduce(o, R, t, rep, backend=backend)
         loss = (V.rotate_copies(xr, R, rep, backend=backend) * w).sum() + s.total.sum() + 2 * s.spread.sum() \
-            + (s.mean * y).sum()
+            + (s.twirled * y).sum()
         loss.backward()
         grads.append((xr.grad, o.grad, t.grad))
     for a, b in zip(*grads):

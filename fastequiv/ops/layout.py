@@ -30,6 +30,8 @@ from :func:`rows_of` and have ops of their own (:mod:`fastequiv.ops.voxels`).
 
 from __future__ import annotations
 
+import warnings
+
 import math
 from typing import NamedTuple, Optional
 
@@ -46,18 +48,26 @@ class TwirlSums(NamedTuple):
     """Per-sample results of :func:`fastequiv.ops.twirl_reduce`; every sum is a mean over
     the sample's valid elements.
 
-    mean: ``(B, *E)`` twirled prediction ``abar = mean_k a_k`` (``(N, *E)`` in the graph layout).
+    twirled: ``(B, *E)`` twirled prediction ``abar = mean_k a_k`` (``(N, *E)`` in the graph
+        layout). It was called ``mean``, which :class:`fastequiv.Decomposition` uses for
+        L_mean; ``.mean`` still reads it, with a DeprecationWarning.
     total: ``(B,)`` ``(1/K) sum_k ||a_k - y||^2``.
     bias: ``(B,)`` ``||abar - y||^2``.
     spread: ``(B,)`` ``(1/K) sum_k ||a_k - abar||^2``.
     count: ``(B,)`` number of valid elements (0 for a fully masked sample, whose sums are 0).
     """
 
-    mean: torch.Tensor
+    twirled: torch.Tensor
     total: torch.Tensor
     bias: torch.Tensor
     spread: torch.Tensor
     count: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        warnings.warn("TwirlSums.mean is deprecated: the twirled prediction is TwirlSums.twirled (mean is L_mean in "
+                      "fastequiv.Decomposition)", DeprecationWarning, stacklevel=2)
+        return self.twirled
 
 
 class Rows(NamedTuple):
