@@ -420,13 +420,14 @@ class TwirledCalculator(Calculator):
         batched: ``None`` (default): when :func:`fastequiv.adapt` recognises ``calc``, the K
             copies go through its model in one call (:mod:`fastequiv.ase_batched`); ``False``:
             K calls of ``calc``; ``True``: require the batched route.
+        backend: of the batched route's rotations and reductions.
 
     ``implemented_properties``: those of energy, free_energy, forces and stress that
     ``calc`` implements. Structures are rotated as described in the module docs.
     """
 
-    def __init__(self, calc, samples: Optional[int] = None, group: str = "SO3", seed: int = 0,
-                 batched: Optional[bool] = None, **kwargs):
+    def __init__(self, calc, *, samples: Optional[int] = None, group: str = "SO3", seed: int = 0,
+                 batched: Optional[bool] = None, backend: str = "auto", **kwargs):
         if not hasattr(calc, "get_property"):
             raise ValueError(f"calc must be an ASE calculator (with get_property), got {type(calc).__name__}")
         K, exhaustive = _plan(samples, group, 16)
@@ -449,7 +450,7 @@ class TwirledCalculator(Calculator):
 
             heads = tuple(p for p in ("energy", "forces", "stress") if p in self.implemented_properties)
             self.twirled = Twirled(adapted_calculator(calc, heads, group), samples=None if exhaustive else K, seed=seed,
-                                   backend="auto")
+                                   backend=backend)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

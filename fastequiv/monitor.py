@@ -51,18 +51,22 @@ class EquivarianceMonitor:
             statistics would otherwise count as equivariance error), then restore every
             submodule's own mode.
         seed: the rotations of step ``s`` are Philox stream ``seed + s``: reproducible,
-            and the training's random state is never touched.
+            and the training's random state is never touched (so the default is 0, not a
+            fresh draw as in the measuring functions; no ``generator``).
+        chunk_size, backend: as in :func:`fastequiv.equivariance_error`.
+        check_finite: as there, but False by default: it reads flags back from the device,
+            a sync the training step would wait on.
         sync: under ``torch.distributed``, report the union of every rank's measured
             samples (:mod:`fastequiv.distributed`); every rank must call on the same steps.
         process_group: the group for ``sync``.
         **kwargs: passed on to :func:`fastequiv.equivariance_error` (``loss``,
-            ``loss_weights``, ``chunk_size``, ``backend``, ``mask``...). ``check_finite``
-            defaults to False here, since it syncs with the device.
+            ``loss_weights``, ``mask``).
     """
 
     def __init__(self, model: Callable, *, spec: Optional[Spec] = None, every: int = 100, fraction: float = 0.125,
                  samples: Optional[int] = None, prefix: str = "equiv/", materialize: bool = False,
-                 eval_mode: bool = True, seed: int = 0, sync: bool = False, process_group=None, **kwargs: Any):
+                 eval_mode: bool = True, seed: int = 0, chunk_size: Optional[int] = None, backend: str = "auto",
+                 check_finite: bool = False, sync: bool = False, process_group=None, **kwargs: Any):
         spec = own_spec(model, spec)
         if not isinstance(spec, Spec):
             raise ValueError(f"spec must be a fastequiv.Spec, got {type(spec).__name__}")
@@ -72,10 +76,9 @@ class EquivarianceMonitor:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_MAX:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        for bad in ("seed", "generator", "spec", "samples", "sync", "process_group"):
-            if bad in kwargs:
-                raise ValueError(f"{bad}= is not an equivariance_error option the monitor forwards")
-        kwargs.setdefault("check_finite", False)
+        if "generator" in kwargs:
+            raise ValueError("generator= is not a monitor option: the rotations of step s are Philox stream seed + s")
+        kwargs.update(chunk_size=chunk_size, backend=backend, check_finite=check_finite)
         self.model, self.spec, self.every, self.fraction = model, spec, every, float(fraction)
         self.samples, self.prefix, self.materialize, self.eval_mode = samples, prefix, materialize, eval_mode
         self.seed, self.sync, self.process_group, self.kwargs = seed, sync, process_group, kwargs
