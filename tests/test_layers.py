@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # prefix matches its dotted name (a package's __init__ is the package's own name)
 LAYERS = [
     ("math", ["fastequiv.groups", "fastequiv.wigner", "fastequiv.estimators", "fastequiv.grid",
-              "fastequiv.tolerances"]),
+              "fastequiv.tolerances", "fastequiv.linalg"]),
     ("reps", ["fastequiv.reps", "fastequiv.graph", "fastequiv.spec"]),
     ("backends", ["fastequiv.kernels", "fastequiv.backends"]),
     ("ops", ["fastequiv.ops"]),
