@@ -31,7 +31,12 @@ __all__ = ["Adapted", "FAMILIES", "adapt", "family_of"]
 # family -> (adapter module, the top-level packages its objects' classes come from, tested with)
 FAMILIES = {
     "mace": ("mace", ("mace",), "mace-torch 0.3.16"),
+    "sevenn": ("sevenn", ("sevenn",), "sevenn 0.13.0"),
+    "schnetpack": ("schnetpack", ("schnetpack",), "schnetpack 2.1.1"),
     "nequip": ("nequip", ("nequip", "allegro"), "nequip 0.19.1"),
+    "torchmdnet": ("torchmdnet", ("torchmdnet",), "torchmd-net 3.1.0"),
+    "pyg": ("pyg", ("torch_geometric",), "torch-geometric 2.8.1"),
+    "orb": ("orb", ("orb_models",), "orb-models 0.5.5"),
 }
 
 
@@ -55,12 +60,14 @@ def family_of(obj) -> str | None:
     return None
 
 
-def adapt(obj: Any, **options: Any) -> Adapted:
+def adapt(obj: Any, *, family: str | None = None, **options: Any) -> Adapted:
     """The adapted model of ``obj``: a model (or an ASE calculator) of a supported codebase.
 
     Args:
         obj: a model object of one of the codebases in :data:`FAMILIES`, or its ASE
             calculator; an :class:`~fastequiv.adapted.Adapted` model is returned as is.
+        family: the codebase, where the object's class does not say it: a model of your own
+            that takes a PyG ``Batch`` is ``family="pyg"`` (with ``output=`` and ``inputs=``).
         **options: ``stress=True``, ``heads=(...)`` and the codebase's own (see its module
             in ``fastequiv.adapters``).
 
@@ -73,7 +80,9 @@ def adapt(obj: Any, **options: Any) -> Adapted:
             raise ValueError(f"the model is already adapted ({obj.family}); options {sorted(options)} apply when "
                              "adapting the codebase's own model")
         return obj
-    family = family_of(obj)
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)} or None, got {family!r}")
+    family = family or family_of(obj)
     if family is None:
         supported = ", ".join(f"{f} ({tested})" for f, (_, _, tested) in FAMILIES.items())
         raise ValueError(
