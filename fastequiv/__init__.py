@@ -10,7 +10,7 @@ that computes takes ``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cup
 """
 
 from .backends import BackendUnavailableError, build_info
-from .estimators import Decomposition, Terms
+from .estimators import Decomposition, LabelFree, Terms
 from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, random_quaternions
 from .reps import Rep, Voxels
 from .spec import Spec
@@ -37,6 +37,7 @@ __all__ = [
     "BackendUnavailableError",
     "Decomposition",
     "EquivarianceMonitor",
+    "LabelFree",
     "Rep",
     "Spec",
     "Terms",

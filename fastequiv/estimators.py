@@ -40,7 +40,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Terms", "Decomposition", "decompose", "combine", "combined_per_sample"]
+__all__ = ["Terms", "Decomposition", "LabelFree", "Scale", "decompose", "combine", "combined_per_sample",
+           "label_free"]
 
 
 class Terms(NamedTuple):
@@ -227,3 +228,99 @@ def combine(heads: dict, weights: dict, head_valid: dict) -> Decomposition:
         heads=heads,
         weights=weights,
     )
+
+
+# --- without labels ---------------------------------------------------------------------------
+
+class Scale(NamedTuple):
+    """L_equiv, the size of the twirled prediction and their ratio (one value or tensor each)."""
+
+    equiv: torch.Tensor
+    norm: torch.Tensor
+    rel: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelFree:
+    """What a batch says about a model's equivariance without labels.
+
+    L_equiv needs no target: it is the spread of the back-rotated predictions around
+    their mean. Its scale is set against the twirled prediction's own size:
+
+    Attributes:
+        equiv: batch mean of L_equiv (unbiased, or exact for a finite group).
+        norm: batch mean of ``||fbar(x)||^2`` (mean over elements, as the losses), the
+            unbiased estimate ``||abar||^2 - s / (K - 1)`` (L_mean against a zero target;
+            exact for a finite group).
+        rel: ``equiv / norm``, L_equiv relative to the twirled prediction (a ratio of batch
+            means, as ``pct``). Its standard error is the ratio estimator's,
+            ``sqrt(sum_b (e_b - rel n_b)^2 / (n (n - 1))) / norm``.
+        per_sample: :class:`Scale` of per-sample values (``rel`` per sample: ``e_b / n_b``).
+        stderr: :class:`Scale` of standard errors.
+        samples, exact, exhaustive, heads, weights: as in :class:`Decomposition`.
+
+    ``total``, ``mean`` and ``pct`` need a target: asking for them raises a ValueError.
+    """
+
+    equiv: torch.Tensor
+    norm: torch.Tensor
+    rel: torch.Tensor
+    per_sample: Scale
+    stderr: Scale
+    samples: int
+    exact: bool
+    exhaustive: bool
+    heads: dict = dataclasses.field(default_factory=dict)
+    weights: dict = dataclasses.field(default_factory=dict)
+
+    FIELDS = ("equiv", "norm", "rel")
+
+    def _needs_target(self, name: str):
+        raise ValueError(f"{name} needs a target: this decomposition was made with target=None, which measures "
+                         "L_equiv and its size relative to the twirled prediction (equiv, norm, rel) only; pass "
+                         "target= for L_total, L_mean and pct")
+
+    total = property(lambda self: self._needs_target("L_total (total)"))
+    mean = property(lambda self: self._needs_target("L_mean (mean)"))
+    pct = property(lambda self: self._needs_target("pct"))
+
+    def to_dict(self, prefix: str = "") -> dict:
+        """Plain floats for a logger (a host sync): equiv, norm, rel, their stderrs, heads."""
+        out = {}
+        for name in self.FIELDS:
+            out[f"{prefix}{name}"] = float(getattr(self, name))
+        for name in self.FIELDS:
+            out[f"{prefix}{name}_stderr"] = float(getattr(self.stderr, name))
+        for head, d in self.heads.items():
+            out.update(d.to_dict(prefix=f"{prefix}{head}/"))
+        return out
+
+    def detach(self) -> "LabelFree":
+        return dataclasses.replace(
+            self, equiv=self.equiv.detach(), norm=self.norm.detach(), rel=self.rel.detach(),
+            per_sample=Scale(*(t.detach() for t in self.per_sample)), stderr=Scale(*(t.detach() for t in self.stderr)),
+            heads={k: v.detach() for k, v in self.heads.items()})
+
+    def __repr__(self) -> str:
+        def f(t):
+            return f"{float(t):.6g}" if t.numel() == 1 else "?"
+
+        heads = f", heads={list(self.heads)}" if self.heads else ""
+        return (f"LabelFree(equiv={f(self.equiv)}, norm={f(self.norm)}, rel={f(self.rel)}, samples={self.samples}, "
+                f"exhaustive={self.exhaustive}{heads})")
+
+
+def label_free(d: Decomposition, valid: torch.Tensor, head_valid: dict | None = None) -> LabelFree:
+    """The :class:`LabelFree` view of a decomposition made against a zero target, whose
+    L_mean is then the size of the twirled prediction. ``valid`` ``(B,)``: the samples that
+    count; ``head_valid``: the same per head."""
+    e, n = d.per_sample.equiv, d.per_sample.mean
+    rel = d.equiv / d.mean
+    w = valid.to(e.dtype)
+    count = w.sum()
+    resid = torch.where(valid, e - rel * n, torch.zeros_like(e))
+    se_rel = torch.sqrt((resid ** 2).sum() / (count * (count - 1))) / d.mean.abs()
+    per_rel = torch.where(valid, e / n, torch.zeros_like(e))
+    heads = {h: label_free(hd, head_valid[h]) for h, hd in d.heads.items()} if head_valid else {}
+    return LabelFree(d.equiv, d.mean, rel, Scale(e, n, per_rel), Scale(d.stderr.equiv, d.stderr.mean, se_rel),
+                     d.samples, d.exact, d.exhaustive, heads, d.weights)

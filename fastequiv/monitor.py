@@ -87,7 +87,7 @@ class EquivarianceMonitor:
         """Whether ``step`` is a monitored step."""
         return step % self.every == 0
 
-    def __call__(self, step: int, inputs: Any, target: Any) -> dict:
+    def __call__(self, step: int, inputs: Any, target: Any = None) -> dict:
         """The logged values on a monitored step, ``{}`` on the others (see module docs)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -105,9 +105,10 @@ class EquivarianceMonitor:
         out = {}
 
         def put(prefix, dec):
-            for name in ("total", "mean", "equiv", "pct"):
+            fields = getattr(dec, "FIELDS", None)  # LabelFree (target=None): equiv, norm, rel
+            for name in fields or ("total", "mean", "equiv", "pct"):
                 out[f"{prefix}{name}"] = getattr(dec, name)
-            for name in ("total", "mean", "equiv"):
+            for name in fields or ("total", "mean", "equiv"):
                 out[f"{prefix}{name}_stderr"] = getattr(dec.stderr, name)
             for head, h in dec.heads.items():
                 put(f"{prefix}{head}/", h)

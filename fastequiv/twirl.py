@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import distributed, graph, groups
-from .estimators import Decomposition, combine, decompose
+from .estimators import Decomposition, combine, decompose, label_free
 from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
@@ -65,12 +65,18 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     weights = _weights(spec, loss_weights)
     # finiteness is checked on the per-sample sums below (a NaN or inf at a valid element
     # reaches them; a masked-out one never does), which costs nothing next to the outputs
+    if target is None and loss != "mse":
+        raise ValueError("target=None measures L_equiv with the MSE estimators (loss='mse'); a convex loss= needs "
+                         "a target")
     st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                chunk_size=chunk_size, backend=backend, check_finite=False)
-    targets = spec.output_leaves(target, "target")
+    # without a target: a zero one, against which L_mean is the twirled prediction's size
+    targets = [None] * len(st.heads) if target is None else [y for _, y, _ in spec.output_leaves(target, "target")]
     heads, head_valid = {}, {}
-    for head, (_, y, _) in zip(st.heads, targets):
+    for head, y in zip(st.heads, targets):
         name, out = head.name, head.value
+        if y is None:
+            y = torch.zeros(out.shape[1:], dtype=out.dtype, device=out.device)
         if isinstance(head.declared, Voigt):  # reduced as the 3 x 3 tensor it stands for
             y = head.declared.to_matrix(y)
         if y.shape != out.shape[1:]:
@@ -154,6 +160,8 @@ _COMMON_ARGS = """
             args, mirroring ``spec.inputs``) with the K copies stacked along dim 0.
         inputs: a tensor, a tuple of tensors or a dict (non-tensor dict values pass through).
         target: mirrors ``spec.output``; given in the frame of the unrotated input.
+            ``None`` in :func:`equivariance_error` and the monitor: no labels (a benchmark
+            set, an MD trajectory), and only L_equiv and its relative size are reported.
         spec: a :class:`fastequiv.Spec`; leave it out for a model adapted with
             :func:`fastequiv.adapt`, which carries its own (``inputs`` is then the
             codebase's own batch).
@@ -186,7 +194,7 @@ _COMMON_ARGS = """
 def equivariance_error(
     model: Callable,
     inputs: Any,
-    target: Any,
+    target: Any = None,
     *,
     spec: Optional[Spec] = None,
     samples: Optional[int] = None,
@@ -213,16 +221,22 @@ def equivariance_error(
     """
     if not isinstance(eval_mode, bool):
         raise ValueError(f"eval_mode must be a bool, got {eval_mode!r}")
+    if target is None and sync:
+        raise ValueError("sync=True needs a target (target=None: measure each rank's L_equiv on its own)")
     with torch.no_grad(), (stacking_eval_mode(model) if eval_mode else contextlib.nullcontext()):
         d, head_valid = _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed,
                                    generator, chunk_size, backend, check_finite)
+        if target is None:
+            return label_free(d, head_valid[""], {h: v for h, v in head_valid.items() if h})
         return _sync(d, head_valid, sync, process_group)
 
 
 equivariance_error.__doc__ += _COMMON_ARGS + """
     Returns:
         a :class:`fastequiv.Decomposition` (0-dim tensors ``total``, ``mean``, ``equiv``,
-        ``pct``; ``per_sample``, ``stderr``, ``samples``, ``exact``, ``heads``).
+        ``pct``; ``per_sample``, ``stderr``, ``samples``, ``exact``, ``heads``); with
+        ``target=None``, a :class:`fastequiv.LabelFree` (``equiv``, ``norm``, ``rel``: L_equiv
+        and its size relative to the twirled prediction, which need no labels).
 """
 
 
@@ -256,6 +270,9 @@ def twirl_loss(
         samples: K, default 2 i.i.d. Haar draws (every element once for a finite group).
         equiv_weight: weight of L_equiv in the loss (>= 0).
     """
+    if target is None:
+        raise ValueError("twirl_loss needs a target (the training loss is L_total against it); "
+                         "fe.equivariance_error(..., target=None) measures L_equiv without labels")
     if not isinstance(equiv_weight, (int, float)) or equiv_weight < 0:
         raise ValueError(f"equiv_weight must be a number >= 0, got {equiv_weight!r}")
     d, head_valid = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
