@@ -204,9 +204,14 @@ def wigner_D_blocks(lmax: int, R: torch.Tensor) -> list[torch.Tensor]:
 def parse_irreps(irreps, name: str = "irreps"):
     """``irreps`` (a string or ``e3nn.o3.Irreps``) as an ``o3.Irreps``, or a ValueError naming ``name``.
 
-    e3nn is imported here, on first use, so that ``import fastequiv`` stays cheap.
+    e3nn is imported here, on first use, so that ``import fastequiv`` stays cheap and works
+    without it (irreps are the only reps that need it: the ``e3nn`` extra).
     """
-    from e3nn import o3
+    try:
+        from e3nn import o3
+    except ImportError as err:
+        raise ImportError(f"{name}={irreps!r}: irreps reps need e3nn, which cannot be imported here "
+                          f'({type(err).__name__}: {err}): pip install "fastequiv[e3nn]"') from err
 
     try:
         return o3.Irreps(irreps)
