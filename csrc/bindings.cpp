@@ -631,6 +631,10 @@ nb::dict build_info() {
 #endif
     info["compiler"] = compiler();
     info["cpu_capability"] = std::string(fastequiv::cpu_capability());
+    // FASTEQUIV_CUDA at build time (AUTO, ON or OFF), and whether CMake found a CUDA compiler
+    // (not searched for with OFF): with AUTO or ON and a compiler, the CUDA kernels are built
+    info["cuda_requested"] = std::string(FASTEQUIV_CUDA_REQUESTED);
+    info["cuda_compiler_found"] = FASTEQUIV_CUDA_COMPILER_FOUND != 0;
     return info;
 }
 
@@ -641,7 +645,7 @@ NB_MODULE(_C, m) {
 
     m.def("build_info", &build_info,
           "What this build contains: {'cuda': bool, 'cuda_archs': [str], 'openmp': bool, "
-          "'compiler': str, 'cpu_capability': str}.");
+          "'compiler': str, 'cpu_capability': str, 'cuda_requested': str, 'cuda_compiler_found': bool}.");
 
     m.def("philox4x32_10", &philox4x32_10, nb::arg("counter"), nb::arg("key"),
           "Philox-4x32-10 of a 4-word counter under a 2-word key (Random123); for tests.");
