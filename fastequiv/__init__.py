@@ -10,6 +10,9 @@ that computes takes ``backend=`` ("auto", "torch", "triton", "cpu", "cuda", "cup
 """
 
 from .backends import BackendUnavailableError, build_info
+from .backends import extension as _extension
+
+_extension.warn_if_source_checkout()  # a source tree shadowing the installed package has no _C
 from .estimators import Decomposition, LabelFree, Terms
 from .groups import group_elements, matrix_to_quaternion, quaternion_to_matrix, random_quaternions
 from .reps import Rep, Voxels

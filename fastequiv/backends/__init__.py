@@ -53,8 +53,10 @@ def build_info() -> dict:
         reasons = [check(torch.device(t)) for t in device_types]
         if any(r is None for r in reasons):
             backends.append(name)
-        else:
+        elif len(set(reasons)) == 1:
             why_not[name] = reasons[0]
+        else:  # a backend of two devices (triton) fails differently on each: both reasons
+            why_not[name] = "; ".join(f"on {t}: {r}" for t, r in zip(device_types, reasons))
     return {
         "version": extension.version(),
         "extension": ext is not None,

@@ -8,8 +8,9 @@ Triton. The backend runs on CUDA tensors, and on CPU tensors in Triton's interpr
 ``backend="auto"`` prefers it on CUDA tensors.
 
 Whether triton is installed, and whether the interpreter was asked for, is decided once,
-when this module is imported: the availability check then reads two constants, so it is
-safe to reach from traced code.
+when this module is imported; whether the kernel modules import (which imports triton) on
+the first check that gets that far, then cached. The availability check is reached only
+through the registry's ``resolve_name``, which ``torch.compile`` runs eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from . import registry
+from . import extension, registry
 
 #: whether triton is installed (found, not imported)
 INSTALLED = importlib.util.find_spec("triton") is not None
@@ -54,6 +55,22 @@ def available(device: torch.device) -> str | None:
             return "torch sees no CUDA device"
     else:
         return f"the Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+    return kernels_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_importable() -> str | None:
+    """``None`` when every kernel module of :data:`KERNELS` imports, else why not (a source
+    checkout has no ``fastequiv.kernels``; a broken triton fails here, not in a step)."""
+    for module in sorted({module for module, _ in KERNELS.values()}):
+        try:
+            importlib.import_module(f"fastequiv.kernels.{module}")
+        except Exception as err:  # ImportError, or whatever a broken triton raises on import
+            why = f"cannot import fastequiv.kernels.{module} ({type(err).__name__}: {err})"
+            root = extension.source_checkout()
+            if root is not None:
+                why += f"; fastequiv is imported from the source checkout {root}: {extension.SOURCE_CHECKOUT_ADVICE}"
+            return why
     return None
 
 
