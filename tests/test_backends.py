@@ -175,3 +175,64 @@ def test_cupy_array_functions(backend):
     Q = fe_cupy.random_rotations_seeded(seed, 50, 7, True, cupy.float64)
     want = random_rotations_seeded_reference(torch.tensor(12345), 50, 7, True, torch.float64)
     torch.testing.assert_close(torch.from_dlpack(Q).cpu(), want, atol=1e-12, rtol=0)
+
+
+# --- which GPUs the CUDA build runs on ---------------------------------------------------------
+
+@pytest.mark.parametrize("capability, archs, runs", [
+    ((8, 0), ["80", "90"], True),
+    ((8, 6), ["80", "90"], True),  # sm_80 SASS runs on later minors of major 8
+    ((8, 9), ["80", "90"], True),
+    ((9, 0), ["80", "90"], True),
+    ((12, 0), ["80", "90"], True),  # the compute_90 PTX that "90" embeds is compiled by the driver
+    ((7, 5), ["80", "90"], False),  # older than every build
+    ((9, 0), ["80-real"], False),  # SASS never crosses a major version
+    ((9, 0), ["80"], True),  # ... PTX does
+    ((12, 0), ["80-real", "90-real"], False),
+    ((8, 6), ["90"], False),
+    ((8, 6), ["89-real"], False),  # nor runs on an earlier minor
+    ((8, 9), ["86-virtual"], True),
+    ((8, 0), ["86-virtual"], False),
+    ((9, 0), ["90a"], True),  # architecture-specific: that capability only
+    ((10, 0), ["90a"], False),
+    ((10, 3), ["100f"], True),  # family-specific: the same major
+    ((12, 0), ["100f"], False),
+    ((7, 5), ["native"], True),  # an entry the build resolved itself is not second-guessed
+])
+def test_the_cuda_architecture_rule(capability, archs, runs):
+    from fastequiv.backends import native
+
+    why = native.cuda_arch_mismatch(capability, archs)
+    assert (why is None) is runs
+    if not runs:
+        assert f"compute capability {capability[0]}.{capability[1]}" in why and str(archs) in why
+        assert f"CMAKE_CUDA_ARCHITECTURES={capability[0]}{capability[1]}" in why
+
+
+def test_a_gpu_the_build_does_not_cover_makes_cuda_unavailable(monkeypatch):
+    """A (simulated) GPU of compute capability 7.5 and kernels built for sm_80 and sm_90: the
+    "cuda" backend is unavailable, build_info says why, and backend="cuda" raises it."""
+    from fastequiv.backends import extension, native
+
+    class BuiltForAmpereAndHopper:
+        reduce_rows_cpu = reduce_rows_cuda = object()
+
+        @staticmethod
+        def build_info():
+            return {"cuda": True, "cuda_archs": ["80", "90"], "openmp": True, "cpu_capability": "default"}
+
+    monkeypatch.setattr(extension, "load", lambda: BuiltForAmpereAndHopper)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    native._device_mismatch.cache_clear()
+    try:
+        why = native.available("cuda")(torch.device("cuda"))
+        assert why is not None and "compute capability 7.5" in why
+        assert fe.build_info()["unavailable"]["cuda"] == why
+        with pytest.raises(fe.BackendUnavailableError, match="compute capability 7.5"):
+            registry.resolve_name("reduce_rows", "cuda", torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+        native._device_mismatch.cache_clear()
+        assert native.available("cuda")(torch.device("cuda")) is None
+    finally:
+        native._device_mismatch.cache_clear()

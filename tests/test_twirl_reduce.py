@@ -21,8 +21,8 @@ from opdata import ROW_CASES, Case, data, dim, graph_batch, layout, loop_act, ma
 import fastequiv as fe
 from fastequiv.ops import rotate_copies, twirl_reduce
 from fastequiv.ops.layout import mask_for
-from fastequiv.ops.twirl_reduce import reduce_rows, reduce_rows_backward_reference, reduce_rows_reference, \
-    twirl_reduce_reference
+from fastequiv.ops.twirl_reduce import atomic_sums, reduce_rows, reduce_rows_backward_reference, \
+    reduce_rows_reference, reduction_backend, twirl_reduce_reference
 from fastequiv.reps import as_rep
 
 LOOP_REPS = ["scalar", "pseudoscalar", "vector", "pseudovector", "position", "1x0e + 2x1o + 1x2e"]
@@ -706,3 +706,53 @@ def test_opcheck(backend):
     sample = torch.randint(0, B, (N,), generator=g).to(dev)
     torch.library.opcheck(reduce_rows, (out, M, y, None, P, valid, cc, B, backend))
     torch.library.opcheck(reduce_rows, (out, M, y, sample, 0, None, None, B, backend))
+
+
+# --- torch.use_deterministic_algorithms -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend, graph, atomic", [
+    ("torch", False, False), ("torch", True, False), ("cpu", False, False), ("cpu", True, False),
+    ("triton", False, False), ("triton", True, True), ("cuda", False, True), ("cuda", True, True),
+    ("cupy", False, True), ("cupy", True, True)])
+def test_which_reductions_add_with_atomics(backend, graph, atomic):
+    assert atomic_sums(backend, graph) is atomic
+
+
+def test_deterministic_mode_avoids_or_refuses_the_atomic_reductions():
+    assert reduction_backend("cuda", "auto", graph=False, deterministic=False) == "cuda"
+    assert reduction_backend("cuda", "auto", graph=False, deterministic=True) == "torch"
+    assert reduction_backend("triton", "auto", graph=True, deterministic=True) == "torch"
+    assert reduction_backend("triton", "auto", graph=False, deterministic=True) == "triton"  # fixed chunks
+    assert reduction_backend("cpu", "cpu", graph=True, deterministic=True) == "cpu"
+    for name, graph in (("cuda", False), ("cupy", True), ("triton", True)):
+        with pytest.raises(RuntimeError, match=r"use_deterministic_algorithms.*backend='torch'"):
+            reduction_backend(name, name, graph=graph, deterministic=True)
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_deterministic_mode_on_a_graph_batch(backend, deterministic):
+    """Triton's graph-layout reduction adds with atomics: with deterministic algorithms on,
+    asking for it raises, and "auto" takes a deterministic reduction (the same sums every
+    time, the reference's to rounding); Triton's dense layout still runs."""
+    dev = device_of(backend)
+    x, batch = graph_batch([3, 1, 4], "vector")
+    K, B = 2, 3
+    R = rotations(K, B).to(dev)
+    out = torch.stack([x, 2 * x]).to(dev)
+    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+        twirl_reduce(out, R, x.to(dev), as_rep("vector"), batch=batch.to(dev), backend=backend)
+    got = [twirl_reduce(out, R, x.to(dev), as_rep("vector"), batch=batch.to(dev), backend="auto") for _ in range(2)]
+    want = twirl_reduce(out, R, x.to(dev), as_rep("vector"), batch=batch.to(dev), backend="torch")
+    assert torch.equal(got[0].total, got[1].total) and torch.equal(got[0].spread, got[1].spread)
+    assert_close_dtype(got[0].total, want.total)
+    assert_close_dtype(got[0].spread, want.spread)
+    dense = out.reshape(K, 1, 8, 3).expand(K, B, 8, 3)
+    twirl_reduce(dense, R, dense[0], as_rep("vector"), backend=backend)  # dense: fixed order, runs

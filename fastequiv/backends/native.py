@@ -6,7 +6,11 @@ outputs, dtypes) is :mod:`.host`, shared with the CuPy backend; this module only
 a kernel is started: ``fastequiv._C.<name>_cpu(...)``, or ``<name>_cuda(..., stream)`` on
 torch's current stream of the tensors' device. Nothing syncs with the host on CUDA: the
 Philox seed is read by the kernel from device memory, and ``reduce_rows``' per-sample sums
-are added with atomics (so they may differ between runs by rounding).
+are added with atomics (so they may differ between runs by rounding; under
+``torch.use_deterministic_algorithms(True)`` twirl_reduce does not use them, see
+:func:`fastequiv.ops.twirl_reduce.atomic_sums`). The ``"cuda"`` backend is available on a
+GPU only when one of the architectures the extension was built for runs on it
+(:func:`arch_runs_on`).
 
 ``backend="auto"`` picks ``"cpu"`` for CPU tensors for every row op (each measured faster
 than the torch reference on a 2-core CPU, see benchmarks/RESULTS.md), and for
@@ -16,11 +20,59 @@ trilinear path is the reference's ``grid_sample``; ``voxels_reduce`` has no CPU 
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Optional
 
 import torch
 
 from . import extension, host, registry
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> Optional[bool]:
+    """Whether code built for the CMake CUDA architecture ``arch`` runs on a device of compute
+    capability ``capability``, by CUDA's compatibility rules; ``None`` for an entry that
+    names no architecture (``native``, ``all``, ``all-major``: the build resolved those).
+
+    * ``"XY-real"``: SASS for sm_XY, which runs on devices of the same major version and a
+      minor version of at least Y (sm_80 runs on 8.0, 8.6, 8.9; sm_90 on 9.0 only).
+    * ``"XY-virtual"``: PTX for compute_XY, which the driver compiles for any device of
+      capability X.Y or newer.
+    * ``"XY"``: both (CMake's default), so it runs wherever either does.
+    * ``"XYa"`` (architecture-specific, e.g. 90a): only on capability X.Y exactly; ``"XYf"``
+      (family-specific, e.g. 100f): on the same major version, minor at least Y.
+    """
+    m = re.fullmatch(r"(\d+)(\d)([af]?)(?:-(real|virtual))?", arch.strip())
+    if m is None:
+        return None
+    built, suffix, kind = (int(m.group(1)), int(m.group(2))), m.group(3), m.group(4)
+    if suffix == "a":
+        return capability == built
+    same_major = capability[0] == built[0] and capability[1] >= built[1]
+    if suffix == "f" or kind == "real":
+        return same_major
+    if kind == "virtual":
+        return capability >= built
+    return same_major or capability >= built
+
+
+def cuda_arch_mismatch(capability: tuple[int, int], archs: list) -> Optional[str]:
+    """Why kernels built for ``archs`` (``build_info()["cuda_archs"]``) cannot run on a device
+    of compute capability ``capability``, or ``None`` when one of them runs there (or an
+    entry cannot be read, e.g. ``native``: the build knew its GPU)."""
+    runs = [arch_runs_on(a, tuple(capability)) for a in archs]
+    if not archs or any(r is None or r for r in runs):
+        return None
+    major, minor = capability
+    return (f"fastequiv._C was built for CUDA architectures {list(archs)}, none of which runs on this GPU "
+            f"(compute capability {major}.{minor}): reinstall with "
+            f"CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES={major}{minor} pip install .")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_mismatch(index: Optional[int]) -> Optional[str]:
+    archs = extension.load().build_info()["cuda_archs"]
+    return cuda_arch_mismatch(torch.cuda.get_device_capability(index), archs)
 
 
 def available(device_type: str):
@@ -36,8 +88,10 @@ def available(device_type: str):
             return "fastequiv._C was built without CUDA (reinstall with nvcc on PATH or FASTEQUIV_CUDA=ON)"
         if torch.device(device).type != device_type:
             return f"it runs on {device_type} tensors"
-        if device_type == "cuda" and not torch.cuda.is_available():
-            return "torch sees no CUDA device"
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "torch sees no CUDA device"
+            return _device_mismatch(torch.device(device).index)
         return None
 
     return check

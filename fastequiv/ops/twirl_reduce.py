@@ -125,6 +125,39 @@ registry.register("reduce_rows", "torch")(reduce_rows_reference)
 registry.register("reduce_rows_backward", "torch")(reduce_rows_backward_reference)
 
 
+# --- determinism ------------------------------------------------------------------------------
+
+def atomic_sums(backend: str, graph: bool) -> bool:
+    """Whether ``backend``'s ``reduce_rows`` adds its per-sample sums with atomics, in an
+    order that changes from run to run (so the sums' rounding does too): the CUDA kernel
+    (and CuPy's, the same source) whenever a sample spans blocks or a block spans samples;
+    Triton's in the graph layout (its dense layout sums fixed chunks). The torch reference
+    and the C++ kernels (fixed per-thread partial sums) are deterministic."""
+    return backend in ("cuda", "cupy") or (backend == "triton" and graph)
+
+
+def reduction_backend(name: str, requested: str, graph: bool, deterministic: bool) -> str:
+    """The backend that runs ``reduce_rows``: ``name`` (resolved from ``requested``), unless
+    ``torch.use_deterministic_algorithms(True)`` is on (``deterministic``) and ``name`` adds
+    with atomics: then ``"auto"`` takes the deterministic torch reference and a backend asked
+    for by name raises."""
+    if not deterministic or not atomic_sums(name, graph):
+        return name
+    if requested == "auto":
+        return "torch"
+    layout = "graph" if graph else "dense"
+    raise RuntimeError(
+        f"backend={requested!r} adds twirl_reduce's per-sample sums with atomics on the GPU ({layout} layout), "
+        "so they may differ between runs by rounding, and torch.use_deterministic_algorithms(True) is set: pass "
+        "backend='torch' (deterministic) or backend='auto' (which then takes it)")
+
+
+@torch.compiler.assume_constant_result
+def deterministic_algorithms() -> bool:
+    """``torch.are_deterministic_algorithms_enabled()``, read once per call (a constant to ``torch.compile``)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 # --- reduce_rows ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fastequiv::reduce_rows", mutates_args=())
@@ -276,7 +309,9 @@ def twirl_reduce(
         batch: optional int64 ``(N,)``, the sample of each node (graph layout).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``, ``"cupy"``.
             CuPy (or NumPy) arrays in any tensor argument are taken without a copy
-            (DLPack) and the results come back as arrays of the same kind.
+            (DLPack) and the results come back as arrays of the same kind. Under
+            ``torch.use_deterministic_algorithms(True)``, ``"auto"`` avoids the reductions
+            that add with atomics (:func:`atomic_sums`) and asking for one raises.
     """
     action = as_action(R, backend)
     R = action.R
@@ -300,7 +335,8 @@ def twirl_reduce(
         acc = accumulate_dtype(out, target)
         o = out.reshape(K, rows.N, rows.d)
         y = target.reshape(rows.N, rows.d)
-        name = registry.resolve_name("reduce_rows", backend, out.device)
+        name = reduction_backend(registry.resolve_name("reduce_rows", backend, out.device), backend,
+                                 rows.sample is not None, deterministic_algorithms())
 
         def run(o_rows, M, y_rows, r, center):
             args = (o_rows.contiguous(), M, y_rows.contiguous(), r.sample, r.P, r.valid, center, B)
