@@ -48,14 +48,19 @@ def tiny_mace(seed: int = 0):
     from mace import modules
 
     torch.manual_seed(seed)
-    return modules.MACE(
-        r_max=4.0, num_bessel=4, num_polynomial_cutoff=3, max_ell=2,
-        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("8x0e + 8x1o"), MLP_irreps=o3.Irreps("8x0e"),
-        gate=torch.nn.functional.silu, atomic_energies=np.zeros(3), avg_num_neighbors=4.0,
-        atomic_numbers=[1, 6, 8], correlation=2,
-    ).double()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn's constants built in float32 would carry its rounding
+    try:
+        return modules.MACE(
+            r_max=4.0, num_bessel=4, num_polynomial_cutoff=3, max_ell=2,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("8x0e + 8x1o"), MLP_irreps=o3.Irreps("8x0e"),
+            gate=torch.nn.functional.silu, atomic_energies=np.zeros(3), avg_num_neighbors=4.0,
+            atomic_numbers=[1, 6, 8], correlation=2,
+        ).double()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def structures(periodic: bool, count: int = 3, seed: int = 0):
