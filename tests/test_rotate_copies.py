@@ -111,9 +111,15 @@ def test_masks(backend):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     R = rotations(2, B)
     got = rotate_copies(x.to(dev), R.to(dev), as_rep("position"), mask.to(dev), backend=backend).cpu()
-    # sample 0 rotates about the centroid of its first three points
-    c = x[0, :3].mean(0)
-    assert_close_dtype(got[0, :3], (x[0, :3] - c) @ R[0, 0].T + c)
+    assert got.shape == (2 * B, N, 3)
+    # every point of a sample, masked or not, turns about the centroid of the sample's valid
+    # points: sample 0's first three, all of sample 1, and none of sample 2 (fully masked:
+    # the origin, so its padding stays finite and its copies are plain rotations)
+    centres = [x[0, :3].mean(0), x[1].mean(0), torch.zeros(3, dtype=x.dtype)]
+    for k in range(2):
+        for b, c in enumerate(centres):
+            assert_close_dtype(got[k * B + b], (x[b] - c) @ R[k, b].T + c,
+                               msg=f"copy {k}, sample {b}, masked points {(~mask[b]).nonzero().flatten().tolist()}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
