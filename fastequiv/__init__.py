@@ -24,7 +24,9 @@ from .adapted import Adapted
 from .adapters import adapt
 from . import distributed
 from .monitor import EquivarianceMonitor
-from .lie import lie_derivative
+from .lie import lie_derivative, lie_loss
+from .frames import FrameAveraged
+from .penalty import EquivWeight
 from . import voxels
 from . import diagnostics
 
@@ -39,7 +41,9 @@ __all__ = [
     "Adapted",
     "BackendUnavailableError",
     "Decomposition",
+    "EquivWeight",
     "EquivarianceMonitor",
+    "FrameAveraged",
     "LabelFree",
     "Rep",
     "Spec",
@@ -52,6 +56,7 @@ __all__ = [
     "equivariance_error",
     "group_elements",
     "lie_derivative",
+    "lie_loss",
     "matrix_to_quaternion",
     "ops",
     "quaternion_to_matrix",

@@ -131,18 +131,6 @@ def evaluating(model, enabled: bool = True):
     return stacking.eval_mode(model) if enabled else contextlib.nullcontext()
 
 
-def _weights(spec: Spec, loss_weights) -> dict:
-    names = spec.output_names()
-    if loss_weights is None:
-        return {n: 1.0 for n in names}
-    if isinstance(spec.output, dict) and isinstance(loss_weights, dict) and set(loss_weights) == set(names):
-        return dict(loss_weights)
-    if isinstance(spec.output, tuple) and isinstance(loss_weights, (tuple, list)) and len(loss_weights) == len(names):
-        return dict(zip(names, loss_weights))
-    raise ValueError(f"loss_weights must weigh the heads {names} like spec.output (a dict or tuple of that "
-                     f"length), got {loss_weights!r}")
-
-
 def _plan(spec: Spec, samples) -> tuple[int, bool]:
     K, exhaustive = stacking.plan(spec, samples, 8)
     if K < 2 and not exhaustive:
@@ -173,7 +161,7 @@ def stacked_terms(model, inputs, target, *, spec: Optional[Spec] = None, samples
     """
     spec, inputs = bind(model, inputs, spec)
     K, exhaustive = _plan(spec, samples)
-    weights = _weights(spec, loss_weights)
+    weights = spec.head_weights(loss_weights)
     st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                         chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     heads, head_valid = {}, {}
@@ -481,7 +469,7 @@ def equivariance_per_element(model: Callable, inputs: Any, target: Any, *, spec:
     """
     spec, inputs = bind(model, inputs, spec)
     K, exhaustive = _plan(spec, samples)
-    weights = _weights(spec, loss_weights)
+    weights = spec.head_weights(loss_weights)
     with evaluating(model, eval_mode), torch.no_grad():
         st = stacking.stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
                             chunk_size=chunk_size, backend=backend, check_finite=check_finite)

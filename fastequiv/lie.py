@@ -51,12 +51,12 @@ from torch.func import jvp
 from .adapted import bind
 from .ops import rotate_copies
 from .ops.action import Action
-from .ops.layout import mask_for
+from .ops.layout import mask_for, per_sample_sum, valid_count
 from .reps import Rep
 from .spec import Spec
 from .stacking import call_model, read_inputs, split_heads, stack_copies
 
-__all__ = ["lie_derivative", "so3_generators"]
+__all__ = ["lie_derivative", "lie_loss", "so3_generators"]
 
 
 def _model_jvp(call: Callable, primals: list, tangents: list, model_grad: bool):
@@ -132,20 +132,85 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Optional[Spec] = None,
         if delta is not None:
             raise ValueError(f"pass delta= only (got delta={delta!r} and its deprecated name step={step!r})")
         delta = step
-    step = delta
+    batch = read_inputs(inputs, spec, mask, None)
+    _, lies = _derivatives(model, spec, batch, method, delta, backend)
+    return spec.build_output(lies)
+
+
+def _derivatives(model: Callable, spec: Spec, batch, method: str, delta: Optional[float], backend: str):
+    """``(heads, lies)`` by ``method`` (checked, with its ``delta``)."""
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if step is not None and (method != "central" or isinstance(step, bool) or not isinstance(step, (int, float))
-                             or not 0 < step < 1):
+    if delta is not None and (method != "central" or isinstance(delta, bool) or not isinstance(delta, (int, float))
+                              or not 0 < delta < 1):
         raise ValueError(f"delta is the central-difference step h, a float in (0, 1) with method='central', "
-                         f"got delta={step!r} with method={method!r}")
+                         f"got delta={delta!r} with method={method!r}")
+    return _central(model, spec, batch, delta, backend) if method == "central" else _jvp(model, spec, batch)
+
+
+def lie_loss(model: Callable, inputs: Any, *, spec: Optional[Spec] = None, mask: Optional[torch.Tensor] = None,
+             loss_weights=None, method: str = "jvp", delta: Optional[float] = None,
+             backend: str = "auto") -> torch.Tensor:
+    """The squared norm of the Lie derivative, a penalty to train with (a 0-dim tensor).
+
+    For each output head ``h``, the batch mean over samples of
+    ``(1/n) sum_i ||L_{X_i} f_h(x)||^2`` over the three generators (``n`` the sample's valid
+    elements of that head, as the MSE losses normalise; a graph's per-node head is summed
+    over its nodes), and the ``loss_weights``-weighted sum of the heads. It is the sum of
+    squares of :func:`lie_derivative`'s output, and differentiable: called with gradients
+    enabled (training), the result has a graph to the model's parameters, so
+    ``(loss + w * fe.lie_loss(model, inputs, spec=spec)).backward()`` trains against it.
+    By the Poincare inequality of :mod:`fastequiv.lie`, half of it bounds the mean
+    ``L_equiv`` from above on rotation-invariant data (``L_equiv <= lie_loss / 2``), so
+    ``w * lie_loss / 2`` is comparable with ``twirl_loss``'s ``w * L_equiv``.
+
+    Every head the spec declares counts: direct (non-conservative) forces like any
+    output, and forces a model computes as ``-dE/dpos`` inside its forward
+    (``model_grad=True``), differentiated forward over its backward. Such a model must
+    build the graph of its forces (``torch.autograd.grad(..., create_graph=True)``, as
+    MACE does in training mode) for the penalty to reach its parameters.
+
+    Cost: ``method="jvp"`` (default) is one forward pass with forward-mode AD over the 3
+    stacked copies ``x, x, x`` (about the cost of 3 forwards and their tangents), and the
+    ``backward()`` of the result one more backward pass through it; no rotation is
+    sampled. ``method="central"`` (for models torch cannot differentiate forward, e.g.
+    MACE's SiLU backward) is one call on 6 copies at ``exp(+-h X_i)``, with the
+    central-difference error of :func:`lie_derivative`.
+
+    Args:
+        model, inputs, spec, mask, method, delta, backend: as in :func:`lie_derivative`.
+        loss_weights: per-head weights (a dict or tuple like ``spec.output``); default 1 each.
+    Returns:
+        a 0-dim tensor in the accumulation dtype (float64 for float64 outputs, else float32).
+    """
+    spec, inputs = bind(model, inputs, spec)
     batch = read_inputs(inputs, spec, mask, None)
-    if method == "central":
-        return _central(model, spec, batch, step, backend)
-    return _jvp(model, spec, batch)
+    weights = spec.head_weights(loss_weights)
+    heads, lies = _derivatives(model, spec, batch, method, delta, backend)
+    total = None
+    for head, lie in zip(heads, lies):
+        term = weights[head.name] * _batch_mean_square(lie, head, batch.B)
+        total = term if total is None else total + term
+    return total
 
 
-def _jvp(model: Callable, spec: Spec, batch):
+def _batch_mean_square(lie: torch.Tensor, head, B: int) -> torch.Tensor:
+    """Mean over the samples with a valid element of ``(1/n) sum_i ||lie[i]||^2`` (``lie``
+    ``(3, rows, ...)``; rows are nodes of a graph where ``head.batch`` is set)."""
+    sq = lie.pow(2).sum(0)
+    m = mask_for(head.mask, sq.shape, f"output {head.name!r}")
+    total, count = per_sample_sum(sq, m), valid_count(sq, m, sq.dtype)
+    if head.batch is not None:  # per node: summed per graph
+        total = sq.new_zeros(B).index_add(0, head.batch, total)
+        count = sq.new_zeros(B).index_add(0, head.batch, count)
+    valid = count > 0
+    per_sample = torch.where(valid, total / count.clamp_min(1), torch.zeros((), dtype=sq.dtype, device=sq.device))
+    return per_sample.sum() / valid.sum().clamp_min(1).to(sq.dtype)
+
+
+def _jvp(model: Callable, spec: Spec, batch) -> tuple[list, list]:
+    """``(heads, lies)``: the output heads (:func:`fastequiv.stacking.split_heads` of the 3
+    identical copies) and each head's ``(3, rows, ...)`` Lie derivatives."""
     B, acc = batch.B, batch.dtype
     # the three "copies" are the three generators: copy i moves along exp(t X_i) at t = 0
     X = so3_generators(acc, batch.device)
@@ -190,18 +255,20 @@ def _jvp(model: Callable, spec: Spec, batch):
         dout = tuple(torch.zeros_like(o) for o in out)
 
     results = []
-    for head, do in zip(split_heads(spec.build_output(list(out)), spec, batch, 3, False), dout):
+    heads = split_heads(spec.build_output(list(out)), spec, batch, 3, False)
+    for head, do in zip(heads, dout):
         o = head.value  # (3, rows, ...): three identical primal copies
         do = do.reshape(o.shape).to(acc)
         # drho_out(X_i) f(x), from copy 0
         _, own = tangent(lambda R, h=head: rotate_copies(h.value[0].to(acc), R, h.rep, h.mask, batch=h.batch,
                                                          backend="torch"))
         results.append(_zero_invalid(do - own.reshape(o.shape), head, acc))
-    return spec.build_output(results)
+    return heads, results
 
 
-def _central(model: Callable, spec: Spec, batch, step: Optional[float], backend: str):
-    """``method="central"``: the twisted model at ``exp(+-h X_i)``, 6 copies in one call."""
+def _central(model: Callable, spec: Spec, batch, step: Optional[float], backend: str) -> tuple[list, list]:
+    """``method="central"``: the twisted model at ``exp(+-h X_i)``, 6 copies in one call;
+    ``(heads, lies)`` as :func:`_jvp` returns them."""
     B, acc = batch.B, batch.dtype
     h = step if step is not None else (1e-5 if acc == torch.float64 else 5e-3)
     X = so3_generators(torch.float64, batch.device)
@@ -210,12 +277,13 @@ def _central(model: Callable, spec: Spec, batch, step: Optional[float], backend:
     names, values = stack_copies(batch, Action(R, backend), backend)
     out = call_model(model, spec, batch, names, values, 6, None)
     results = []
-    for head in split_heads(out, spec, batch, 6, False):
+    heads = split_heads(out, spec, batch, 6, False)
+    for head in heads:
         # rho_out(R_k)^-1 y_k, copy by copy (rho(R^T) = rho(R)^-1 for rotations)
         back = torch.stack([rotate_copies(head.value[k].to(acc), R[k:k + 1].transpose(-1, -2), head.rep, head.mask,
                                           batch=head.batch, backend=backend) for k in range(6)])
         results.append(_zero_invalid((back[:3] - back[3:]) / (2 * h), head, acc))
-    return spec.build_output(results)
+    return heads, results
 
 
 def _zero_invalid(lie: torch.Tensor, head, acc: torch.dtype) -> torch.Tensor:

@@ -122,6 +122,23 @@ class Spec:
             return [str(i) for i in range(len(self.output))]
         return ["output"]
 
+    def head_weights(self, loss_weights) -> dict:
+        """``{head: weight}`` from a ``loss_weights=`` argument: a dict (dict outputs) or tuple
+        (tuple outputs) like :attr:`output`; None weighs every head 1."""
+        names = self.output_names()
+        if loss_weights is None:
+            return {n: 1.0 for n in names}
+        if isinstance(self.output, dict):
+            if not isinstance(loss_weights, dict) or set(loss_weights) != set(names):
+                raise ValueError(f"loss_weights must be a dict with keys {names}, got {loss_weights!r}")
+            return dict(loss_weights)
+        if isinstance(self.output, tuple):
+            if not isinstance(loss_weights, (tuple, list)) or len(loss_weights) != len(names):
+                raise ValueError(f"loss_weights must be a tuple of {len(names)} weights, got {loss_weights!r}")
+            return dict(zip(names, loss_weights))
+        raise ValueError(f"loss_weights weighs the heads of a dict or tuple output; spec.output is a single "
+                         f"{self.output}, got loss_weights={loss_weights!r} (scale the loss instead)")
+
     def build_inputs(self, names: list, values: list) -> tuple[tuple, dict]:
         """``(args, kwargs)`` to call the model with, from input_leaves' names and new values."""
         if isinstance(self.inputs, dict):

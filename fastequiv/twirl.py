@@ -20,12 +20,13 @@ from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
 from .adapted import Adapted, bind, own_spec
+from .penalty import EquivWeight, WeightLike, check_margin, equiv_penalty, weight_at
 from .reps import Voigt
 from .spec import Spec, describe
 from .stacking import Head, Stacked, plan, stack
 from .stacking import eval_mode as stacking_eval_mode
 
-__all__ = ["equivariance_error", "twirl_loss", "Twirled"]
+__all__ = ["equivariance_error", "twirl_loss", "Twirled", "wrapped_inputs", "averaged_heads"]
 
 LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -38,22 +39,6 @@ def _require_two(K: int, exhaustive: bool) -> None:
         )
 
 
-def _weights(spec: Spec, loss_weights) -> dict:
-    names = spec.output_names()
-    if loss_weights is None:
-        return {n: 1.0 for n in names}
-    if isinstance(spec.output, dict):
-        if not isinstance(loss_weights, dict) or set(loss_weights) != set(names):
-            raise ValueError(f"loss_weights must be a dict with keys {names}, got {loss_weights!r}")
-        return dict(loss_weights)
-    if isinstance(spec.output, tuple):
-        if not isinstance(loss_weights, (tuple, list)) or len(loss_weights) != len(names):
-            raise ValueError(f"loss_weights must be a tuple of {len(names)} weights, got {loss_weights!r}")
-        return dict(zip(names, loss_weights))
-    raise ValueError(f"loss_weights weighs the heads of a dict or tuple output; spec.output is a single "
-                     f"{spec.output}, got loss_weights={loss_weights!r} (scale the loss instead)")
-
-
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
                chunk_size, backend, check_finite) -> tuple[Decomposition, dict]:
     """The decomposition and the samples that count, ``{"": (B,) bool, head: (B,) bool}``."""
@@ -62,7 +47,7 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     _require_two(K, exhaustive)
     if not (loss == "mse" or callable(loss)):
         raise ValueError(f"loss must be 'mse' or a callable returning elementwise losses, got {loss!r}")
-    weights = _weights(spec, loss_weights)
+    weights = spec.head_weights(loss_weights)
     # finiteness is checked on the per-sample sums below (a NaN or inf at a valid element
     # reaches them; a masked-out one never does), which costs nothing next to the outputs
     if target is None and loss != "mse":
@@ -247,7 +232,9 @@ def twirl_loss(
     *,
     spec: Optional[Spec] = None,
     samples: Optional[int] = None,
-    equiv_weight: float = 0.0,
+    equiv_weight: WeightLike = 0.0,
+    equiv_margin: float = 0.0,
+    step: Optional[int] = None,
     loss: LossLike = "mse",
     mask: Optional[torch.Tensor] = None,
     loss_weights=None,
@@ -259,27 +246,44 @@ def twirl_loss(
     sync: bool = False,
     process_group=None,
 ) -> tuple[torch.Tensor, Decomposition]:
-    """The augmented training loss ``L_total + equiv_weight * L_equiv`` and its decomposition.
+    """The augmented training loss ``L_total + w * relu(L_equiv - equiv_margin)`` and its
+    decomposition.
 
     One forward over the K stacked copies gives both: with ``equiv_weight=0`` the loss is
     plain random-rotation augmentation with K rotations per sample, and the
     decomposition comes for free. ``equiv_weight > 0`` also penalises the
-    equivariance error (unbiased, so its gradient is unbiased too).
+    equivariance error: with ``equiv_margin=0`` the penalty is the unbiased
+    ``w * L_equiv`` (so its gradient is unbiased too); with a margin ``eps > 0`` it is 0,
+    with a zero gradient, while the batch's ``L_equiv`` estimate is at most ``eps``, and
+    ``w * (L_equiv - eps)`` above. The margin applies to the batch mean, not per sample;
+    ``relu`` of an unbiased estimate is biased upward near the margin (Jensen): see
+    :mod:`fastequiv.penalty` for what is and is not guaranteed.
 
     Args:
         samples: K, default 2 i.i.d. Haar draws (every element once for a finite group).
-        equiv_weight: weight of L_equiv in the loss (>= 0).
+        equiv_weight: the weight ``w`` of the penalty: a number >= 0; a callable
+            ``step -> weight`` (a schedule of the training step, which ``step=`` gives); or a
+            :class:`fastequiv.EquivWeight` that steers the weight toward a target share
+            ``L_equiv / L_total`` (updated with this batch's decomposition after use).
+        equiv_margin: ``eps >= 0``, in units of L_equiv: the batch's L_equiv is penalised
+            only above it.
+        step: the training step, read by a callable ``equiv_weight`` only.
     """
     if target is None:
         raise ValueError("twirl_loss needs a target (the training loss is L_total against it); "
                          "fe.equivariance_error(..., target=None) measures L_equiv without labels")
-    if not isinstance(equiv_weight, (int, float)) or equiv_weight < 0:
-        raise ValueError(f"equiv_weight must be a number >= 0, got {equiv_weight!r}")
+    if not (callable(equiv_weight) or isinstance(equiv_weight, EquivWeight)):
+        weight_at(equiv_weight, step, None)  # a bad number raises before the model runs
+    margin = check_margin(equiv_margin)
     d, head_valid = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
                                chunk_size, backend, check_finite)
-    total = d.total + equiv_weight * d.equiv if equiv_weight else d.total
+    penalty = equiv_penalty(d.equiv, weight_at(equiv_weight, step, d.equiv), margin)
+    total = d.total if penalty is None else d.total + penalty
     # the loss stays this rank's own (DDP averages gradients); only the logged values are global
-    return total, _sync(d.detach(), head_valid, sync, process_group)
+    logged = _sync(d.detach(), head_valid, sync, process_group)
+    if isinstance(equiv_weight, EquivWeight):
+        equiv_weight.update(logged)
+    return total, logged
 
 
 twirl_loss.__doc__ += _COMMON_ARGS + """
@@ -324,40 +328,51 @@ class Twirled(nn.Module):
         return self.model.prepare(inputs) if isinstance(self.model, Adapted) else inputs
 
     def forward(self, *args, **kwargs):
-        if isinstance(self.model, Adapted):
-            if len(args) != 1 or kwargs:
-                raise TypeError(f"a Twirled {self.model.family} model takes one batch, got {len(args)} positional "
-                                f"and {len(kwargs)} keyword arguments")
-            inputs = self.model.prepare(args[0])
-        elif isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs \
-                and graph.is_object_input(args[0], self.spec):
-            inputs = args[0]  # an object holding the inputs, e.g. a PyG Batch
-        elif isinstance(self.spec.inputs, dict) and len(args) == 1 and not kwargs and isinstance(args[0], dict) \
-                and self.spec.call == "dict":
-            inputs = args[0]  # called like the model: model(data)
-        elif isinstance(self.spec.inputs, dict):
-            if args:
-                raise TypeError("this Twirled model's spec has dict inputs: call it with keyword arguments")
-            inputs = kwargs
-        elif kwargs:
-            raise TypeError(f"unexpected keyword arguments {list(kwargs)} for a spec with positional inputs")
-        else:
-            inputs = args if isinstance(self.spec.inputs, tuple) else (args[0] if len(args) == 1 else args)
+        inputs = wrapped_inputs(self.model, self.spec, args, kwargs, type(self).__name__)
         st = stack(self.model, inputs, self.spec, self.K, self.exhaustive, seed=self.seed,
                    chunk_size=self.chunk_size, backend=self.backend, check_finite=self.check_finite)
-        means = []
-        for head in st.heads:
-            out = head.value
-            if head.batch is not None:  # per node of a graph batch: the op's twirled mean
-                s = twirl_reduce(out, st.action, torch.zeros_like(out[0]), head.rep, head.mask, batch=head.batch,
-                                 backend=self.backend)
-                means.append(s.twirled.to(out.dtype))
-                continue
-            m = mask_for(head.mask, out.shape[1:], f"output {head.name!r}")
-            means.append(back_rotate(out, st.action, head.rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
-        # a Voigt head was averaged as its 3 x 3 tensor: give it back in the model's form
-        means = [h.declared.from_matrix(v) if isinstance(h.declared, Voigt) else v for h, v in zip(st.heads, means)]
-        return self.spec.build_output(means)
+        return self.spec.build_output(averaged_heads(st, self.backend))
 
     def extra_repr(self) -> str:
         return f"group={self.spec.group!r}, samples={self.K}, exhaustive={self.exhaustive}"
+
+
+def wrapped_inputs(model: Callable, spec: Spec, args: tuple, kwargs: dict, wrapper: str = "Twirled"):
+    """The inputs of one call of a module that wraps ``model`` and is called like it
+    (:class:`Twirled`, :class:`fastequiv.FrameAveraged`): an adapted model's batch
+    (prepared), an object holding the inputs (a PyG Batch), ``model(data)`` for
+    ``call="dict"``, keyword arguments for dict inputs, else positional ones."""
+    if isinstance(model, Adapted):
+        if len(args) != 1 or kwargs:
+            raise TypeError(f"a {wrapper} {model.family} model takes one batch, got {len(args)} positional "
+                            f"and {len(kwargs)} keyword arguments")
+        return model.prepare(args[0])
+    if isinstance(spec.inputs, dict) and len(args) == 1 and not kwargs and graph.is_object_input(args[0], spec):
+        return args[0]  # an object holding the inputs, e.g. a PyG Batch
+    if isinstance(spec.inputs, dict) and len(args) == 1 and not kwargs and isinstance(args[0], dict) \
+            and spec.call == "dict":
+        return args[0]  # called like the model: model(data)
+    if isinstance(spec.inputs, dict):
+        if args:
+            raise TypeError(f"this {wrapper} model's spec has dict inputs: call it with keyword arguments")
+        return kwargs
+    if kwargs:
+        raise TypeError(f"unexpected keyword arguments {list(kwargs)} for a spec with positional inputs")
+    return args if isinstance(spec.inputs, tuple) else (args[0] if len(args) == 1 else args)
+
+
+def averaged_heads(st: Stacked, backend: str) -> list:
+    """Every output head of ``st`` back-rotated and averaged over its K copies, in the
+    model's dtype and form (a Voigt head is averaged as its 3 x 3 tensor and given back
+    in Voigt form): the list :meth:`Spec.build_output` takes."""
+    means = []
+    for head in st.heads:
+        out = head.value
+        if head.batch is not None:  # per node of a graph batch: the op's twirled mean
+            s = twirl_reduce(out, st.action, torch.zeros_like(out[0]), head.rep, head.mask, batch=head.batch,
+                             backend=backend)
+            means.append(s.twirled.to(out.dtype))
+            continue
+        m = mask_for(head.mask, out.shape[1:], f"output {head.name!r}")
+        means.append(back_rotate(out, st.action, head.rep, m, accumulate_dtype(out)).mean(0).to(out.dtype))
+    return [h.declared.from_matrix(v) if isinstance(h.declared, Voigt) else v for h, v in zip(st.heads, means)]

@@ -26,7 +26,7 @@ LAYERS = [
     ("ops", ["fastequiv.ops"]),
     ("stacking", ["fastequiv.stacking", "fastequiv.adapted"]),
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
-             "fastequiv.voxels", "fastequiv.diagnostics"]),
+             "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.frames", "fastequiv.penalty"]),
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
     ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API

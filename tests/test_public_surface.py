@@ -40,8 +40,10 @@ def _public():
         "equivariance_error": fe.equivariance_error,
         "twirl_loss": fe.twirl_loss,
         "Twirled": fe.Twirled.__init__,
+        "FrameAveraged": fe.FrameAveraged.__init__,
         "EquivarianceMonitor": fe.EquivarianceMonitor.__init__,
         "lie_derivative": fe.lie_derivative,
+        "lie_loss": fe.lie_loss,
         "gradient_alignment": diagnostics.gradient_alignment,
         "hessian_spectrum": diagnostics.hessian_spectrum,
         "equivariance_per_element": diagnostics.equivariance_per_element,
@@ -60,6 +62,8 @@ DIFFERENT = {
 }
 # functions without an argument of the table, as the README says
 ABSENT = {"lie_derivative": {"samples", "seed", "generator", "chunk_size", "check_finite"},
+          "lie_loss": {"samples", "seed", "generator", "chunk_size", "check_finite"},
+          "FrameAveraged": {"generator"},
           "ase.equivariance_error": {"spec", "check_finite"},
           "ase.TwirledCalculator": {"spec", "generator", "chunk_size", "check_finite"},
           "EquivarianceMonitor": {"generator"}, "Twirled": {"generator"}}
