@@ -13,7 +13,9 @@ relative difference of L_total and L_equiv.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,24 +36,12 @@ def molecules(count: int, seed: int = 0):
 
 
 def mace_calculator():
-    from e3nn import o3
-    from mace import modules
     from mace.calculators import MACECalculator
 
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn's constants built in float32 would carry its rounding
-    try:
-        model = modules.MACE(
-            r_max=4.0, num_bessel=4, num_polynomial_cutoff=3, max_ell=2,
-            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("8x0e + 8x1o"), MLP_irreps=o3.Irreps("8x0e"),
-            gate=torch.nn.functional.silu, atomic_energies=np.zeros(3), avg_num_neighbors=4.0,
-            atomic_numbers=[1, 6, 8], correlation=2).double()
-    finally:
-        torch.set_default_dtype(default)
-    return MACECalculator(models=model, device="cpu", default_dtype="float64")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from mace_equivariance import tiny_mace  # float64, random weights
+
+    return MACECalculator(models=tiny_mace(), device="cpu", default_dtype="float64")
 
 
 def nequip_calculator():

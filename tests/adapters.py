@@ -25,6 +25,29 @@ def require(package: str):
     return pytest.importorskip(package, reason=f"{package} is not installed (CI installs it, see .ci/run)")
 
 
+def structures(periodic: bool, count: int = 3, seed: int = 0, numbers=(1, 6, 8)):
+    """Random molecules (or triclinic cells) of 4, 5, ... atoms with labels as an extxyz
+    file has them (a SinglePointCalculator with energy, forces and, periodic, stress)."""
+    import ase
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in range(4, 4 + count):
+        pos = rng.normal(size=(n, 3)) * 1.3
+        kwargs = dict(numbers=rng.choice(list(numbers), n), positions=pos)
+        if periodic:
+            cell = np.array([[4.0, 0.0, 0.0], [0.8, 4.2, 0.0], [0.5, 0.7, 4.5]]) + rng.normal(size=(3, 3)) * 0.1
+            kwargs.update(positions=pos % 4.0, cell=cell, pbc=True)
+        atoms = ase.Atoms(**kwargs)
+        stress = rng.normal(size=6) * 0.01 if periodic else None
+        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(size=(n, 3)),
+                                           **({"stress": stress} if periodic else {}))
+        out.append(atoms)
+    return out
+
+
 def rotations(K: int, B: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     """Rotation ``k * B + b`` of the seed's stream turns copy ``k`` of graph ``b``, as in fastequiv."""
     return fe.random_rotations(K * B, seed=seed, dtype=dtype).reshape(K, B, 3, 3)

@@ -2,55 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import fastequiv as fe
-from adapters import check_adapter, require
+from adapters import check_adapter, require, structures
 
 require("mace")
 ase = require("ase")
-
-
-def tiny_mace(seed: int = 0):
-    from e3nn import o3
-    from mace import modules
-
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn's constants built in float32 would carry its rounding
-    try:
-        return modules.MACE(
-            r_max=4.0, num_bessel=4, num_polynomial_cutoff=3, max_ell=2,
-            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("8x0e + 8x1o"), MLP_irreps=o3.Irreps("8x0e"),
-            gate=torch.nn.functional.silu, atomic_energies=np.zeros(3), avg_num_neighbors=4.0,
-            atomic_numbers=[1, 6, 8], correlation=2,
-        ).double()
-    finally:
-        torch.set_default_dtype(default)
-
-
-def structures(periodic: bool, count: int = 3, seed: int = 0):
-    """Random H/C/O molecules, or triclinic cells, with labels as an extxyz file has them."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in range(4, 4 + count):
-        pos = rng.normal(size=(n, 3)) * 1.3
-        kwargs = dict(numbers=rng.choice([1, 6, 8], n), positions=pos)
-        if periodic:
-            cell = np.array([[4.0, 0.0, 0.0], [0.8, 4.2, 0.0], [0.5, 0.7, 4.5]]) + rng.normal(size=(3, 3)) * 0.1
-            kwargs.update(positions=pos % 4.0, cell=cell, pbc=True)
-        atoms = ase.Atoms(**kwargs)
-        stress = rng.normal(size=6) * 0.01 if periodic else None
-        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(size=(n, 3)),
-                                           **({"stress": stress} if periodic else {}))
-        out.append(atoms)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from mace_equivariance import tiny_mace  # noqa: E402  (the example's tiny MACE: float64, random weights)
 
 
 def mace_batch(atoms_list, model):

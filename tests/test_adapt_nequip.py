@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastequiv as fe
-from adapters import check_adapter, require
+from adapters import check_adapter, require, structures
 
 require("nequip")
 ase = require("ase")
@@ -38,26 +38,6 @@ def tiny_nequip(seed: int = 0):
     return NequIPGNNModel(seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, num_layers=2, l_max=1,
                           num_features=4, radial_mlp_width=8, num_bessels=4, avg_num_neighbors=4.0,
                           per_type_energy_scales=1.0, per_type_energy_shifts=0.0)
-
-
-def structures(periodic: bool, count: int = 3, seed: int = 0):
-    """Random H/C/O molecules, or triclinic cells, with labels as an extxyz file has them."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in range(4, 4 + count):
-        pos = rng.normal(size=(n, 3)) * 1.3
-        kwargs = dict(numbers=rng.choice([1, 6, 8], n), positions=pos)
-        if periodic:
-            cell = np.array([[4.0, 0.0, 0.0], [0.8, 4.2, 0.0], [0.5, 0.7, 4.5]]) + rng.normal(size=(3, 3)) * 0.1
-            kwargs.update(positions=pos % 4.0, cell=cell, pbc=True)
-        atoms = ase.Atoms(**kwargs)
-        stress = rng.normal(size=6) * 0.01 if periodic else None
-        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(size=(n, 3)),
-                                           **({"stress": stress} if periodic else {}))
-        out.append(atoms)
-    return out
 
 
 def nequip_batch(atoms_list, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastequiv as fe
-from adapters import check_adapter, require
+from adapters import check_adapter, require, structures
 
 require("sevenn")
 ase = require("ase")
@@ -57,26 +57,6 @@ def tiny_sevenn(seed: int = 0, modalities=None):
         if isinstance(module, OnehotEmbedding):
             module.register_forward_hook(one_hot_in_model_dtype)
     return model
-
-
-def structures(periodic: bool, count: int = 3, seed: int = 0):
-    """Random H/C/O molecules, or triclinic cells, with labels as an extxyz file has them."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in range(4, 4 + count):
-        pos = rng.normal(size=(n, 3)) * 1.3
-        kwargs = dict(numbers=rng.choice(SPECIES, n), positions=pos)
-        if periodic:
-            cell = np.array([[4.0, 0.0, 0.0], [0.8, 4.2, 0.0], [0.5, 0.7, 4.5]]) + rng.normal(size=(3, 3)) * 0.1
-            kwargs.update(positions=pos % 4.0, cell=cell, pbc=True)
-        atoms = ase.Atoms(**kwargs)
-        stress = rng.normal(size=6) * 0.01 if periodic else None
-        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(size=(n, 3)),
-                                           **({"stress": stress} if periodic else {}))
-        out.append(atoms)
-    return out
 
 
 def sevenn_batch(atoms_list, modalities=None):

@@ -10,7 +10,7 @@ from ..adapted import Adapted
 from ..reps import describe
 from ..spec import Spec, read_field
 
-__all__ = ["HEAD_REPS", "MLIPAdapted", "choose_heads", "no_options"]
+__all__ = ["HEAD_REPS", "MLIPAdapted", "check_cells", "choose_heads", "no_options", "unit_scale"]
 
 # the heads every MLIP adapter returns, as fastequiv reduces them: energy per graph,
 # forces per atom, stress per graph as a 3 x 3 tensor with ASE's sign (-virial / volume)
@@ -37,6 +37,25 @@ def choose_heads(family: str, heads: Optional[Sequence[str]], stress: bool, avai
     if missing:
         raise ValueError(f"the {family} model cannot compute {missing} (it computes {list(available)})")
     return chosen
+
+
+def unit_scale(calculator) -> dict:
+    """Per head, the factor an ASE calculator of MACE or nequip applies to its model's
+    outputs (its ``energy_units_to_eV`` and ``length_units_to_A``); ``{}`` without one."""
+    if calculator is None:
+        return {}
+    e, x = float(calculator.energy_units_to_eV), float(calculator.length_units_to_A)
+    return {"energy": e, "forces": e / x, "stress": e / x ** 3}
+
+
+def check_cells(cell: torch.Tensor) -> None:
+    """Raise unless every graph has a cell of non-zero volume (the stress of a structure
+    without one is NaN, or a division by zero). One host read: only with a stress head."""
+    flat = torch.linalg.det(cell.reshape(-1, 3, 3)) == 0
+    if bool(flat.any()):
+        raise ValueError(f"stress=True needs a periodic cell for every structure, but graphs "
+                         f"{flat.nonzero().flatten().tolist()} of the batch have a cell of zero volume (molecules): "
+                         "adapt without the stress head for them")
 
 
 def no_options(family: str, options: dict) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .common import MLIPAdapted, choose_heads, no_options
+from .common import MLIPAdapted, choose_heads, no_options, unit_scale
 
 __all__ = ["AdaptedMACE", "adapt"]
 
@@ -33,10 +33,7 @@ class AdaptedMACE(MLIPAdapted):
     def __init__(self, model, heads: tuple, calculator=None):
         super().__init__(model, INPUTS, heads)
         self.calculator = calculator
-        self.scale = {}
-        if calculator is not None:
-            e, x = float(calculator.energy_units_to_eV), float(calculator.length_units_to_A)
-            self.scale = {"energy": e, "forces": e / x, "stress": e / x ** 3}
+        self.scale = unit_scale(calculator)
 
     def prepare(self, batch: Any) -> dict:
         data = {k: batch[k] for k in INPUTS if k != "head"}

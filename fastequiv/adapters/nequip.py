@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .common import MLIPAdapted, choose_heads, no_options
+from .common import MLIPAdapted, check_cells, choose_heads, no_options, unit_scale
 
 __all__ = ["AdaptedNequIP", "adapt"]
 
@@ -56,10 +56,7 @@ class AdaptedNequIP(MLIPAdapted):
     def __init__(self, model, heads: tuple, calculator=None):
         super().__init__(model, INPUTS, heads)
         self.calculator = calculator
-        self.scale = {}
-        if calculator is not None:
-            e, x = float(calculator.energy_units_to_eV), float(calculator.length_units_to_A)
-            self.scale = {"energy": e, "forces": e / x, "stress": e / x ** 3}
+        self.scale = unit_scale(calculator)
 
     def prepare(self, batch: Any) -> dict:
         from nequip.data import AtomicDataDict
@@ -111,16 +108,6 @@ class AdaptedNequIP(MLIPAdapted):
             torch.set_default_dtype(default)
         device = next(self.model.parameters()).device
         return AtomicDataDict.to_(AtomicDataDict.batched_from_list(frames), device)
-
-
-def check_cells(cell: torch.Tensor) -> None:
-    """Raise unless every graph has a cell of non-zero volume (nequip's stress of a
-    structure without one is NaN)."""
-    flat = torch.linalg.det(cell.reshape(-1, 3, 3)) == 0
-    if bool(flat.any()):
-        raise ValueError(f"stress=True needs a periodic cell for every structure, but graphs "
-                         f"{flat.nonzero().flatten().tolist()} of the batch have a cell of zero volume (molecules): "
-                         "adapt without the stress head for them")
 
 
 def adapt(obj, *, stress: bool = False, heads: Optional[Sequence[str]] = None, **options) -> AdaptedNequIP:

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..reps import Voigt
-from .common import MLIPAdapted, choose_heads, no_options
+from .common import MLIPAdapted, check_cells, choose_heads, no_options
 
 __all__ = ["AdaptedOrb", "adapt"]
 
@@ -150,16 +150,6 @@ class AdaptedOrb(MLIPAdapted):
         graphs = [ase_atoms_to_atom_graphs(a, config, device=param.device, output_dtype=param.dtype,
                                            graph_construction_dtype=param.dtype, **options) for a in atoms_list]
         return batch_graphs(graphs)
-
-
-def check_cells(cell: torch.Tensor) -> None:
-    """Raise unless every graph has a cell of non-zero volume (Orb's stress of a molecule
-    is zero for a conservative model and meaningless for a direct one)."""
-    flat = torch.linalg.det(cell.reshape(-1, 3, 3)) == 0
-    if bool(flat.any()):
-        raise ValueError(f"stress=True needs a periodic cell for every structure, but graphs "
-                         f"{flat.nonzero().flatten().tolist()} of the batch have a cell of zero volume (molecules): "
-                         "adapt without the stress head for them")
 
 
 def head_keys(model, conservative: bool) -> tuple[dict, dict]:

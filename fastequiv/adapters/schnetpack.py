@@ -31,8 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .common import HEAD_REPS, MLIPAdapted, choose_heads, no_options
-from .nequip import check_cells  # the same zero-volume check (nequip's module imports nequip lazily)
+from .common import HEAD_REPS, MLIPAdapted, check_cells, choose_heads, no_options
 
 __all__ = ["AdaptedSchNetPack", "adapt"]
 
