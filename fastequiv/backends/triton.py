@@ -9,8 +9,8 @@ Triton. The backend runs on CUDA tensors, and on CPU tensors in Triton's interpr
 
 Whether triton is installed, and whether the interpreter was asked for, is decided once,
 when this module is imported; whether the kernel modules import (which imports triton) on
-the first check that gets that far, then cached. The availability check is reached only
-through the registry's ``resolve_name``, which ``torch.compile`` runs eagerly.
+the first check that gets that far, then cached, and a constant to ``torch.compile``: the
+availability check is safe to reach from traced code, also on its first call.
 """
 
 from __future__ import annotations
@@ -58,10 +58,16 @@ def available(device: torch.device) -> str | None:
     return kernels_importable()
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def kernels_importable() -> str | None:
     """``None`` when every kernel module of :data:`KERNELS` imports, else why not (a source
-    checkout has no ``fastequiv.kernels``; a broken triton fails here, not in a step)."""
+    checkout has no ``fastequiv.kernels``; a broken triton fails here, not in a step).
+    Imports on the first call only; a constant to ``torch.compile``, which never traces it."""
+    return _import_kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _import_kernels() -> str | None:
     for module in sorted({module for module, _ in KERNELS.values()}):
         try:
             importlib.import_module(f"fastequiv.kernels.{module}")
