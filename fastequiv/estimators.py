@@ -36,12 +36,12 @@ entirely in one head still counts in the others.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = ["Terms", "Decomposition", "LabelFree", "Scale", "decompose", "combine", "combined_per_sample",
-           "label_free"]
+           "label_free", "pool"]
 
 
 class Terms(NamedTuple):
@@ -68,6 +68,8 @@ class Decomposition:
         heads: per-head decompositions of a multi-head output (empty for one head);
             the top-level values are their ``loss_weights``-weighted sums.
         weights: the weight of each head (empty for one head).
+        valid: bool ``(B,)``, the samples that count (those with a valid element; in a
+            head, in that head): ``per_sample`` holds placeholders elsewhere.
     """
 
     total: torch.Tensor
@@ -81,6 +83,7 @@ class Decomposition:
     exhaustive: bool
     heads: dict = dataclasses.field(default_factory=dict)
     weights: dict = dataclasses.field(default_factory=dict)
+    valid: Optional[torch.Tensor] = None
 
     def to_dict(self, prefix: str = "") -> dict:
         """Plain floats for a logger (TensorBoard, W&B, Lightning ``log_dict``).
@@ -150,6 +153,7 @@ def _finish(per_sample: Terms, valid: torch.Tensor, samples: int, exact: bool, e
         exhaustive=exhaustive,
         heads=heads or {},
         weights=weights or {},
+        valid=valid,
     )
 
 
@@ -228,6 +232,35 @@ def combine(heads: dict, weights: dict, head_valid: dict) -> Decomposition:
         heads=heads,
         weights=weights,
     )
+
+
+def pool(parts) -> Decomposition:
+    """One decomposition of the samples of several batches, from their per-sample values.
+
+    ``parts`` are decompositions of disjoint batches (a validation set, say) made with the
+    same spec, K and loss weights. The result is what one decomposition of all their
+    samples gives from the same per-sample values: means over every valid sample (each
+    sample weighs the same, whatever its batch's size), ``pct`` as the ratio of those
+    means, standard errors from the pooled per-sample values, heads pooled alike and
+    combined as :func:`combine` does. Each batch keeps its own rotations.
+    """
+    parts = list(parts)
+    if not parts or not all(isinstance(p, Decomposition) and p.valid is not None for p in parts):
+        got = [type(p).__name__ for p in parts]
+        raise ValueError(f"parts must be a non-empty list of fastequiv.Decomposition (with labels), got {got}")
+    first = parts[0]
+    for p in parts[1:]:
+        if (list(p.heads), p.weights, p.samples, p.exhaustive) != (list(first.heads), first.weights, first.samples,
+                                                                   first.exhaustive):
+            raise ValueError(f"parts must share heads, loss weights and K: got heads {list(first.heads)} and "
+                             f"{list(p.heads)}, weights {first.weights} and {p.weights}, K {first.samples} and "
+                             f"{p.samples}")
+    if first.heads:
+        heads = {h: pool([p.heads[h] for p in parts]) for h in first.heads}
+        return combine(heads, first.weights, {h: d.valid for h, d in heads.items()})
+    per_sample = Terms(*(torch.cat([getattr(p.per_sample, t) for p in parts]) for t in Terms._fields))
+    return _finish(per_sample, torch.cat([p.valid for p in parts]), first.samples, all(p.exact for p in parts),
+                   first.exhaustive)
 
 
 # --- without labels ---------------------------------------------------------------------------

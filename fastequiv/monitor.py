@@ -28,10 +28,11 @@ import torch
 
 from .groups import SEED_MAX
 from .adapted import own_spec
+from .graph import GraphLayout
 from .spec import Spec
 from .twirl import equivariance_error
 
-__all__ = ["EquivarianceMonitor"]
+__all__ = ["EquivarianceMonitor", "batch_size", "first_samples", "logged_values"]
 
 
 class EquivarianceMonitor:
@@ -102,18 +103,7 @@ class EquivarianceMonitor:
 
     def values(self, d) -> dict:
         """The flat dict of a :class:`fastequiv.Decomposition` (tensors, or floats with ``materialize``)."""
-        out = {}
-
-        def put(prefix, dec):
-            fields = getattr(dec, "FIELDS", None)  # LabelFree (target=None): equiv, norm, rel
-            for name in fields or ("total", "mean", "equiv", "pct"):
-                out[f"{prefix}{name}"] = getattr(dec, name)
-            for name in fields or ("total", "mean", "equiv"):
-                out[f"{prefix}{name}_stderr"] = getattr(dec.stderr, name)
-            for head, h in dec.heads.items():
-                put(f"{prefix}{head}/", h)
-
-        put(self.prefix, d)
+        out = logged_values(d, self.prefix)
         if self.materialize:
             return dict(zip(out, torch.stack([v.reshape(()) for v in out.values()]).tolist()))
         return out
@@ -130,6 +120,92 @@ class EquivarianceMonitor:
         if "mask" in kwargs:
             kwargs["mask"] = cut(kwargs["mask"])
         return cut(inputs), cut(target), kwargs
+
+
+def logged_values(d, prefix: str = "") -> dict:
+    """The flat dict a logger gets from a decomposition, 0-dim tensors (no host sync): the
+    keys of ``d.to_dict(prefix)`` (``total``, ``mean``, ``equiv``, ``pct``, their
+    ``_stderr``, then ``<head>/...``; ``equiv``, ``norm``, ``rel`` without labels)."""
+    out = {}
+
+    def put(prefix, dec):
+        fields = getattr(dec, "FIELDS", None)  # LabelFree (target=None): equiv, norm, rel
+        for name in fields or ("total", "mean", "equiv", "pct"):
+            out[f"{prefix}{name}"] = getattr(dec, name)
+        for name in fields or ("total", "mean", "equiv"):
+            out[f"{prefix}{name}_stderr"] = getattr(dec.stderr, name)
+        for head, h in dec.heads.items():
+            put(f"{prefix}{head}/", h)
+
+    put(prefix, d)
+    return out
+
+
+def batch_size(inputs, spec: Spec) -> int:
+    """B: the number of samples (graphs, for a graph batch) of ``inputs``."""
+    if _is_graph(spec):
+        if not isinstance(inputs, dict):
+            raise ValueError(f"a graph batch is measured in part only as a dict of tensors, got {type(inputs).__name__}")
+        return GraphLayout(spec.input_leaves(inputs), spec.graph).B
+    return _batch_size(inputs)
+
+
+def first_samples(inputs, target, spec: Spec, n: int):
+    """``(inputs, target)`` cut to their first ``n`` samples.
+
+    Dense: every tensor with ``B`` rows in dim 0 is cut there. Graph (a dict of tensors
+    whose spec names a ``"batch"`` input): the graphs ``0..n-1``, their nodes (in their
+    order) and the edges whose first node is one of them, with node indices renumbered;
+    per-graph tensors (a cell also as ``3 B`` rows), ``num_graphs`` and ``ptr`` follow. A
+    tensor's level is found as the stacking finds it (:meth:`GraphLayout.level`); targets
+    are per node (``N`` rows) or per graph (``B`` rows). Reads the batch index (a host sync).
+    """
+    if not _is_graph(spec):
+        B = _batch_size(inputs)
+        return (_cut(inputs, B, n), _cut(target, B, n)) if n < B else (inputs, target)
+    layout = GraphLayout(spec.input_leaves(inputs), spec.graph)
+    if n >= layout.B:
+        return inputs, target
+    roles = spec.graph
+    node = inputs[roles["batch"]] < n
+    edge = None if layout.edge_batch is None else layout.edge_batch < n  # an edge goes with its first node
+    renumber = torch.cumsum(node, 0) - 1
+    out = {}
+    for name, value, rep in spec.input_leaves(inputs):
+        if name == roles.get("num_graphs"):
+            out[name] = torch.full_like(value, n) if isinstance(value, torch.Tensor) else n
+        elif rep is None or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[name] = value  # not stacked either (unnamed="keep", options): handed over unchanged
+        elif name == roles["batch"]:
+            out[name] = value[node]
+        elif name in layout.index_names:
+            out[name] = renumber[value if edge is None else value[..., edge]]
+        elif name == roles.get("ptr"):
+            out[name] = value[: n + 1]
+        else:
+            level = layout.level(value.shape[0], repr(name), rep)
+            if level == "node":
+                out[name] = value[node]
+            elif level == "edge":
+                out[name] = value[edge]
+            elif getattr(rep, "cell", False) and value.shape[0] == 3 * layout.B:
+                out[name] = value[: 3 * n]  # MACE's flattened (3 B, 3) cells
+            else:
+                out[name] = value[:n]
+    if target is None:
+        return out, None
+    cut = []
+    for name, y, _ in spec.output_leaves(target, "target"):
+        rows = y.shape[0]
+        if rows == layout.N and (rows != layout.B or torch.equal(inputs[roles["batch"]],
+                                                                   torch.arange(rows, device=y.device))):
+            cut.append(y[node])
+        elif rows == layout.B:
+            cut.append(y[:n])
+        else:
+            raise ValueError(f"target {name!r} has {rows} rows; the graph batch has N = {layout.N} nodes and "
+                             f"B = {layout.B} graphs")
+    return out, spec.build_output(cut)
 
 
 def _is_graph(spec: Spec) -> bool:

@@ -44,3 +44,11 @@ def test_test_time_twirl():
     assert r["twirled_mse"] == pytest.approx(r["plain_mean"], rel=1e-4, abs=1e-7)
     assert r["plain_total"] == pytest.approx(r["plain_mean"] + r["plain_equiv"], rel=1e-4)
     assert r["plain_equiv"] > 0 and r["twirled_equiv"] < 1e-8 * max(r["plain_total"], 1.0)
+
+
+def test_lightning_twirl_loss_logs_the_held_out_decomposition():
+    r = run("lightning_twirl_loss.py", "--steps", "6", "--batch", "8", "--train-size", "32", "--held-out", "16",
+            "--val-every", "3", "--log-every", "3", "--width", "16", "--layers", "1", "--equiv-weight", "1")
+    assert r["validations"] == 2 and r["train_logs"] == 2  # validations after steps 3 and 6; steps 2 and 5 sliced
+    assert r["last_total"] == pytest.approx(r["last_mean"] + r["last_equiv"], rel=1e-6)
+    assert 0 < r["last_pct"] < 1 and 0 < r["last_train_pct"] < 1 and r["last_total_stderr"] > 0

@@ -28,7 +28,7 @@ LAYERS = [
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
              "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.frames", "fastequiv.penalty"]),
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
-    ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched"]),
+    ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched", "fastequiv.lightning"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API
     ("top", ["fastequiv.__main__", "fastequiv.demo", "fastequiv.bench", "fastequiv.check"]),
 ]
