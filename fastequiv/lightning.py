@@ -4,7 +4,7 @@
 
     from fastequiv.lightning import EquivarianceCallback
     trainer = lightning.Trainer(callbacks=[EquivarianceCallback()], logger=CSVLogger("logs"))
-    trainer.fit(module)          # a module holding a fe.adapt'ed model, or a NequIP/MACE model
+    trainer.fit(module)          # a module holding a fe.adapt'ed model or one fe.adapt knows (NequIP's)
 
 A plain LightningModule says how its model rotates and what its batches hold::
 
@@ -86,7 +86,7 @@ class EquivarianceCallback(Callback):
             model itself (``{"stress": True}``).
         every_n_steps: measure training steps ``s`` (``trainer.global_step``, from 0) with
             ``(s + 1) % every_n_steps == 0``, Lightning's own logging steps when it equals
-            ``log_every_n_steps``; 0: never. Nothing is measured without a logger.
+            ``log_every_n_steps``; default 50; 0: never. Nothing is measured without a logger.
         fraction, max_samples: the share, or the number, of the training batch's first
             samples (graphs) measured; default ``fraction=0.125``. A graph batch that is
             not a dict of tensors (a PyG ``Batch``) is measured whole.
