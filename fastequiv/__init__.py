@@ -20,6 +20,8 @@ from .spec import Spec
 from . import ops
 from .ops import random_rotations, warmup, wigner_D
 from .twirl import Twirled, equivariance_error, twirl_loss
+from . import designs
+from .design_twirl import design_error
 from .adapted import Adapted
 from .adapters import adapt
 from . import distributed
@@ -52,6 +54,8 @@ __all__ = [
     "Voxels",
     "adapt",
     "build_info",
+    "design_error",
+    "designs",
     "diagnostics",
     "equivariance_error",
     "group_elements",

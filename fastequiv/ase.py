@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - the test extra installs ASE
     raise ImportError('fastequiv.ase needs ASE (the Atomic Simulation Environment): pip install "fastequiv[ase]" '
                       'or pip install ase') from e
 
+from .designs import design
 from .estimators import Decomposition, combine, decompose
 from .groups import check_group, group_elements, group_order, resolve_seed
 from .ops import twirl_reduce
@@ -414,6 +415,11 @@ class TwirledCalculator(Calculator):
         samples: K: default 16 Haar draws for ``"SO3"``/``"O3"``, every element of a
             finite group; ``samples=K`` with a finite group draws K elements at random.
         group: ``"SO3"``, ``"O3"``, ``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``.
+        rotations: a rotation design instead of draws (``"design:L"``, ``"lebedev:L"``,
+            ``"octahedral"``, ``"icosahedral"`` or a :class:`fastequiv.designs.Design`; see
+            :mod:`fastequiv.designs`), with ``group`` ``"SO3"`` or ``"O3"``: the weighted average
+            over it, equal to the Haar average for every calculator whose rotated predictions
+            have no content above ``self.design.degree``. Not with ``samples``.
         seed: the Philox stream of the draws (``fastequiv.random_rotations(K, seed=seed)``).
             Fixed by default (0), unlike the measuring functions' fresh draws: the twirled
             calculator must be one deterministic function for relaxations and MD.
@@ -426,15 +432,23 @@ class TwirledCalculator(Calculator):
     ``calc`` implements. Structures are rotated as described in the module docs.
     """
 
-    def __init__(self, calc, *, samples: Optional[int] = None, group: str = "SO3", seed: int = 0,
+    def __init__(self, calc, *, samples: Optional[int] = None, group: str = "SO3", rotations=None, seed: int = 0,
                  batched: Optional[bool] = None, backend: str = "auto", **kwargs):
         if not hasattr(calc, "get_property"):
             raise ValueError(f"calc must be an ASE calculator (with get_property), got {type(calc).__name__}")
-        K, exhaustive = _plan(samples, group, 16)
+        self.design = self.weights = None
+        if rotations is not None:
+            if samples is not None:
+                raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the number of "
+                                 "rotations (pass one or the other)")
+            self.design = design(rotations, group)
+            self.weights = self.design.weights.numpy()
+        K, exhaustive = (self.design.size, False) if self.design is not None else _plan(samples, group, 16)
         super().__init__(**kwargs)
         self.calc = calc
         self.group, self.samples, self.exhaustive, self.seed = group, K, exhaustive, seed
-        self.rotations = _rotations(1, K, exhaustive, group, seed)[:, 0]  # (K, 3, 3)
+        self.rotations = self.design.rotations.numpy() if self.design is not None else \
+            _rotations(1, K, exhaustive, group, seed)[:, 0]  # (K, 3, 3)
         self.implemented_properties = [p for p in PROPERTIES if p in _implemented(calc)]
         if not self.implemented_properties:
             raise ValueError(f"calc {type(calc).__name__} implements none of {tuple(PROPERTIES)} "
@@ -449,8 +463,9 @@ class TwirledCalculator(Calculator):
             from .twirl import Twirled
 
             heads = tuple(p for p in ("energy", "forces", "stress") if p in self.implemented_properties)
-            self.twirled = Twirled(adapted_calculator(calc, heads, group), samples=None if exhaustive else K, seed=seed,
-                                   backend=backend)
+            model = adapted_calculator(calc, heads, group)
+            self.twirled = Twirled(model, rotations=self.design, backend=backend) if self.design is not None else \
+                Twirled(model, samples=None if exhaustive else K, seed=seed, backend=backend)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -470,7 +485,10 @@ class TwirledCalculator(Calculator):
         for p in props:
             v = np.stack(acc[p])
             # math.fsum: correctly rounded, so the mean does not depend on the order of the terms
-            flat = [math.fsum(col) / len(self.rotations) for col in v.reshape(len(v), -1).T]
+            if self.weights is None:
+                flat = [math.fsum(col) / len(self.rotations) for col in v.reshape(len(v), -1).T]
+            else:  # a design's weighted average
+                flat = [math.fsum(self.weights * col) for col in v.reshape(len(v), -1).T]
             if PROPERTIES[p] == "scalar":
                 self.results[p] = flat[0]
             elif p == "stress":

@@ -20,6 +20,7 @@ from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
 from .adapted import Adapted, bind, own_spec
+from .design_twirl import design_average, design_for
 from .penalty import EquivWeight, WeightLike, check_margin, equiv_penalty, weight_at
 from .reps import Voigt
 from .spec import Spec, describe
@@ -302,22 +303,31 @@ class Twirled(nn.Module):
     set. Gradients flow to the wrapped model's parameters. A mask of padded elements is
     named in the spec (``Spec(..., mask="mask")``) and passed like any input.
 
+    With ``rotations=`` (a design, :mod:`fastequiv.designs`) the average is the design's
+    weighted one, deterministic: equal to ``fbar(x)`` to float rounding wherever the model's
+    twisted prediction has no content above ``self.design.degree``.
+
     Args:
         model: the model (an ``nn.Module`` is registered as a submodule).
         spec: a :class:`fastequiv.Spec`.
         samples: K (default 16 for SO(3)/O(3); every element for a finite group).
+        rotations: a design instead of draws: ``"design:L"`` (the fewest rotations exact to
+            degree L), ``"lebedev:L"``, ``"octahedral"``, ``"icosahedral"`` or a
+            :class:`fastequiv.designs.Design`, on ``spec.group`` (SO3 or O3); not with
+            ``samples`` or ``seed``.
         seed: fix the rotations (the same ones at every call).
         chunk_size, backend, check_finite: as in :func:`equivariance_error`.
     """
 
     def __init__(self, model: Callable, *, spec: Optional[Spec] = None, samples: Optional[int] = None,
-                 seed: Optional[int] = None, chunk_size: Optional[int] = None, backend: str = "auto",
-                 check_finite: bool = True):
+                 rotations=None, seed: Optional[int] = None, chunk_size: Optional[int] = None,
+                 backend: str = "auto", check_finite: bool = True):
         super().__init__()
         spec = own_spec(model, spec)
         self.model = model
         self.spec = spec
-        self.K, self.exhaustive = plan(spec, samples, 16)
+        self.design = None if rotations is None else design_for(rotations, spec, samples=samples, seed=seed)
+        self.K, self.exhaustive = (self.design.size, False) if self.design is not None else plan(spec, samples, 16)
         if seed is not None:
             groups.resolve_seed(seed)
         self.seed, self.chunk_size, self.backend, self.check_finite = seed, chunk_size, backend, check_finite
@@ -329,11 +339,17 @@ class Twirled(nn.Module):
 
     def forward(self, *args, **kwargs):
         inputs = wrapped_inputs(self.model, self.spec, args, kwargs, type(self).__name__)
+        if self.design is not None:
+            return design_average(self.model, inputs, self.spec, self.design, chunk_size=self.chunk_size,
+                                  backend=self.backend, check_finite=self.check_finite)
         st = stack(self.model, inputs, self.spec, self.K, self.exhaustive, seed=self.seed,
                    chunk_size=self.chunk_size, backend=self.backend, check_finite=self.check_finite)
         return self.spec.build_output(averaged_heads(st, self.backend))
 
     def extra_repr(self) -> str:
+        if self.design is not None:
+            return (f"group={self.spec.group!r}, design={self.design.name!r}, samples={self.K}, "
+                    f"degree={self.design.degree}")
         return f"group={self.spec.group!r}, samples={self.K}, exhaustive={self.exhaustive}"
 
 

@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # prefix matches its dotted name (a package's __init__ is the package's own name)
 LAYERS = [
     ("math", ["fastequiv.groups", "fastequiv.wigner", "fastequiv.estimators", "fastequiv.grid",
-              "fastequiv.tolerances", "fastequiv.linalg"]),
+              "fastequiv.tolerances", "fastequiv.linalg", "fastequiv.designs"]),
     ("reps", ["fastequiv.reps", "fastequiv.graph", "fastequiv.spec"]),
     ("backends", ["fastequiv.kernels", "fastequiv.backends"]),
     ("ops", ["fastequiv.ops"]),
     ("stacking", ["fastequiv.stacking", "fastequiv.adapted"]),
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
-             "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.frames", "fastequiv.penalty"]),
+             "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.frames", "fastequiv.penalty",
+             "fastequiv.design_twirl"]),
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
     ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched", "fastequiv.lightning"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API

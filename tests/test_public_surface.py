@@ -38,6 +38,7 @@ def _public():
 
     return {
         "equivariance_error": fe.equivariance_error,
+        "design_error": fe.design_error,
         "twirl_loss": fe.twirl_loss,
         "Twirled": fe.Twirled.__init__,
         "FrameAveraged": fe.FrameAveraged.__init__,
@@ -66,7 +67,8 @@ ABSENT = {"lie_derivative": {"samples", "seed", "generator", "chunk_size", "chec
           "FrameAveraged": {"generator"},
           "ase.equivariance_error": {"spec", "check_finite"},
           "ase.TwirledCalculator": {"spec", "generator", "chunk_size", "check_finite"},
-          "EquivarianceMonitor": {"generator"}, "Twirled": {"generator"}}
+          "EquivarianceMonitor": {"generator"}, "Twirled": {"generator"},
+          "design_error": {"samples"}}
 
 
 def test_the_table_is_read():
