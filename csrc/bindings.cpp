@@ -6,6 +6,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
@@ -500,6 +501,189 @@ void cube_copies_cpu(Array x, Array M, Array out) {
     if (err) throw nb::value_error(err);
 }
 
+// --- the hot path: raw pointers ---------------------------------------------------------------
+// The measuring functions and the op wrappers call the row kernels through these: data
+// pointers (Python ints, 0 for None) and sizes, nothing converted. fastequiv/backends/native.py
+// has checked every shape, dtype, device and contiguity before (once per call, or once per
+// plan of equal calls): importing an array over DLPack costs about 2 us, more than the
+// kernels of a small batch take. Dtypes are fastequiv::Dtype codes (2 float32, 3 float64).
+
+template <typename P>
+P* ptr(uintptr_t p) {
+    return reinterpret_cast<P*>(p);
+}
+
+fastequiv::Dtype cpu_dtype(int code, const char* name) {
+    if (code != static_cast<int>(fastequiv::Dtype::f32) && code != static_cast<int>(fastequiv::Dtype::f64)) {
+        throw nb::value_error((std::string(name) + ": expected dtype code 2 (float32) or 3 (float64), got " +
+                               std::to_string(code))
+                                  .c_str());
+    }
+    return static_cast<fastequiv::Dtype>(code);
+}
+
+fastequiv::RowLayout raw_layout(uintptr_t sample, int64_t P, int64_t K, int64_t N, int64_t B, int d) {
+    return fastequiv::RowLayout{ptr<const int64_t>(sample), sample ? 0 : P, K, N, B, d};
+}
+
+// The GIL is released only for work worth a thread switch (a small batch's kernels take
+// less than releasing and taking it back).
+constexpr int64_t kReleaseElements = 1 << 16;
+
+template <typename Fn>
+const char* run_kernel(int64_t elements, Fn&& fn) {
+    if (elements < kReleaseElements) return fn();
+    nb::gil_scoped_release release;
+    return fn();
+}
+
+// With center 0, positions of a graph batch: the rows turn about the centroid of their
+// sample's valid rows (`valid`, 0 for all), summed here as centroids_cpu sums them.
+void rotate_rows_raw_cpu(uintptr_t x, uintptr_t M, uintptr_t sample, int64_t P, uintptr_t center, uintptr_t out,
+                         int64_t K, int64_t N, int64_t B, int d, int x_type, int acc_type, uintptr_t valid) {
+    fastequiv::RotateRowsArgs a;
+    a.rows = raw_layout(sample, P, K, N, B, d);
+    a.x_type = cpu_dtype(x_type, "x");
+    a.acc_type = cpu_dtype(acc_type, "M");
+    a.x = ptr<const void>(x);
+    a.M = ptr<const void>(M);
+    a.center = ptr<const void>(center);
+    a.out = ptr<void>(out);
+    std::vector<double> centroid;
+    if (!center) {
+        if (!sample) throw nb::value_error("center: the centroids are summed here in the graph layout only (sample)");
+        if (a.x_type == fastequiv::Dtype::f64 && a.acc_type != fastequiv::Dtype::f64) {
+            throw nb::value_error("x: float64 rows need the float64 accumulation dtype");
+        }
+        centroid.resize(static_cast<size_t>(B * d));  // room for B * d values of acc
+        raise_if(fastequiv::centroids_cpu(a.x, a.x_type, a.acc_type, ptr<const int64_t>(sample),
+                                          ptr<const uint8_t>(valid), N, B, d, centroid.data()));
+        a.center = centroid.data();
+    }
+    raise_if(run_kernel(K * N * d, [&] { return fastequiv::rotate_rows_cpu(a); }));
+}
+
+void rotate_rows_backward_raw_cpu(uintptr_t grad, uintptr_t M, uintptr_t sample, int64_t P, uintptr_t out,
+                                  int64_t K, int64_t N, int64_t B, int d, int grad_type, int acc_type) {
+    fastequiv::RotateRowsBackwardArgs a;
+    a.rows = raw_layout(sample, P, K, N, B, d);
+    a.grad_type = cpu_dtype(grad_type, "grad");
+    a.acc_type = cpu_dtype(acc_type, "M");
+    a.grad = ptr<const void>(grad);
+    a.M = ptr<const void>(M);
+    a.out = ptr<void>(out);
+    raise_if(run_kernel(K * N * d, [&] { return fastequiv::rotate_rows_backward_cpu(a); }));
+}
+
+void reduce_rows_raw_cpu(uintptr_t out, uintptr_t M, uintptr_t target, uintptr_t sample, int64_t P, uintptr_t valid,
+                         uintptr_t center, uintptr_t mean, uintptr_t sums, int64_t K, int64_t N, int64_t B, int d,
+                         int out_type, int target_type, int acc_type) {
+    fastequiv::ReduceRowsArgs a;
+    a.rows = raw_layout(sample, P, K, N, B, d);
+    a.out_type = cpu_dtype(out_type, "out");
+    a.target_type = cpu_dtype(target_type, "target");
+    a.acc_type = cpu_dtype(acc_type, "M");
+    a.out = ptr<const void>(out);
+    a.M = ptr<const void>(M);
+    a.target = ptr<const void>(target);
+    a.valid = ptr<const uint8_t>(valid);
+    a.center = ptr<const void>(center);
+    a.mean = ptr<void>(mean);
+    a.sums = ptr<void>(sums);
+    raise_if(run_kernel(K * N * d, [&] { return fastequiv::reduce_rows_cpu(a); }));
+}
+
+void reduce_rows_backward_raw_cpu(uintptr_t grad_mean, uintptr_t grad_sums, uintptr_t out, uintptr_t M,
+                                  uintptr_t target, uintptr_t sample, int64_t P, uintptr_t valid, uintptr_t center,
+                                  uintptr_t mean, uintptr_t grad_out, int64_t K, int64_t N, int64_t B, int d,
+                                  int out_type, int target_type, int acc_type) {
+    fastequiv::ReduceRowsBackwardArgs a;
+    a.rows = raw_layout(sample, P, K, N, B, d);
+    a.out_type = cpu_dtype(out_type, "out");
+    a.target_type = cpu_dtype(target_type, "target");
+    a.acc_type = cpu_dtype(acc_type, "M");
+    a.grad_mean = ptr<const void>(grad_mean);
+    a.grad_sums = ptr<const void>(grad_sums);
+    a.out = ptr<const void>(out);
+    a.M = ptr<const void>(M);
+    a.target = ptr<const void>(target);
+    a.valid = ptr<const uint8_t>(valid);
+    a.center = ptr<const void>(center);
+    a.mean = ptr<const void>(mean);
+    a.grad_out = ptr<void>(grad_out);
+    a.work = nullptr;
+    raise_if(run_kernel(K * N * d, [&] { return fastequiv::reduce_rows_backward_cpu(a); }));
+}
+
+void random_rotations_raw_cpu(uintptr_t out, int out_type, int64_t n, uint64_t seed, uint64_t offset,
+                              bool improper) {
+    check_seed(seed);
+    const fastequiv::Dtype t = cpu_dtype(out_type, "out");
+    run_kernel(9 * n, [&]() -> const char* {
+        fastequiv::random_rotations_rounded_cpu(ptr<void>(out), t, n, seed, offset, improper);
+        return nullptr;
+    });
+}
+
+void offset_copies_raw_cpu(uintptr_t x, uintptr_t out, int64_t rows, int64_t width, int64_t K, int64_t step) {
+    fastequiv::offset_copies_cpu(ptr<const int64_t>(x), rows, width, K, step, ptr<int64_t>(out));
+}
+
+// The heads of one call: per-head arrays of pointers and sizes.
+struct RawHeads {
+    std::vector<const int64_t*> sample;
+    std::vector<const uint8_t*> valid;
+    fastequiv::DecomposeArgs args;
+};
+
+void decompose_args(RawHeads& r, int acc_type, int64_t B, int64_t K, bool exhaustive, bool combine,
+                        const std::vector<double>& weight, const std::vector<int64_t>& N, const std::vector<int>& d,
+                        const std::vector<int64_t>& P, const std::vector<uintptr_t>& sample,
+                        const std::vector<uintptr_t>& valid, uintptr_t sums, uintptr_t count, uintptr_t per_sample,
+                        uintptr_t scalars, uintptr_t valid_out) {
+    const size_t H = weight.size();
+    if (H == 0 || N.size() != H || d.size() != H || P.size() != H || sample.size() != H || valid.size() != H) {
+        throw nb::value_error("heads: expected weight, N, d, P, sample and valid of one length H >= 1");
+    }
+    if (!combine && H != 1) throw nb::value_error("combine: a decomposition of several heads combines them");
+    if (!exhaustive && K < 2) throw nb::value_error(("K: expected K >= 2 i.i.d. draws, got " + std::to_string(K)).c_str());
+    for (size_t h = 0; h < H; ++h) {
+        r.sample.push_back(ptr<const int64_t>(sample[h]));
+        r.valid.push_back(ptr<const uint8_t>(valid[h]));
+    }
+    r.args = fastequiv::DecomposeArgs{cpu_dtype(acc_type, "acc"), static_cast<int>(H), B, K, exhaustive, combine,
+                                      weight.data(), N.data(), d.data(), P.data(), nullptr, nullptr,
+                                      ptr<const void>(sums), ptr<void>(count), ptr<void>(per_sample),
+                                      ptr<void>(scalars), ptr<uint8_t>(valid_out)};
+    r.args.sample = r.sample.data();
+    r.args.valid = r.valid.data();
+}
+
+uint64_t decompose_raw_cpu(int acc_type, int64_t B, int64_t K, bool exhaustive, bool combine,
+                           const std::vector<double>& weight, const std::vector<int64_t>& N,
+                           const std::vector<int>& d, const std::vector<int64_t>& P,
+                           const std::vector<uintptr_t>& sample, const std::vector<uintptr_t>& valid, uintptr_t sums,
+                           uintptr_t count, uintptr_t per_sample, uintptr_t scalars, uintptr_t valid_out) {
+    RawHeads r;
+    decompose_args(r, acc_type, B, K, exhaustive, combine, weight, N, d, P, sample, valid, sums, count, per_sample,
+                   scalars, valid_out);
+    uint64_t flags = 0;
+    raise_if(fastequiv::decompose_cpu(r.args, &flags));
+    return flags;
+}
+
+void decompose_backward_raw_cpu(int acc_type, int64_t B, int64_t K, bool exhaustive, bool combine,
+                                const std::vector<double>& weight, uintptr_t count, double g_total, double g_equiv,
+                                uintptr_t grad_sums) {
+    const size_t H = weight.size();
+    const std::vector<int64_t> zeros(H, 0);
+    const std::vector<int> ones(H, 1);
+    const std::vector<uintptr_t> none(H, 0);
+    RawHeads r;
+    decompose_args(r, acc_type, B, K, exhaustive, combine, weight, zeros, ones, zeros, none, none, 0, count, 0, 0, 0);
+    fastequiv::decompose_backward_cpu(r.args, g_total, g_equiv, ptr<void>(grad_sums));
+}
+
 #if defined(FASTEQUIV_WITH_CUDA)
 Target cuda_target() { return Target{nb::device::cuda::value, "CUDA device", true}; }
 
@@ -690,6 +874,41 @@ NB_MODULE(_C, m) {
     m.def("cube_copies_cpu", &cube_copies_cpu, nb::arg("x"), nb::arg("M"), nb::arg("out"),
           "The cube-group copies of voxel grids: out[r] = x[r mod B] moved by the signed permutation M[r] "
           "(int32 (rows, 9), row-major): out[q] = x[M^T (q - c) + c] for every voxel q (centre c).");
+    // The hot path (fastequiv/backends/native.py): raw pointers, checked by the caller.
+    m.def("rotate_rows_raw_cpu", &rotate_rows_raw_cpu, nb::arg("x"), nb::arg("M"), nb::arg("sample"), nb::arg("P"),
+          nb::arg("center"), nb::arg("out"), nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"),
+          nb::arg("x_type"), nb::arg("acc_type"), nb::arg("valid") = 0,
+          "rotate_rows_cpu on data pointers (checked by the caller); center 0: about the centroids of the "
+          "valid rows of each sample (graph layout).");
+    m.def("rotate_rows_backward_raw_cpu", &rotate_rows_backward_raw_cpu, nb::arg("grad"), nb::arg("M"),
+          nb::arg("sample"), nb::arg("P"), nb::arg("out"), nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"),
+          nb::arg("grad_type"), nb::arg("acc_type"), "rotate_rows_backward_cpu on data pointers.");
+    m.def("reduce_rows_raw_cpu", &reduce_rows_raw_cpu, nb::arg("out"), nb::arg("M"), nb::arg("target"),
+          nb::arg("sample"), nb::arg("P"), nb::arg("valid"), nb::arg("center"), nb::arg("mean"), nb::arg("sums"),
+          nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"), nb::arg("out_type"), nb::arg("target_type"),
+          nb::arg("acc_type"), "reduce_rows_cpu on data pointers (checked by the caller).");
+    m.def("reduce_rows_backward_raw_cpu", &reduce_rows_backward_raw_cpu, nb::arg("grad_mean"), nb::arg("grad_sums"),
+          nb::arg("out"), nb::arg("M"), nb::arg("target"), nb::arg("sample"), nb::arg("P"), nb::arg("valid"),
+          nb::arg("center"), nb::arg("mean"), nb::arg("grad_out"), nb::arg("K"), nb::arg("N"), nb::arg("B"),
+          nb::arg("d"), nb::arg("out_type"), nb::arg("target_type"), nb::arg("acc_type"),
+          "reduce_rows_backward_cpu on data pointers (checked by the caller).");
+    m.def("random_rotations_raw_cpu", &random_rotations_raw_cpu, nb::arg("out"), nb::arg("out_type"), nb::arg("n"),
+          nb::arg("seed"), nb::arg("offset"), nb::arg("improper"),
+          "Rotations offset .. offset + n - 1 of the stream `seed` computed in float64 and rounded to out's "
+          "dtype, into the C-contiguous (n, 3, 3) array at `out`.");
+    m.def("offset_copies_raw_cpu", &offset_copies_raw_cpu, nb::arg("x"), nb::arg("out"), nb::arg("rows"),
+          nb::arg("width"), nb::arg("K"), nb::arg("step"),
+          "K copies of an int64 index (rows, width) along its last dim, copy k shifted by k * step.");
+    m.def("decompose_raw_cpu", &decompose_raw_cpu, nb::arg("acc_type"), nb::arg("B"), nb::arg("K"),
+          nb::arg("exhaustive"), nb::arg("combine"), nb::arg("weight"), nb::arg("N"), nb::arg("d"), nb::arg("P"),
+          nb::arg("sample"), nb::arg("valid"), nb::arg("sums"), nb::arg("count"), nb::arg("per_sample"),
+          nb::arg("scalars"), nb::arg("valid_out"),
+          "The estimators of every head and their combination from reduce_rows' sums (csrc/decomposition_cpu.cpp); "
+          "returns the flags (bit 2h: head h has a valid element; 2h + 1: its per-sample L_total is finite).");
+    m.def("decompose_backward_raw_cpu", &decompose_backward_raw_cpu, nb::arg("acc_type"), nb::arg("B"), nb::arg("K"),
+          nb::arg("exhaustive"), nb::arg("combine"), nb::arg("weight"), nb::arg("count"), nb::arg("g_total"),
+          nb::arg("g_equiv"), nb::arg("grad_sums"),
+          "The gradient (H, 3, B) of g_total L_total + g_equiv L_equiv with respect to the heads' sums.");
 #if defined(FASTEQUIV_WITH_CUDA)
     m.def("rotate_rows_cuda", &rotate_rows_cuda, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),
           nb::arg("P"), nb::arg("center"), nb::arg("out"), nb::arg("stream") = 0,

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["Terms", "Decomposition", "LabelFree", "Scale", "decompose", "combine", "combined_per_sample",
-           "label_free", "pool"]
+           "label_free", "pool", "from_kernel"]
 
 
 class Terms(NamedTuple):
@@ -100,7 +100,7 @@ class Decomposition:
         return out
 
     def detach(self) -> "Decomposition":
-        det = lambda t: t.detach()  # noqa: E731
+        det = lambda t: t.detach() if t.requires_grad else t  # noqa: E731
         return dataclasses.replace(
             self,
             total=det(self.total),
@@ -261,6 +261,26 @@ def pool(parts) -> Decomposition:
     per_sample = Terms(*(torch.cat([getattr(p.per_sample, t) for p in parts]) for t in Terms._fields))
     return _finish(per_sample, torch.cat([p.valid for p in parts]), first.samples, all(p.exact for p in parts),
                    first.exhaustive)
+
+
+def from_kernel(rows: tuple, values: tuple, valid: tuple, heads: list, weights: dict, samples: int, exhaustive: bool,
+                total: torch.Tensor, equiv: torch.Tensor) -> Decomposition:
+    """The :class:`Decomposition` of values computed by the estimators' kernel
+    (:func:`fastequiv.ops.decomposition.decompose_heads`, the MSE estimators of this module
+    in one step), slot 0 the top level and then each of ``heads`` (none for a single
+    output): ``rows``, three ``(B,)`` per-sample tensors a slot (total, mean, equiv);
+    ``values``, seven 0-dim tensors a slot (total, mean, equiv, pct, the three standard
+    errors); ``valid``, a ``(B,)`` bool a slot; ``total`` and ``equiv`` the top level's (they
+    may carry a gradient)."""
+
+    def slot(s: int, parts: dict, head_weights: dict, t: torch.Tensor, e: torch.Tensor) -> Decomposition:
+        v = values[7 * s: 7 * s + 7]
+        return Decomposition(total=t, mean=v[1], equiv=e, pct=v[3], per_sample=Terms(*rows[3 * s: 3 * s + 3]),
+                             stderr=Terms(v[4], v[5], v[6]), samples=samples, exact=True, exhaustive=exhaustive,
+                             heads=parts, weights=head_weights, valid=valid[s])
+
+    parts = {h: slot(s, {}, {}, values[7 * s], values[7 * s + 2]) for s, h in enumerate(heads, start=1)}
+    return slot(0, parts, dict(weights) if heads else {}, total, equiv)
 
 
 # --- without labels ---------------------------------------------------------------------------

@@ -20,23 +20,28 @@ Every measuring function (:func:`fastequiv.equivariance_error`, :func:`fastequiv
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
 from . import graph, groups
+from .backends import native, registry
 from .graph import GraphLayout, Role
 from .ops import rotate_copies
 from .ops.action import Action
-from .ops.layout import accumulate_dtype, mask_for
+from .ops.decomposition import HeadRows
+from .ops.layout import ROW_KINDS, accumulate_dtype, centroids, mask_for, per_irrep, rows_of
 from .ops.random_rotations import random_rotations_seeded, seed_tensor
 from .reps import Rep, Voigt
 from .spec import Spec, describe
 
 __all__ = ["Inputs", "Stacked", "eval_mode", "stack", "read_inputs", "draw_rotations", "stack_copies", "call_model",
-           "split_heads", "plan"]
+           "split_heads", "plan", "CallPlan", "HeadPlan", "call_plan"]
 
 
 def plan(spec: Spec, samples: Optional[int], default: int) -> tuple[int, bool]:
@@ -340,3 +345,385 @@ def stack(model: Callable, inputs, spec: Spec, K: int, exhaustive: bool, *, mask
     out = call_model(model, spec, batch, names, values, K, chunk_size)
     heads = split_heads(out, spec, batch, K, check_finite)
     return Stacked(action, heads, batch, K, exhaustive)
+
+
+# --- the hot path: one kind of call, planned once ----------------------------------------------
+
+#: plans per spec (dropped with the spec), at most PLANS_PER_SPEC kinds of call each
+_PLANS: "weakref.WeakKeyDictionary[Spec, dict]" = weakref.WeakKeyDictionary()
+PLANS_PER_SPEC = 64
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _signature(value):
+    """What a plan depends on in ``value`` (the inputs, a target or a mask): the layout of
+    its tensors and the value of everything else, or None when that cannot be told cheaply
+    (an object, a list)."""
+    t = type(value)
+    if t is torch.Tensor or isinstance(value, torch.Tensor):
+        return value.shape, value.dtype, value.device, value.is_contiguous(), value.requires_grad
+    if t is dict:
+        parts = []
+        for k, v in value.items():
+            s = _signature(v)
+            if s is None:
+                return None
+            parts.append((k, s))
+        return t, tuple(parts)
+    if t is tuple:
+        parts = tuple(_signature(v) for v in value)
+        return None if None in parts else (t, parts)
+    return (t, value) if t in _SCALARS else None
+
+
+class HeadPlan(NamedTuple):
+    """One output head of a planned call: its place, rep and the rows the kernels see."""
+
+    index: int
+    name: str
+    rep: Rep
+    shape: torch.Size  # of one copy (the target's shape)
+    n: int  # rows a copy in dim 0: N nodes or B samples
+    acc: torch.dtype
+    node: bool  # per node of a graph batch (reduced with the batch index)
+    masked: bool
+    N: int  # rows of d components
+    d: int
+    P: int  # rows a sample (dense), rows a node (graph)
+
+
+class CallPlan:
+    """Steps 1 to 5 of one kind of measuring call, worked out once (the hot path of the
+    ``"cpu"`` backend; :func:`call_plan` makes and keeps them).
+
+    A call's spec, options and the shapes, dtypes and layout of its batch decide everything
+    but the numbers: how each input is stacked, the batch size, the rows of every output
+    head, which kernels run. The first call of a kind goes through :func:`read_inputs` (every
+    check of the batch, graph indices read and checked against the batch's size) and
+    :func:`split_heads`; later calls of the kind hand their numbers to the kernels on data
+    pointers (no DLPack import, no custom-op dispatch), with the values the steps above
+    compute, bit for bit:
+
+    * the rotations drawn in place (an int seed stays an int);
+    * graph indices offset by one kernel, positions of a graph batch turned about centroids
+      the kernel sums in the order ``index_add_`` does, scalars repeated, every other rep
+      rotated by ``rotate_rows`` with the matrices of :class:`~fastequiv.ops.Action`;
+    * each output head's rows handed to :func:`fastequiv.ops.decomposition.decompose_heads`.
+
+    What a later call's values can get wrong is checked where it is free: every sample index
+    a CPU kernel reads is bounds-checked there (a ValueError); an edge index out of range
+    fails where the model indexes with it. Tensors that need a gradient, half-precision
+    inputs, object inputs (a PyG Batch), chunking, Voigt and voxel reps, per-irrep blocks
+    and position outputs are not planned: those calls take the steps above.
+    """
+
+    def __init__(self, spec: Spec, K: int, exhaustive: bool, batch: Inputs, backend: str):
+        self.spec, self.K, self.exhaustive, self.backend = spec, K, exhaustive, backend
+        self.B, self.acc, self.layout = batch.B, batch.dtype, batch.layout
+        layout = batch.layout
+        self.model_inputs = Inputs([], None, layout, batch.B, batch.rows, None, batch.device, batch.dtype)
+        self.finite = groups.is_finite_group(spec.group)
+        self.improper = spec.group == "O3"
+        self.R_shape = (K, batch.B, 3, 3)
+        self.R_fixed = None
+        if exhaustive:  # the group's elements: the same every call
+            G = groups.group_elements(spec.group, device=batch.device, dtype=batch.dtype)
+            self.R_fixed = G[:, None].expand(self.R_shape).contiguous()
+        self.constants: dict = {}  # (shape, dtype) -> zeros the kernels read; ("mean", head) -> scratch
+        self.heads: dict = {}  # output signature -> list of HeadPlan, or None (not planned)
+        self.steps = [self._step(name, value, rep, batch) for name, value, rep in batch.leaves]
+        self.names = [name for name, _, _ in batch.leaves]
+        self.reps = [rep for _, _, rep in batch.leaves]
+        self.ok = all(step is not None for step in self.steps)
+        if layout is not None:
+            self.batch_pos = self.names.index(spec.graph["batch"])
+            first = layout.index_names[0] if layout.index_names else None
+            self.edge_pos = self.names.index(first) if layout.edge_batch is not None else None
+            self.edge_2d = first is not None and batch.leaves[self.names.index(first)][1].dim() == 2
+
+    def zeros(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Zeros the kernels only read (the centre of a rep without one, a zero target),
+        made once."""
+        key = (shape, dtype)
+        if key not in self.constants:
+            self.constants[key] = torch.zeros(shape, dtype=dtype)
+        return self.constants[key]
+
+    def matrices(self, action: Action, rep: Rep, dtype: torch.dtype) -> torch.Tensor:
+        """``action.matrices(rep, dtype)``; for scalars (ones) made once."""
+        if rep.kind == "scalar":
+            key = ("ones", dtype)
+            if key not in self.constants:
+                self.constants[key] = action.matrices(rep, dtype)
+            return self.constants[key]
+        return action.matrices(rep, dtype)
+
+    def _step(self, name, value, rep, batch: Inputs):
+        """How one input leaf is stacked (a tuple read by :meth:`copies`), or None."""
+        layout = batch.layout
+        if rep is None:
+            return ("pass",)
+        if isinstance(rep, Role):
+            if rep.kind == "num_graphs":
+                return ("num_graphs",)
+            if rep.kind == "batch":
+                return ("offset", 1, layout.N, layout.B)
+            if rep.kind == "index" and value.shape[-1] > 0:
+                return ("offset", value.numel() // value.shape[-1], value.shape[-1], layout.N)
+            return None  # ptr, empty indices
+        level, masked = "dense", batch.mask
+        if layout is not None:
+            level = layout.level(value.shape[0], name, rep)  # a ValueError where no level fits
+            masked = batch.mask if level == "node" else None
+        if isinstance(rep, Voigt) or rep.kind not in ROW_KINDS or per_irrep(rep) or rep.cell:
+            return None
+        if rep.kind == "position" and level == "edge":
+            return None  # the steps above raise the error
+        if rep.kind == "scalar":
+            mask_for(masked, value.shape, "x")  # a ValueError for a mask of another shape
+            return ("tile", (self.K,) + (1,) * (value.dim() - 1))
+        if value.dtype not in (torch.float32, torch.float64):
+            return None
+        m = mask_for(masked, value.shape, "x")
+        rows = rows_of(value.shape, rep, m, None)
+        sample = "batch" if level == "node" else "edge" if level == "edge" else None
+        if level == "edge" and layout.edge_batch is None:
+            return None
+        centre = None
+        if rep.kind == "position":
+            centre = "kernel" if level == "node" and rows.P == 1 else "torch"
+        return ("rotate", rep, level, sample, rows.P, rows.N, rows.d, centre, m is not None,
+                (self.K * value.shape[0],) + tuple(value.shape[1:]))
+
+    # -- steps 2 and 3 ----------------------------------------------------------------------
+
+    def rotations(self, seed, generator) -> torch.Tensor:
+        """Step 2: ``R`` ``(K, B, 3, 3)`` in acc, as :func:`draw_rotations` draws it."""
+        if self.R_fixed is not None:
+            return self.R_fixed
+        if seed is not None:
+            key = groups.resolve_seed(seed, generator)
+        elif generator is not None:
+            key = int(seed_tensor(None, generator, torch.device("cpu")))
+        else:
+            key = int(torch.randint(0, groups.SEED_MAX, ()))
+        if self.finite:  # a finite-group draw is an index gather (as random_rotations_seeded)
+            words = groups.philox_words(self.K * self.B, torch.tensor(key), 0)
+            R = groups.elements_from_words(words, self.spec.group).to(self.acc)
+            return R.reshape(self.R_shape)
+        R = torch.empty(self.R_shape, dtype=self.acc)
+        native.raw().random_rotations_raw_cpu(R.data_ptr(), native.CODES[self.acc], self.K * self.B, key, 0,
+                                              self.improper)
+        return R
+
+    def copies(self, values: list, action: Action, mask: Optional[torch.Tensor]) -> list:
+        """Step 3: every input leaf's K stacked copies (``values`` in leaf order)."""
+        C, K, B, acc = native.raw(), self.K, self.B, self.acc
+        code = native.CODES[acc]
+        batch = edge = None
+        if self.layout is not None:
+            batch = values[self.batch_pos]
+        out = []
+        for step, value in zip(self.steps, values):
+            kind = step[0]
+            if kind == "pass":
+                out.append(value)
+            elif kind == "tile":
+                out.append(value.repeat(step[1]))
+            elif kind == "offset":
+                _, rows, width, shift = step
+                stacked = torch.empty(value.shape[:-1] + (K * width,), dtype=torch.int64)
+                src = value.contiguous()  # held while the kernel reads it
+                C.offset_copies_raw_cpu(src.data_ptr(), stacked.data_ptr(), rows, width, K, shift)
+                out.append(stacked)
+            elif kind == "num_graphs":
+                out.append(K * value)
+            else:
+                _, rep, level, which, P, N, d, centre, masked, shape = step
+                if which == "edge" and edge is None:
+                    first = values[self.edge_pos]
+                    edge = batch[first[0] if self.edge_2d else first]
+                sample = batch if which == "batch" else edge if which == "edge" else None
+                valid = None
+                if masked or (sample is not None and P > 1):
+                    rows = rows_of(value.shape, rep, mask_for(mask if masked else None, value.shape, "x"), sample)
+                    sample, valid = rows.sample, rows.valid
+                    if valid is not None:
+                        valid = valid.contiguous()
+                M = self.matrices(action, rep, acc)
+                x = value.contiguous()
+                # every tensor whose pointer a kernel gets is held by a name until it returns
+                if centre is None:
+                    c = self.zeros((B, d), acc)
+                elif centre == "kernel":
+                    c = None  # the kernel sums the centroids
+                else:
+                    rows = rows_of(value.shape, rep, mask_for(mask if masked else None, value.shape, "x"), sample)
+                    c = centroids(x.reshape(N, d).to(acc), rows, B)
+                stacked = torch.empty(shape, dtype=x.dtype)
+                C.rotate_rows_raw_cpu(x.data_ptr(), M.data_ptr(), native.ptr(sample), 0 if sample is not None else P,
+                                      native.ptr(c), stacked.data_ptr(), K, N, B, d, native.CODES[x.dtype], code,
+                                      native.ptr(valid))
+                out.append(stacked)
+        return out
+
+    # -- step 5 and the heads' rows -------------------------------------------------------------
+
+    def _head_plan(self, out, target, mask) -> Optional[list]:
+        """The rows of every output head for outputs and targets like these (checked by
+        :func:`split_heads` and as :func:`fastequiv.ops.twirl_reduce` checks them), or None."""
+        K, B, layout = self.K, self.B, self.layout
+        heads = split_heads(out, self.spec, dataclasses.replace(self.model_inputs, mask=mask), K, check_finite=False)
+        targets = [None] * len(heads) if target is None else \
+            [y for _, y, _ in self.spec.output_leaves(target, "target")]
+        plans = []
+        for i, (head, y) in enumerate(zip(heads, targets)):
+            value, rep = head.value, head.rep
+            if isinstance(head.declared, Voigt) or rep.kind not in ROW_KINDS or rep.kind == "position" \
+                    or per_irrep(rep) or value.dtype not in (torch.float32, torch.float64):
+                return None
+            shape = value.shape[1:]
+            if y is not None:
+                if y.shape != shape:
+                    return None  # the steps above raise the error
+                if not (y.is_floating_point() or y.dtype == value.dtype):
+                    return None
+            acc = accumulate_dtype(value) if y is None else accumulate_dtype(value, y)
+            masked = head.mask is not None
+            rows = rows_of(shape, rep, mask_for(head.mask, shape, "target"), None)
+            node = head.batch is not None
+            plans.append(HeadPlan(i, head.name, rep, shape, value.shape[0] // K, acc, node, masked, rows.N, rows.d,
+                                  rows.P))
+        if len({p.acc for p in plans}) != 1:
+            return None
+        return plans
+
+    def head_rows(self, out, target, action: Action, batch: Inputs, grad: bool) -> Optional[list]:
+        """Step 5 on planned heads: every head as :class:`~fastequiv.ops.decomposition.HeadRows`."""
+        spec = self.spec
+        if type(out) is dict and isinstance(spec.output, dict):
+            values = [out[name] if name in out else None for name in spec.output]
+        elif isinstance(spec.output, tuple) and isinstance(out, (tuple, list)) and len(out) == len(spec.output):
+            values = list(out)
+        elif isinstance(spec.output, Rep) and isinstance(out, torch.Tensor):
+            values = [out]
+        else:
+            return None
+        if any(not isinstance(v, torch.Tensor) for v in values):
+            return None
+        if target is None:
+            targets = [None] * len(values)
+        elif type(target) is dict and isinstance(spec.output, dict):
+            targets = [target.get(name) for name in spec.output]
+        elif isinstance(spec.output, tuple) and isinstance(target, (tuple, list)):
+            targets = list(target)
+        elif isinstance(spec.output, Rep):
+            targets = [target]
+        else:
+            return None
+        key = tuple((v.shape, v.dtype, v.requires_grad) for v in values) + \
+            tuple(None if y is None else (type(y), getattr(y, "shape", None), getattr(y, "dtype", None),
+                                          getattr(y, "requires_grad", None)) for y in targets)
+        mask = batch.mask
+        if key not in self.heads:
+            self.heads[key] = self._head_plan(out, target, mask)
+        plans = self.heads[key]
+        if plans is None:
+            return None
+        K, B = self.K, self.B
+        batch_index = batch.layout.batch if batch.layout is not None else None
+        rows = []
+        for p, value, y in zip(plans, values, targets):
+            if y is None:  # no labels: L_mean against zeros is the twirled prediction's size
+                y = self.zeros(tuple(p.shape), value.dtype)
+            elif y.dtype != value.dtype and y.dtype != p.acc:
+                y = y.to(p.acc)
+            sample, valid, P = None, None, p.P
+            if p.node:
+                sample, P = batch_index, 0
+            if p.masked or (p.node and p.P > 1):
+                r = rows_of(p.shape, p.rep, mask_for(mask if p.masked else None, p.shape, "target"),
+                            batch_index if p.node else None)
+                sample, valid = r.sample, r.valid
+                if valid is not None:
+                    valid = valid.contiguous()
+            mean = torch.empty(p.N, p.d, dtype=p.acc) if grad else self.scratch(p)
+            rows.append(HeadRows(value.contiguous(), self.matrices(action, p.rep, p.acc), y.contiguous(), sample, P, valid,
+                                 p.N, p.d, self.zeros((K, B, p.d), p.acc), mean))
+        return rows
+
+    def scratch(self, p: "HeadPlan") -> torch.Tensor:
+        """The twirled mean's buffer of a head of a call without gradient: written by the
+        kernel and never read, so one buffer serves every call."""
+        key = ("mean", p.index)
+        if key not in self.constants:
+            self.constants[key] = torch.empty(p.N, p.d, dtype=p.acc)
+        return self.constants[key]
+
+    def inputs_of(self, values: list, mask: Optional[torch.Tensor]) -> Inputs:
+        """Step 1's :class:`Inputs` of a planned call (``values`` in leaf order)."""
+        layout = self.layout
+        if layout is not None:
+            layout = copy.copy(layout)
+            layout.batch = values[self.batch_pos]
+            if layout.edge_batch is not None:
+                first = values[self.edge_pos]
+                layout.edge_batch = layout.batch[first[0] if self.edge_2d else first]
+        leaves = list(zip(self.names, values, self.reps))
+        return dataclasses.replace(self.model_inputs, leaves=leaves, layout=layout, mask=mask)
+
+    def leaf_values(self, inputs) -> list:
+        """The input leaves of ``inputs`` in the plan's order."""
+        if type(inputs) is dict:
+            return [inputs[name] for name in self.names]
+        if type(inputs) is tuple:
+            return list(inputs)
+        return [inputs]
+
+    def mask_of(self, inputs, mask):
+        return inputs[self.spec.mask] if self.spec.mask is not None else mask
+
+
+def _planned(spec: Spec, inputs, K: int, exhaustive: bool, mask, backend: str) -> Optional[CallPlan]:
+    """A new plan for this kind of call, or None where the steps above must run (see
+    :class:`CallPlan`). Raises what :func:`read_inputs` raises for a bad batch."""
+    batch = read_inputs(inputs, spec, mask, None)
+    if batch.device.type != "cpu" or batch.obj is not None:
+        return None
+    for op in ("rotate_rows", "reduce_rows"):
+        if registry.resolve_name(op, backend, batch.device) != "cpu":
+            return None
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v, _ in batch.leaves):
+        return None
+    if batch.mask is not None and not batch.mask.is_contiguous():
+        return None
+    plan = CallPlan(spec, K, exhaustive, batch, backend)
+    return plan if plan.ok else None
+
+
+def call_plan(spec: Spec, inputs, K: int, exhaustive: bool, *, mask=None, chunk_size=None,
+              backend: str = "auto") -> Optional[CallPlan]:
+    """The :class:`CallPlan` of this kind of call (made on its first call, then kept with
+    the spec), or None: the call takes the steps above (chunking, an object input, a GPU,
+    another backend, inside ``torch.compile``, ...)."""
+    if chunk_size is not None or torch.compiler.is_compiling():
+        return None
+    sig = _signature(inputs)
+    if sig is None:
+        return None
+    B = None
+    if spec.graph and "num_graphs" not in spec.graph and type(inputs) is dict:
+        # the number of graphs is the batch index's largest value: read on each call (a CPU
+        # tensor: no device sync), so it can key the plan
+        index = inputs.get(spec.graph["batch"])
+        if isinstance(index, torch.Tensor) and index.device.type == "cpu" and index.numel():
+            B = int(index.max()) + 1
+    key = (sig, None if mask is None else _signature(mask), K, exhaustive, backend, B)
+    plans = _PLANS.get(spec)
+    if plans is None:
+        plans = _PLANS[spec] = {}
+    if key not in plans:
+        if len(plans) >= PLANS_PER_SPEC:
+            plans.clear()
+        plans[key] = _planned(spec, inputs, K, exhaustive, mask, backend)
+    return plans[key]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import distributed, graph, groups
-from .estimators import Decomposition, combine, decompose, label_free
+from .estimators import Decomposition, combine, decompose, from_kernel, label_free
 from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
@@ -24,7 +24,9 @@ from .design_twirl import design_average, design_for
 from .penalty import EquivWeight, WeightLike, check_margin, equiv_penalty, weight_at
 from .reps import Voigt
 from .spec import Spec, describe
-from .stacking import Head, Stacked, plan, stack
+from .ops.action import Action
+from .ops.decomposition import decompose_heads
+from .stacking import CallPlan, Head, Stacked, call_model, call_plan, plan, split_heads, stack
 from .stacking import eval_mode as stacking_eval_mode
 
 __all__ = ["equivariance_error", "twirl_loss", "Twirled", "wrapped_inputs", "averaged_heads"]
@@ -54,8 +56,15 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     if target is None and loss != "mse":
         raise ValueError("target=None measures L_equiv with the MSE estimators (loss='mse'); a convex loss= needs "
                          "a target")
-    st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
-               chunk_size=chunk_size, backend=backend, check_finite=False)
+    planned = call_plan(spec, inputs, K, exhaustive, mask=mask, chunk_size=chunk_size, backend=backend)
+    if planned is None:
+        st = stack(model, inputs, spec, K, exhaustive, mask=mask, seed=seed, generator=generator,
+                   chunk_size=chunk_size, backend=backend, check_finite=False)
+    else:
+        st, done = _decompose_planned(planned, model, inputs, target, mask, loss, weights, seed, generator,
+                                      check_finite)
+        if done is not None:
+            return done
     # without a target: a zero one, against which L_mean is the twirled prediction's size
     targets = [None] * len(st.heads) if target is None else [y for _, y, _ in spec.output_leaves(target, "target")]
     heads, head_valid = {}, {}
@@ -85,6 +94,33 @@ def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask
     return d, {"": torch.stack(list(head_valid.values())).any(0), **head_valid}
 
 
+def _decompose_planned(p: CallPlan, model, inputs, target, mask, loss, weights: dict, seed, generator,
+                       check_finite: bool):
+    """:func:`_decompose` on the hot path of a planned call (:class:`fastequiv.stacking.CallPlan`):
+    ``(None, (d, head_valid))``, the same values; or ``(stacked, None)`` when the heads are
+    not planned (a position or Voigt output, a convex ``loss=``), for the steps above to go
+    on from the model's outputs."""
+    spec, K = p.spec, p.K
+    values = p.leaf_values(inputs)
+    batch = p.inputs_of(values, p.mask_of(inputs, mask))
+    action = Action(p.rotations(seed, generator), p.backend)
+    out = call_model(model, spec, batch, p.names, p.copies(values, action, batch.mask), K, None)
+    grad = torch.is_grad_enabled()
+    rows = p.head_rows(out, target, action, batch, grad) if loss == "mse" else None
+    if rows is None:
+        return Stacked(action, split_heads(out, spec, batch, K, check_finite=False), batch, K, p.exhaustive), None
+    names = spec.output_names()
+    combine = isinstance(spec.output, (dict, tuple))
+    r = decompose_heads(rows, p.B, K, p.exhaustive, [weights[n] for n in names], combine=combine,
+                        grad=grad and any(h.out.requires_grad for h in rows))
+    if check_finite:
+        flags = [(r.flags >> (2 * h)) & 3 for h in range(len(names))]
+        _raise_unless_finite(names, [bool(f & 2) for f in flags], names, [bool(f & 1) for f in flags])
+    d = from_kernel(r.per_sample, r.scalars, r.valid, names if combine else [], weights, K, p.exhaustive, r.total,
+                    r.equiv)
+    return None, (d, {"": r.valid[0], **dict(zip(names, r.valid[1:]))} if combine else {"": r.valid[0]})
+
+
 def _check_heads(heads: dict, head_valid: dict, check_finite: bool) -> None:
     """With ``check_finite``, raise a ValueError when a head has no valid element in the
     whole batch (its loss is undefined) or a non-finite per-sample loss (a NaN or inf in the
@@ -99,13 +135,19 @@ def _check_heads(heads: dict, head_valid: dict, check_finite: bool) -> None:
     if torch.compiler.is_compiling() or (flags.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     flags = flags.tolist()
-    bad = [name for name, ok in zip(heads, flags[len(head_valid):]) if not ok]
+    _raise_unless_finite(list(heads), flags[len(head_valid):], list(head_valid), flags[:len(head_valid)])
+
+
+def _raise_unless_finite(heads: list, finite: list, valid_heads: list, some_valid: list) -> None:
+    """The errors of :func:`_check_heads` from its flags: ``finite`` per head of ``heads``,
+    ``some_valid`` per head of ``valid_heads``."""
+    bad = [name for name, ok in zip(heads, finite) if not ok]
     if bad:
         raise ValueError(f"model output(s) {bad} have non-finite values (NaN or inf) at valid elements of the rotated "
                          "copies, or the target does (check_finite=False skips this check)")
-    empty = [name for name, ok in zip(head_valid, flags) if not ok]
+    empty = [name for name, ok in zip(valid_heads, some_valid) if not ok]
     if empty:
-        what = "the batch" if list(head_valid) == ["output"] else f"output head(s) {empty}"
+        what = "the batch" if valid_heads == ["output"] else f"output head(s) {empty}"
         raise ValueError(f"every element of {what} is masked out: there is nothing to decompose (the loss of an "
                          "empty set is undefined; drop the batch, or unmask at least one element)")
 

@@ -124,3 +124,22 @@ _resample = host.voxels_resample(launcher("cpu"))
 _resample.__name__ = _resample.__qualname__ = "voxels_resample_cpu"
 registry.register("voxels_resample", "cpu", available=available("cpu"))(_resample)
 registry.set_auto_order("voxels_resample", "cpu", ("cpu",))
+
+
+# --- the hot path: the kernels on data pointers ------------------------------------------------
+# The measuring functions (fastequiv.stacking.CallPlan, fastequiv.ops.decomposition) call
+# fastequiv._C's *_raw_cpu entry points with data pointers and sizes: they hand over only
+# contiguous CPU arrays of the shapes and dtypes they checked, once per call or once per plan.
+
+#: the dtype codes of the raw entry points (fastequiv::Dtype in csrc/rows.h)
+CODES = {torch.float32: 2, torch.float64: 3}
+
+
+def raw():
+    """``fastequiv._C`` (loaded: the caller has resolved the ``"cpu"`` backend)."""
+    return extension.load()
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """The data pointer of ``t``, 0 for None."""
+    return 0 if t is None else t.data_ptr()

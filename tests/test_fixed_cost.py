@@ -1,0 +1,233 @@
+"""The hot path of the measuring functions (fastequiv.stacking.CallPlan on the cpu backend):
+the same numbers as the steps it replaces, few torch ops, and what it still checks.
+
+The steps (``fastequiv.stacking.stack``, ``twirl_reduce``, the torch estimators) are the
+reference: a planned call is compared with the same call forced through them
+(``twirl.call_plan`` answering None). Per-sample values, the samples that count and every
+gradient are equal bit for bit; batch means and standard errors, which the kernel
+accumulates in float64 where torch adds float32 in its own order, agree to a few ulps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastequiv as fe
+from fastequiv import stacking, twirl
+
+pytestmark = pytest.mark.skipif(not fe.build_info()["extension"], reason="the hot path runs the cpu backend's kernels")
+
+
+def _steps(monkeypatch):
+    """Force the steps: no call is planned."""
+    monkeypatch.setattr(twirl, "call_plan", lambda *a, **k: None)
+
+
+def _graph(B=4, P=9, heads=2, mask=False, dtype=torch.float32, num_graphs=True, edges=False, group="SO3", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = B * P
+    inputs = {"pos": torch.randn(N, 3, generator=g, dtype=dtype), "z": torch.randint(1, 5, (N,), generator=g),
+              "batch": torch.arange(B).repeat_interleave(P)}
+    roles = {"pos": "position", "z": "scalar", "batch": "batch"}
+    if num_graphs:
+        inputs["num_graphs"], roles["num_graphs"] = B, "num_graphs"
+    if edges:
+        E = 3 * N
+        inputs["edge_index"] = torch.randint(0, P, (2, E), generator=g) + torch.arange(E) % B * P
+        inputs["vec"] = torch.randn(E, 3, generator=g, dtype=dtype)
+        roles.update(edge_index="index", vec="vector@edge")
+    if mask:
+        inputs["mask"], roles["mask"] = torch.rand(N, generator=g) > 0.3, "scalar"
+    W = torch.randn(3, 3, generator=g, dtype=dtype)
+    out = {"energy": "scalar", "forces": "vector"} if heads == 2 else "vector"
+    spec = fe.Spec(inputs=roles, output=out, group=group, mask="mask" if mask else None)
+
+    def model(pos, z, batch, num_graphs=None, edge_index=None, vec=None, mask=None):
+        f = pos @ W + 0.01 * z[:, None]
+        if vec is not None:
+            f = f + torch.zeros_like(f).index_add_(0, edge_index[0], vec)
+        if heads != 2:
+            return f
+        e = torch.zeros(pos.shape[0] // P, dtype=pos.dtype).index_add_(0, batch, (f ** 2).sum(1))
+        return {"energy": e, "forces": f}
+
+    forces = torch.randn(N, 3, generator=g, dtype=dtype)
+    target = {"energy": torch.randn(B, generator=g, dtype=dtype), "forces": forces} if heads == 2 else forces
+    return model, inputs, target, spec, W
+
+
+def _dense(rep="position", mask=False, dtype=torch.float32, B=5, P=6):
+    g = torch.Generator().manual_seed(1)
+    inputs = {"x": torch.randn(B, P, 3, generator=g, dtype=dtype)}
+    roles = {"x": rep}
+    if mask:
+        m = torch.rand(B, P, generator=g) > 0.3
+        m[0] = False  # a sample with nothing valid
+        inputs["mask"], roles["mask"] = m, "scalar"
+    W = torch.randn(3, 3, generator=g, dtype=dtype)
+    spec = fe.Spec(inputs=roles, output={"f": "vector" if rep != "pseudovector" else rep, "e": "scalar"},
+                   mask="mask" if mask else None)
+
+    def model(x, mask=None):
+        f = x @ W
+        return {"f": f, "e": (f ** 2).sum((1, 2))[:, None]}
+
+    target = {"f": torch.randn(B, P, 3, generator=g, dtype=dtype), "e": torch.randn(B, 1, generator=g, dtype=dtype)}
+    return model, inputs, target, spec, W
+
+
+CASES = {
+    "graph": lambda: _graph(),
+    "graph one head": lambda: _graph(heads=1),
+    "graph mask": lambda: _graph(mask=True),
+    "graph float64": lambda: _graph(dtype=torch.float64),
+    "graph without num_graphs": lambda: _graph(num_graphs=False),
+    "graph edges": lambda: _graph(edges=True),
+    "graph O3": lambda: _graph(group="O3"),
+    "graph octahedral": lambda: _graph(group="octahedral"),
+    "dense": lambda: _dense(),
+    "dense mask": lambda: _dense(mask=True),
+    "dense pseudovector": lambda: _dense(rep="pseudovector"),
+    "dense float64 mask": lambda: _dense(mask=True, dtype=torch.float64),
+}
+
+
+def _fields(d, prefix=""):
+    names = getattr(d, "FIELDS", None) or ("total", "mean", "equiv", "pct")
+    out = {prefix + n: getattr(d, n) for n in names}
+    out.update({f"{prefix}per_sample.{i}": t for i, t in enumerate(d.per_sample)})
+    out.update({f"{prefix}stderr.{i}": t for i, t in enumerate(d.stderr)})
+    if getattr(d, "valid", None) is not None:
+        out[prefix + "valid"] = d.valid
+    for h, hd in d.heads.items():
+        out.update(_fields(hd, f"{prefix}{h}/"))
+    return out
+
+
+def _same(planned, steps, scale):
+    """Per-sample values and validity equal; batch statistics to a few ulps of ``scale``."""
+    a, b = _fields(planned), _fields(steps)
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k].detach(), b[k].detach()
+        if "per_sample" in k or k.endswith("valid"):
+            assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), k
+        else:
+            eps = torch.finfo(y.dtype).eps
+            torch.testing.assert_close(x, y, rtol=4 * eps, atol=4 * eps * scale, equal_nan=True, msg=k)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_planned_call_gives_the_steps_numbers(case, monkeypatch):
+    """equivariance_error (with and without labels, an int seed and a drawn one) and
+    twirl_loss (with an equiv_weight; its gradient) through the hot path equal the same
+    calls through the steps: per-sample values, validity and gradients bit for bit, the
+    batch statistics to 4 ulps of the per-sample values' size."""
+    model, inputs, target, spec, W = CASES[case]()
+    K = None if spec.group == "octahedral" else 3
+
+    def measure(labels, seed):
+        torch.manual_seed(11)
+        return fe.equivariance_error(model, inputs, target if labels else None, spec=spec, samples=K, seed=seed)
+
+    def train(weight):
+        W.grad = None
+        W.requires_grad_(True)
+        loss, d = fe.twirl_loss(model, inputs, target, spec=spec, samples=K, seed=5, equiv_weight=weight)
+        loss.backward()
+        W.requires_grad_(False)
+        return loss.detach(), d, W.grad.clone()
+
+    planned = [measure(labels, seed) for labels in (True, False) for seed in (3, None)]
+    trained = [train(weight) for weight in (0.0, 0.4)]
+    assert sum(len(plans) for plans in stacking._PLANS.values()) > 0
+    with monkeypatch.context() as m:
+        _steps(m)
+        steps = [measure(labels, seed) for labels in (True, False) for seed in (3, None)]
+        trained_steps = [train(weight) for weight in (0.0, 0.4)]
+    for a, b in zip(planned, steps):
+        _same(a, b, scale=b.per_sample[1].abs().mean())  # L_mean, or the twirled prediction's size
+    for (la, da, ga), (lb, db, gb) in zip(trained, trained_steps):
+        _same(da, db, scale=db.per_sample.total.abs().mean())
+        assert torch.equal(ga, gb)
+        torch.testing.assert_close(la, lb, rtol=4 * torch.finfo(lb.dtype).eps, atol=0)
+
+
+def _profiled_ops(fn, model_scope="MODEL"):
+    """The torch ops ``fn`` issues at the top level (the dispatcher calls Python makes),
+    outside the record_function scope ``model_scope`` of the model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    scopes = [e.time_range for e in events if e.name == model_scope]
+    inside = lambda e: any(s.start <= e.time_range.start and e.time_range.end <= s.end for s in scopes)  # noqa: E731
+    return [e.name for e in events if e.cpu_parent is None and e.name != model_scope and not inside(e)]
+
+
+def test_a_small_graph_batch_costs_at_most_15_torch_ops():
+    """equivariance_error of 4 graphs x 20 atoms, K = 8, issues at most 15 torch ops
+    besides the model's (the steps issued about 200): the rotations, copies, reductions
+    and estimators run in a few kernels of fastequiv._C. So does a twirl_loss forward."""
+    B, P, K = 4, 20, 8
+    g = torch.Generator().manual_seed(0)
+    inputs = {"pos": torch.randn(B * P, 3, generator=g), "z": torch.randint(1, 5, (B * P,), generator=g),
+              "batch": torch.arange(B).repeat_interleave(P), "num_graphs": B}
+    spec = fe.Spec(inputs={"pos": "position", "z": "scalar", "batch": "batch", "num_graphs": "num_graphs"},
+                   output={"energy": "scalar", "forces": "vector"})
+    target = {"energy": torch.randn(B, generator=g), "forces": torch.randn(B * P, 3, generator=g)}
+    W = torch.randn(3, 3, generator=g)
+
+    def model(pos, z, batch, num_graphs):
+        with torch.profiler.record_function("MODEL"):
+            f = pos @ W
+            return {"energy": torch.zeros(num_graphs).index_add_(0, batch, f[:, 0]), "forces": f}
+
+    def measure():
+        fe.equivariance_error(model, inputs, target, spec=spec, samples=K, seed=1)
+
+    measure()  # the call that plans
+    ops = _profiled_ops(measure)
+    assert 0 < len(ops) <= 15, ops
+    W.requires_grad_(True)
+
+    def train():
+        fe.twirl_loss(model, inputs, target, spec=spec, samples=K, seed=1)
+
+    train()
+    ops = _profiled_ops(train)
+    assert 0 < len(ops) <= 15, ops
+
+
+def test_a_plan_is_made_once_and_later_batches_are_checked_where_it_is_free():
+    """The first call of a kind reads and checks the batch (an out-of-range batch index is
+    the GraphLayout's error); later calls of the same shapes are not read on the host, and
+    the kernels still refuse a batch index outside [0, B)."""
+    model, inputs, target, spec, _ = _graph(B=3, P=4)
+    bad = dict(inputs, batch=inputs["batch"].clone())
+    bad["batch"][-1] = 3  # graph 3 of a batch of 3
+    with pytest.raises(ValueError, match=r"holds graph indices from 0 to 3"):
+        fe.equivariance_error(model, bad, target, spec=spec, samples=2, seed=0)
+    fe.equivariance_error(model, inputs, target, spec=spec, samples=2, seed=0)
+    plans = stacking._PLANS[spec]
+    assert len(plans) == 1 and next(iter(plans.values())) is not None
+    with pytest.raises(ValueError, match=r"sample: expected every index in \[0, B\)"):
+        fe.equivariance_error(model, bad, target, spec=spec, samples=2, seed=0)
+    fe.equivariance_error(model, inputs, target, spec=spec, samples=2, seed=1)
+    assert len(plans) == 1
+
+
+def test_calls_the_plan_does_not_cover_take_the_steps():
+    """No plan (the steps run) for another backend, chunking, inputs that need a gradient,
+    a graph batch without its batch index in a dict, ... and a plan per kind of call."""
+    model, inputs, target, spec, _ = _graph(B=2, P=3)
+    assert stacking.call_plan(spec, inputs, 2, False, backend="torch") is None
+    assert stacking.call_plan(spec, inputs, 2, False, backend="cpu") is not None
+    assert stacking.call_plan(spec, inputs, 2, False, chunk_size=4) is None
+    grad = dict(inputs, pos=inputs["pos"].clone().requires_grad_())
+    assert stacking.call_plan(spec, grad, 2, False) is None
+    assert stacking.call_plan(spec, [inputs["pos"]], 2, False) is None  # a list: not planned
+    assert stacking.call_plan(spec, inputs, 2, False) is stacking.call_plan(spec, inputs, 2, False)
+    assert stacking.call_plan(spec, inputs, 3, False) is not stacking.call_plan(spec, inputs, 2, False)
