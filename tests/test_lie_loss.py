@@ -98,14 +98,14 @@ def test_matches_central_differences_of_the_twisted_model():
             d_e = (diff[0]["energy"] - diff[1]["energy"]) / (2 * h)
             d_f = (diff[0]["forces"] - diff[1]["forces"]) / (2 * h)
             want = want + d_e.pow(2).mean() + d_f.pow(2).sum(-1).mean(-1).mean() / 3
-        got = fe.lie_loss(model, inputs, spec=spec)
-        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-8, atol=0)
-        central = fe.lie_loss(model, inputs, spec=spec, method="central")
-        torch.testing.assert_close(central.detach(), got.detach(), rtol=1e-8, atol=0)
+        for method in ("reverse", "jvp", "central"):
+            got = fe.lie_loss(model, inputs, spec=spec, method=method)
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("method", ["reverse", "jvp"])
 @pytest.mark.parametrize("kind", ["direct", "conservative", "graph"])
-def test_its_gradient_matches_finite_differences_in_the_parameters(kind):
+def test_its_gradient_matches_finite_differences_in_the_parameters(kind, method):
     if kind == "direct":
         model, spec, inputs = Direct(2), SPEC, _batch(2)
     elif kind == "conservative":
@@ -124,7 +124,7 @@ def test_its_gradient_matches_finite_differences_in_the_parameters(kind):
         params = list(direct.parameters())
     if kind != "graph":
         params = list(model.parameters())
-    loss = fe.lie_loss(model, inputs, spec=spec)
+    loss = fe.lie_loss(model, inputs, spec=spec, method=method)
     grads = [torch.zeros_like(p) if g is None else g  # a last bias does not move a derivative
              for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
     h = 1e-6
@@ -136,7 +136,7 @@ def test_its_gradient_matches_finite_differences_in_the_parameters(kind):
             for v in (old + h, old - h):
                 flat[j] = v
                 with torch.enable_grad():
-                    vals.append(fe.lie_loss(model, inputs, spec=spec).item())
+                    vals.append(fe.lie_loss(model, inputs, spec=spec, method=method).item())
             flat[j] = old
             fd = (vals[0] - vals[1]) / (2 * h)
             assert abs(gp.view(-1)[j].item() - fd) < 1e-6 * max(1.0, abs(fd)), (kind, j, gp.view(-1)[j].item(), fd)
@@ -167,6 +167,34 @@ def test_zero_for_an_exactly_equivariant_model():
     assert fe.lie_loss(Direct(), {**inputs, "mask": torch.ones(3, 5, dtype=torch.bool)}, spec=SPEC) > 1e-3
 
 
+def test_an_attention_model_trains_against_it():
+    """scaled_dot_product_attention: the default (double backward) differentiates the
+    penalty, and agrees with forward mode and central differences on its value."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.embed = torch.nn.Linear(3, 8).double()
+            self.qkv = torch.nn.Linear(8, 24).double()
+            self.out = torch.nn.Linear(8, 3).double()
+
+        def forward(self, pos):
+            q, k, v = self.qkv(torch.tanh(self.embed(pos))).chunk(3, -1)
+            return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+    model = Attention()
+    inputs = {"pos": _batch(9)["pos"]}
+    spec = fe.Spec(inputs={"pos": "position"}, output="vector")
+    loss = fe.lie_loss(model, inputs, spec=spec)
+    loss.backward()
+    assert model.embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for method in ("jvp", "central"):
+            other = fe.lie_loss(model, inputs, spec=spec, method=method)
+            torch.testing.assert_close(other, loss.detach(), rtol=1e-8, atol=0)
+
+
 def test_training_against_it_lowers_it():
     model, inputs = Direct(6), _batch(6)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -188,3 +216,41 @@ def test_arguments_are_checked():
         fe.lie_loss(model, inputs, spec=SPEC, delta=1e-3)
     with pytest.raises(ValueError, match="loss_weights"):
         fe.lie_loss(model, inputs, spec=SPEC, loss_weights={"energy": 1.0})
+
+
+def test_lie_derivative_by_two_reverse_passes_equals_forward_mode():
+    model, inputs = Direct(7), _batch(7)
+    with torch.no_grad():
+        jvp = fe.lie_derivative(model, inputs, spec=SPEC)
+        rev = fe.lie_derivative(model, inputs, spec=SPEC, method="reverse")
+    for name in ("energy", "forces"):
+        torch.testing.assert_close(rev[name], jvp[name], rtol=1e-12, atol=1e-14)
+        assert not rev[name].requires_grad
+
+
+def test_mace_autograd_forces_by_two_reverse_passes_match_the_closed_form():
+    """MACE's forces come from autograd through SiLU, whose backward torch cannot
+    differentiate forward; lie_loss's default (double backward) can. BrokenMACE adds the
+    field energy -a sum z (forces +a e_z): L_i forces = -a X_i e_z on every atom, so the
+    penalty is a^2 (|e_x x e_z|^2 + |e_y x e_z|^2) / 3 = 2 a^2 / 3 per force element, and
+    the energy's derivative is 0."""
+    import os
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("FASTEQUIV_EXPECT_MACE") != "1":
+        pytest.importorskip("mace", reason="mace-torch is not installed (CI installs it, see .ci/run)")
+    pytest.importorskip("ase")
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        import mace_equivariance as ex
+    finally:
+        sys.path.remove(examples)
+    torch.manual_seed(0)
+    mace = ex.tiny_mace()
+    batch = ex.mace_batch(ex.structures(False, 3))
+    a = 0.3
+    loss = fe.lie_loss(ex.BrokenMACE(mace, a, stress=False), batch)
+    torch.testing.assert_close(loss.detach(), torch.tensor(2 * a ** 2 / 3, dtype=DT), rtol=1e-9, atol=0)
+    assert float(fe.lie_loss(fe.adapt(mace, stress=False), batch).detach()) < 1e-20  # MACE: equivariant
