@@ -1,4 +1,4 @@
-"""Command line: ``fastequiv demo``, ``fastequiv bench``, ``fastequiv check``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
+"""Command line: ``fastequiv demo``, ``fastequiv bench``, ``fastequiv check``, ``fastequiv audit``, ``fastequiv example`` and ``fastequiv info`` (also ``python -m fastequiv ...``)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def check(args) -> int:
     return _check.main(args)
 
 
+def audit(args) -> int:
+    from .audit import cli
+
+    return cli.main(args)
+
+
 def info(args) -> int:
     import fastequiv as fe
 
@@ -115,6 +121,11 @@ def main(argv=None) -> int:
     _documented(sub, "check", check_cli, check,
                 "every backend that can run here against the torch reference; PASS/FAIL per op and backend, "
                 "non-zero exit on a failure")
+    from .audit import cli as audit_cli
+
+    _documented(sub, "audit", audit_cli, audit,
+                "how equivariant a trained potential is, structure by structure, rounding told apart from learned "
+                "symmetry breaking; CSV, JSON, report with plots")
     sub.add_parser("info", help="print what this install was built with").set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -31,7 +31,7 @@ LAYERS = [
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
     ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched", "fastequiv.lightning"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API
-    ("top", ["fastequiv.__main__", "fastequiv.demo", "fastequiv.bench", "fastequiv.check"]),
+    ("top", ["fastequiv.__main__", "fastequiv.demo", "fastequiv.bench", "fastequiv.check", "fastequiv.audit"]),
 ]
 
 

@@ -1,0 +1,18 @@
+"""``fastequiv audit``: how equivariant a trained potential is, structure by structure,
+with its numerical rounding told apart from learned symmetry breaking.
+
+::
+
+    from fastequiv.audit import audit
+    a = audit(mace_model, ase.io.read("test.xyz", ":"), samples=8)
+    a.rows[0]["forces_equiv"], a.rows[0]["forces_floor"], a.rows[0]["forces_equiv_f64"]
+
+or, from a shell, ``fastequiv audit model.model test.xyz --out audit-out``. Modules:
+:mod:`~fastequiv.audit.measure` (the numbers), :mod:`~fastequiv.audit.table` (CSV, JSON,
+summary, report), :mod:`~fastequiv.audit.plots`, :mod:`~fastequiv.audit.load` (MODEL and
+DATA arguments), :mod:`~fastequiv.audit.cli`.
+"""
+
+from .measure import FIELDS, ROUNDING_REL, Audit, audit
+
+__all__ = ["Audit", "FIELDS", "ROUNDING_REL", "audit"]
