@@ -4,11 +4,15 @@ Two analytic force fields on 6-atom clusters (float64), each an equivariant spri
 a term that breaks the symmetry, with closed forms for the twirled prediction and L_equiv
 (``u = x - centroid``, ``r = |u|``, per atom):
 
-* ``smooth``: ``eps * Q^T sin(k Q u)`` (componentwise, in a fixed generic frame ``Q``), an
-  entire function of the rotation: ``fbar = eps * 3 j1(k r) u / r`` (``j1`` the spherical
-  Bessel function), and ``E ||f_g||^2 = eps^2 * 3/2 (1 - sin(2 k r) / (2 k r))``;
-* ``broken``: ``eps * Q^T |Q u|``, a kink in every direction, so content at every degree:
-  ``fbar = 0`` and ``E ||f_g||^2 = eps^2 r^2``;
+* ``smooth``: ``eps * exp(k u . e1) e2`` for two fixed unit vectors (``e1 . e2 = c``), an
+  entire function of the rotation with content at every degree, falling like
+  ``(k r)^l / (2l+1)!!``. With ``n_i = g^T e_i``, ``E[n2 | n1] = c n1`` and ``u . n1 = r t``,
+  ``t`` uniform on [-1, 1] (Archimedes): ``fbar = eps * c (cosh z / z - sinh z / z^2) u / r``
+  and ``E ||f_g||^2 = eps^2 sinh(2z) / (2z)``, ``z = k r``;
+* ``broken``: ``eps * Q^T |Q u|`` (componentwise, in a fixed generic frame ``Q``), a kink in
+  every direction, so content at every degree: ``fbar = 0`` and ``E ||f_g||^2 = eps^2 r^2``
+  (in the lab frame the cube's rotations would twirl ``|u|`` exactly: ``c^T |c v| = |v|`` for
+  the half turns about the axes and the 3-fold turns);
 
 and the demo's transformer (``fastequiv.demo``), trained briefly with ``fe.twirl_loss``,
 whose L_equiv is measured on held-out clusters. Measured, against the number of model
@@ -21,10 +25,12 @@ evaluations per sample N:
    i.i.d. Haar (``fe.equivariance_error(samples=N)``, unbiased), randomised designs with
    R = 2 replicates (``fe.design_error``, unbiased) and fixed designs (one replicate, the
    plug-in within-design spread: deterministic, biased where the design is short);
-3. on the demo transformer, the spread over seeds of L_equiv at N = 120 (no closed form:
-   the standard error itself), and the jackknife ``rotation_stderr`` next to it.
+   the fixed designs include metatomic's construction, a Lebedev rule times ``L + 1``
+   in-plane angles (``"lebedev:L"``, scipy's rules);
+3. on the demo transformer, the spread over seeds of L_equiv at N = 120 and 180 (no closed
+   form: the standard error itself), and the jackknife ``rotation_stderr`` next to it.
 
-    python benchmarks/designs_compare.py            # ~5 min on 2 cores
+    python benchmarks/designs_compare.py            # ~3 min on 2 cores
     python benchmarks/designs_compare.py --smoke    # seconds: checks it runs
 
 Writes ``designs_compare.csv`` and ``designs_compare.png`` into ``--out``.
@@ -46,10 +52,12 @@ from fastequiv import designs
 from fastequiv.demo import EMA, SPEC, PointTransformer, batches, datasets, take
 from fastequiv.design_twirl import DesignDecomposition, Replicates, back_rotated, design_average, stack_design
 
-EPS, WAVE = 0.3, 1.0  # the breaking term's size, and k of the smooth model
+EPS, WAVE = 0.3, 0.5  # the breaking term's size, and k of the smooth model
 DESIGN_DEGREES = (1, 2, 3, 5, 6, 7, 8, 9)  # sizes 4, 12, 24, 60, 168, 192, 288, 320
-DEMO_N = 120
-DEMO_DESIGNS = (("design:1", 30), ("design:2", 10), ("octahedral", 5), ("icosahedral", 2))
+LEBEDEV_DEGREES = (3, 5, 7, 9)  # metatomic's construction: Lebedev x (L + 1) angles: 24, 84, 208, 380
+# (evaluations per sample, design, replicates) on the demo transformer, next to i.i.d. draws
+DEMO_RUNS = ((120, "design:1", 30), (120, "design:2", 10), (120, "octahedral", 5), (120, "icosahedral", 2),
+             (180, "icosahedral", 3))
 
 
 def arguments(argv=None):
@@ -80,14 +88,15 @@ def springs(pos: torch.Tensor) -> torch.Tensor:
     return -((r - 1.0) * rhat).sum(2)
 
 
-# the breaking terms act on the coordinates in a fixed generic frame Q: in the lab frame,
-# sin and |.| componentwise would keep the cube's symmetry (R^T h(R u) = h(u) for every signed
-# permutation R), which the cube's group and its subgroups would then twirl exactly or not at all
+# |.| acts in a fixed generic frame Q: in the lab frame the cube's group would twirl it exactly
 Q = fe.random_rotations(1, seed=2024, dtype=torch.float64)[0]
+E1 = torch.tensor([0.36, 0.48, 0.8], dtype=torch.float64)
+E2 = Q @ E1
 
 
 def smooth(pos):
-    return springs(pos) + EPS * torch.sin(WAVE * (pos - pos.mean(1, keepdim=True)) @ Q.T) @ Q
+    u = pos - pos.mean(1, keepdim=True)
+    return springs(pos) + EPS * torch.exp(WAVE * (u @ E1))[..., None] * E2
 
 
 def broken(pos):
@@ -100,10 +109,9 @@ def closed_forms(name: str, pos: torch.Tensor):
     r = u.norm(dim=-1, keepdim=True)
     if name == "smooth":
         z = WAVE * r
-        j1 = (torch.sin(z) - z * torch.cos(z)) / z ** 2
-        fbar = springs(pos) + EPS * 3 * j1 * u / r
-        second = EPS ** 2 * 1.5 * (1 - torch.sin(2 * z) / (2 * z))
-        spread = second - (EPS * 3 * j1) ** 2
+        c = float(E1 @ E2) * (torch.cosh(z) / z - torch.sinh(z) / z ** 2)
+        fbar = springs(pos) + EPS * c * u / r
+        spread = EPS ** 2 * torch.sinh(2 * z) / (2 * z) - (EPS * c) ** 2
     else:
         fbar = springs(pos)
         spread = EPS ** 2 * r ** 2
@@ -118,9 +126,13 @@ def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
-def prediction_errors(name: str, model, pos, seeds: int, degrees) -> list[dict]:
+def prediction_errors(name: str, model, pos, seeds: int, degrees, lebedev) -> list[dict]:
     fbar, _ = closed_forms(name, pos)
     rows = []
+    for L in lebedev:
+        d = designs.design(f"lebedev:{L}")
+        rows.append({"model": name, "metric": "prediction_rms", "method": "fixed Lebedev x (L+1)", "N": d.size,
+                     "degree": d.degree, "value": rms(fe.Twirled(model, spec=SPEC_XYZ, rotations=d)(pos) - fbar)})
     for L in degrees:
         d = designs.design(f"design:{L}")
         N = d.size
@@ -144,9 +156,14 @@ def fixed_equiv(model, pos, d) -> float:
         return float(Replicates(a, d.weights, y, m, None, st.B, 1).terms().equiv.mean())
 
 
-def equiv_errors(name: str, model, pos, seeds: int, degrees) -> list[dict]:
+def equiv_errors(name: str, model, pos, seeds: int, degrees, lebedev) -> list[dict]:
     _, exact = closed_forms(name, pos)
     rows = []
+    for L in lebedev:
+        d = designs.design(f"lebedev:{L}")
+        bias = (fixed_equiv(model, pos, d) - exact) / exact
+        rows.append({"model": name, "metric": "equiv_rms_error", "method": "fixed Lebedev x (L+1)", "N": d.size,
+                     "degree": d.degree, "value": abs(bias), "bias": bias})
     for L in degrees:
         d = designs.design(f"design:{L}")
         N = 2 * d.size
@@ -186,21 +203,23 @@ def trained_transformer(steps: int, seed: int = 0):
     return ema.model, sets
 
 
-def demo_spread(model, sets, held_out: int, seeds: int) -> list[dict]:
+def demo_spread(model, sets, held_out: int, seeds: int, runs_wanted) -> list[dict]:
     inputs, target = take(sets.heldout, torch.arange(held_out))
-    rows = []
-    runs = {"iid": [fe.equivariance_error(model, inputs, target, spec=SPEC, samples=DEMO_N, seed=s)
-                    for s in range(seeds)]}
-    for name, R in DEMO_DESIGNS:
+    runs = {}
+    for N, name, R in runs_wanted:
+        if (N, "iid") not in runs:
+            runs[(N, "iid")] = [fe.equivariance_error(model, inputs, target, spec=SPEC, samples=N, seed=s)
+                                for s in range(seeds)]
         d = designs.design(name)
-        assert d.size * R == DEMO_N
-        runs[f"{name} x R={R}"] = [fe.design_error(model, inputs, target, spec=SPEC, rotations=d, replicates=R, seed=s)
-                                   for s in range(seeds)]
-    for method, ds in runs.items():
+        assert d.size * R == N
+        runs[(N, f"{name} x R={R}")] = [fe.design_error(model, inputs, target, spec=SPEC, rotations=d, replicates=R,
+                                                        seed=s) for s in range(seeds)]
+    rows = []
+    for (N, method), ds in runs.items():
         vals = [float(d.equiv) for d in ds]
         mean = statistics.mean(vals)
         jack = [float(d.rotation_stderr.equiv) for d in ds] if isinstance(ds[0], DesignDecomposition) else [math.nan]
-        rows.append({"model": "demo transformer", "metric": "equiv_spread", "method": method, "N": DEMO_N,
+        rows.append({"model": "demo transformer", "metric": "equiv_spread", "method": method, "N": N,
                      "value": statistics.stdev(vals) / mean, "equiv": mean,
                      "jackknife": statistics.mean(jack) / mean if not math.isnan(jack[0]) else "",
                      "batch_stderr": statistics.mean(float(d.stderr.equiv) for d in ds) / mean})
@@ -230,11 +249,12 @@ def plot(rows: list[dict], path: str) -> None:
         ax.legend(fontsize=7)
     sel = [r for r in rows if r["metric"] == "equiv_spread"]
     ax = axes[-1]
-    ax.bar(range(len(sel)), [r["value"] for r in sel], color="tab:gray")
+    ax.bar(range(len(sel)), [r["value"] for r in sel], color=["tab:blue" if r["method"] == "iid" else "tab:orange"
+                                                               for r in sel])
     ax.set_xticks(range(len(sel)))
-    ax.set_xticklabels([r["method"] for r in sel], rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels([f"N={r['N']}: {r['method']}" for r in sel], rotation=30, ha="right", fontsize=7)
     ax.set_yscale("log")
-    ax.set_title(f"demo transformer: spread of L_equiv over seeds / L_equiv, N = {DEMO_N}", fontsize=9)
+    ax.set_title("demo transformer: spread of L_equiv over seeds / L_equiv", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -256,15 +276,16 @@ def summary(rows: list[dict]) -> list[str]:
             out.append(f"{model}: L_equiv relative RMS error at N={N}: iid {iid:.2e}, randomised design R=2 {rnd:.2e} "
                        f"({iid / max(rnd, 1e-300):.3g}x)")
         for (m, N), r in sorted(eq.items()):
-            if m == "fixed design":
-                out.append(f"{model}: fixed design N={N} (degree {r['degree']}): L_equiv relative bias {r['bias']:+.2e}")
+            if m.startswith("fixed"):
+                out.append(f"{model}: {m} N={N} (degree {r['degree']}): L_equiv relative bias {r['bias']:+.2e}")
+        pr_leb = sorted((n, v) for (m, n), v in pr.items() if m.startswith("fixed Lebedev"))
+        out += [f"{model}: twirled prediction, fixed Lebedev x (L+1) at N={n}: {v:.2e}" for n, v in pr_leb]
     demo = [r for r in rows if r["metric"] == "equiv_spread"]
-    if demo:
-        iid = next(r for r in demo if r["method"] == "iid")["value"]
-        for r in demo:
-            jack = f", jackknife {r['jackknife']:.3g}" if r["jackknife"] != "" else ""
-            out.append(f"demo transformer, N={DEMO_N}, {r['method']}: spread over seeds / L_equiv {r['value']:.3g} "
-                       f"({iid / r['value']:.3g}x below iid){jack}; batch stderr / L_equiv {r['batch_stderr']:.3g}")
+    for r in demo:
+        iid = next(x for x in demo if (x["N"], x["method"]) == (r["N"], "iid"))["value"]
+        jack = f", jackknife rotation_stderr / L_equiv {r['jackknife']:.3g}" if r["jackknife"] != "" else ""
+        out.append(f"demo transformer, N={r['N']}, {r['method']}: spread over seeds / L_equiv {r['value']:.3g} "
+                   f"({iid / r['value']:.3g}x below iid){jack}; batch stderr / L_equiv {r['batch_stderr']:.3g}")
     return out
 
 
@@ -274,13 +295,14 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     pos = clusters(args.clusters)
     degrees = DESIGN_DEGREES[:3] if args.smoke else DESIGN_DEGREES
+    lebedev = () if args.smoke else LEBEDEV_DEGREES  # (scipy's rules)
     rows = []
     for name, model in (("smooth", smooth), ("broken", broken)):
-        rows += prediction_errors(name, model, pos, args.seeds, degrees)
-        rows += equiv_errors(name, model, pos, args.seeds, degrees)
+        rows += prediction_errors(name, model, pos, args.seeds, degrees, lebedev)
+        rows += equiv_errors(name, model, pos, args.seeds, degrees, lebedev)
         print(f"{name}: done at {time.perf_counter() - t0:.0f} s", flush=True)
     model, sets = trained_transformer(args.steps)
-    rows += demo_spread(model, sets, args.held_out, args.seeds)
+    rows += demo_spread(model, sets, args.held_out, args.seeds, DEMO_RUNS[3:4] if args.smoke else DEMO_RUNS)
     os.makedirs(args.out, exist_ok=True)
     name = "designs_compare_smoke" if args.smoke else "designs_compare"
     with open(os.path.join(args.out, name + ".csv"), "w", newline="") as fh:
