@@ -522,8 +522,10 @@ fastequiv::Dtype cpu_dtype(int code, const char* name) {
     return static_cast<fastequiv::Dtype>(code);
 }
 
+// An empty array's data pointer may be 0: no sample array then reads as the dense layout,
+// with P >= 1 so that no kernel divides by it (there are no rows to place).
 fastequiv::RowLayout raw_layout(uintptr_t sample, int64_t P, int64_t K, int64_t N, int64_t B, int d) {
-    return fastequiv::RowLayout{ptr<const int64_t>(sample), sample ? 0 : P, K, N, B, d};
+    return fastequiv::RowLayout{ptr<const int64_t>(sample), sample ? 0 : (P < 1 ? 1 : P), K, N, B, d};
 }
 
 // The GIL is released only for work worth a thread switch (a small batch's kernels take
@@ -537,10 +539,11 @@ const char* run_kernel(int64_t elements, Fn&& fn) {
     return fn();
 }
 
-// With center 0, positions of a graph batch: the rows turn about the centroid of their
-// sample's valid rows (`valid`, 0 for all), summed here as centroids_cpu sums them.
+// With `centroid` (center unused), positions of a graph batch: the rows turn about the
+// centroid of their sample's valid rows (`valid`, 0 for all), summed as centroids_cpu sums.
 void rotate_rows_raw_cpu(uintptr_t x, uintptr_t M, uintptr_t sample, int64_t P, uintptr_t center, uintptr_t out,
-                         int64_t K, int64_t N, int64_t B, int d, int x_type, int acc_type, uintptr_t valid) {
+                         int64_t K, int64_t N, int64_t B, int d, int x_type, int acc_type, uintptr_t valid,
+                         bool centroid) {
     fastequiv::RotateRowsArgs a;
     a.rows = raw_layout(sample, P, K, N, B, d);
     a.x_type = cpu_dtype(x_type, "x");
@@ -549,16 +552,16 @@ void rotate_rows_raw_cpu(uintptr_t x, uintptr_t M, uintptr_t sample, int64_t P, 
     a.M = ptr<const void>(M);
     a.center = ptr<const void>(center);
     a.out = ptr<void>(out);
-    std::vector<double> centroid;
-    if (!center) {
+    std::vector<double> centres;
+    if (centroid) {
         if (!sample) throw nb::value_error("center: the centroids are summed here in the graph layout only (sample)");
         if (a.x_type == fastequiv::Dtype::f64 && a.acc_type != fastequiv::Dtype::f64) {
             throw nb::value_error("x: float64 rows need the float64 accumulation dtype");
         }
-        centroid.resize(static_cast<size_t>(B * d));  // room for B * d values of acc
+        centres.resize(static_cast<size_t>(B * d));  // room for B * d values of acc
         raise_if(fastequiv::centroids_cpu(a.x, a.x_type, a.acc_type, ptr<const int64_t>(sample),
-                                          ptr<const uint8_t>(valid), N, B, d, centroid.data()));
-        a.center = centroid.data();
+                                          ptr<const uint8_t>(valid), N, B, d, centres.data()));
+        a.center = centres.data();
     }
     raise_if(run_kernel(K * N * d, [&] { return fastequiv::rotate_rows_cpu(a); }));
 }
@@ -877,9 +880,9 @@ NB_MODULE(_C, m) {
     // The hot path (fastequiv/backends/native.py): raw pointers, checked by the caller.
     m.def("rotate_rows_raw_cpu", &rotate_rows_raw_cpu, nb::arg("x"), nb::arg("M"), nb::arg("sample"), nb::arg("P"),
           nb::arg("center"), nb::arg("out"), nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"),
-          nb::arg("x_type"), nb::arg("acc_type"), nb::arg("valid") = 0,
-          "rotate_rows_cpu on data pointers (checked by the caller); center 0: about the centroids of the "
-          "valid rows of each sample (graph layout).");
+          nb::arg("x_type"), nb::arg("acc_type"), nb::arg("valid") = 0, nb::arg("centroid") = false,
+          "rotate_rows_cpu on data pointers (checked by the caller); with centroid, about the centroids of the "
+          "valid rows of each sample (graph layout) instead of `center`.");
     m.def("rotate_rows_backward_raw_cpu", &rotate_rows_backward_raw_cpu, nb::arg("grad"), nb::arg("M"),
           nb::arg("sample"), nb::arg("P"), nb::arg("out"), nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"),
           nb::arg("grad_type"), nb::arg("acc_type"), "rotate_rows_backward_cpu on data pointers.");

@@ -563,7 +563,7 @@ class CallPlan:
                 stacked = torch.empty(shape, dtype=x.dtype)
                 C.rotate_rows_raw_cpu(x.data_ptr(), M.data_ptr(), native.ptr(sample), 0 if sample is not None else P,
                                       native.ptr(c), stacked.data_ptr(), K, N, B, d, native.CODES[x.dtype], code,
-                                      native.ptr(valid))
+                                      native.ptr(valid), c is None)
                 out.append(stacked)
         return out
 

@@ -26,7 +26,7 @@ from .reps import Voigt
 from .spec import Spec, describe
 from .ops.action import Action
 from .ops.decomposition import decompose_heads
-from .stacking import CallPlan, Head, Stacked, call_model, call_plan, plan, split_heads, stack
+from .stacking import CallPlan, Head, Stacked, call_model, call_plan, plan, read_inputs, split_heads, stack
 from .stacking import eval_mode as stacking_eval_mode
 
 __all__ = ["equivariance_error", "twirl_loss", "Twirled", "wrapped_inputs", "averaged_heads"]
@@ -103,16 +103,22 @@ def _decompose_planned(p: CallPlan, model, inputs, target, mask, loss, weights: 
     spec, K = p.spec, p.K
     values = p.leaf_values(inputs)
     batch = p.inputs_of(values, p.mask_of(inputs, mask))
-    action = Action(p.rotations(seed, generator), p.backend)
-    out = call_model(model, spec, batch, p.names, p.copies(values, action, batch.mask), K, None)
-    grad = torch.is_grad_enabled()
-    rows = p.head_rows(out, target, action, batch, grad) if loss == "mse" else None
-    if rows is None:
-        return Stacked(action, split_heads(out, spec, batch, K, check_finite=False), batch, K, p.exhaustive), None
-    names = spec.output_names()
-    combine = isinstance(spec.output, (dict, tuple))
-    r = decompose_heads(rows, p.B, K, p.exhaustive, [weights[n] for n in names], combine=combine,
-                        grad=grad and any(h.out.requires_grad for h in rows))
+    try:
+        action = Action(p.rotations(seed, generator), p.backend)
+        out = call_model(model, spec, batch, p.names, p.copies(values, action, batch.mask), K, None)
+        grad = torch.is_grad_enabled()
+        rows = p.head_rows(out, target, action, batch, grad) if loss == "mse" else None
+        if rows is None:
+            return Stacked(action, split_heads(out, spec, batch, K, check_finite=False), batch, K, p.exhaustive), None
+        names = spec.output_names()
+        combine = isinstance(spec.output, (dict, tuple))
+        r = decompose_heads(rows, p.B, K, p.exhaustive, [weights[n] for n in names], combine=combine,
+                            grad=grad and any(h.out.requires_grad for h in rows))
+    except ValueError:
+        # the plan reads a batch's values only where a kernel checks them for free: where one
+        # refused an index, the steps' checks name the input and its range
+        read_inputs(inputs, spec, mask, None)
+        raise
     if check_finite:
         flags = [(r.flags >> (2 * h)) & 3 for h in range(len(names))]
         _raise_unless_finite(names, [bool(f & 2) for f in flags], names, [bool(f & 1) for f in flags])

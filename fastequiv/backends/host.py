@@ -56,6 +56,37 @@ def target_for(target: torch.Tensor, out: torch.Tensor, acc: torch.dtype, device
     return y if y.dtype in (out_dtype, acc) else y.to(acc)
 
 
+def check_arrays(device: torch.device, *arrays: tuple) -> None:
+    """Raise a ValueError unless every ``(name, tensor, shape, dtypes)`` (a None tensor: not
+    given) is a contiguous tensor on ``device`` with ``shape`` and a dtype of ``dtypes``.
+
+    The bindings check the same on every DLPack import; the CPU kernels take data pointers
+    (:mod:`.native`), so the checks are made here, once a call, from the tensors' metadata."""
+    for name, t, shape, dtypes in arrays:
+        if t is None:
+            continue
+        if t.device != device or tuple(t.shape) != shape or t.dtype not in dtypes or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {'/'.join(str(d) for d in dtypes)} tensor of shape "
+                             f"{shape} on {device}, got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
+                             + ("" if t.is_contiguous() else " (not contiguous)"))
+
+
+def check_rows(M: torch.Tensor, N: int, sample: Optional[torch.Tensor], P: int, valid: Optional[torch.Tensor]):
+    """``(K, B, d)`` of the row contract's matrices ``M`` ``(K, B, d, d)`` after checking
+    them and the layout of ``N`` rows: ``sample`` int64 ``(N,)``, or ``P >= 1`` rows a sample
+    covering the rows with ``B`` samples; ``valid`` bool ``(N,)`` or None."""
+    if M.dim() != 4 or M.shape[2] != M.shape[3]:
+        raise ValueError(f"M: expected shape (K, B, d, d), got {tuple(M.shape)}")
+    K, B, d = M.shape[0], M.shape[1], M.shape[2]
+    check_arrays(M.device, ("M", M, (K, B, d, d), CPU_FLOATS), ("sample", sample, (N,), (torch.int64,)),
+                 ("valid", valid, (N,), (torch.bool,)))
+    if sample is None and P < 1:
+        raise ValueError(f"P: expected P >= 1 rows per sample in the dense layout (sample None), got {P}")
+    if sample is None and N > 0 and (N - 1) // P >= B:
+        raise ValueError(f"P: {N} rows of {P} per sample need more than B = {B} samples")
+    return K, B, d
+
+
 def dense_P(P: int, sample: Optional[torch.Tensor]) -> int:
     """Rows per sample for the kernels: ``P`` in the dense layout, 0 in the graph layout."""
     return max(int(P), 1) if sample is None else 0
@@ -104,46 +135,63 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
     """The six row-contract implementations of a backend on ``device_type`` ("cpu" or
     "cuda") whose kernels are started by ``launch(name, device, *binding_args)``."""
 
+    floats = CPU_FLOATS if device_type == "cpu" else CPU_FLOATS + (torch.float16, torch.bfloat16)
+
     def rotate_rows(x, M, sample, P, center):
         check_acc(M, ("x", x))
-        K, B, d = M.shape[0], M.shape[1], M.shape[-1]
+        M, sample = M.contiguous(), sample_arg(sample)
         xe = elements(x, device_type)
-        out = torch.empty((K,) + tuple(x.shape), dtype=xe.dtype, device=x.device)
+        N = xe.shape[0] if xe.dim() == 2 else -1
+        K, B, d = check_rows(M, N, sample, dense_P(P, sample), None)
         c = center.contiguous() if center is not None else M.new_zeros(B, d)
-        launch("rotate_rows", x.device, xe, M.contiguous(), sample_arg(sample), dense_P(P, sample), c, out)
+        check_arrays(M.device, ("x", xe, (N, d), floats), ("center", c, (B, d), (M.dtype,)))
+        out = torch.empty((K,) + tuple(x.shape), dtype=xe.dtype, device=x.device)
+        launch("rotate_rows", x.device, xe, M, sample, dense_P(P, sample), c, out)
         return out.to(x.dtype)
 
     def rotate_rows_backward(grad, M, sample, P):
         check_acc(M, ("grad", grad))
+        M, sample = M.contiguous(), sample_arg(sample)
+        ge = elements(grad, device_type)
+        N = ge.shape[1] if ge.dim() == 3 else -1
+        K, B, d = check_rows(M, N, sample, dense_P(P, sample), None)
+        check_arrays(M.device, ("grad", ge, (K, N, d), floats))
         out = torch.empty(tuple(grad.shape[1:]), dtype=M.dtype, device=grad.device)
-        launch("rotate_rows_backward", grad.device, elements(grad, device_type), M.contiguous(), sample_arg(sample),
-               dense_P(P, sample), out)
+        launch("rotate_rows_backward", grad.device, ge, M, sample, dense_P(P, sample), out)
         return out
 
-    def reduce_rows(out, M, target, sample, P, valid, center, B):
+    def reduce_args(out, M, target, sample, P, valid, center):
+        """The checked arguments shared by reduce_rows and its backward."""
         check_acc(M, ("out", out), ("target", target))
-        acc = M.dtype
-        K, N = out.shape[:2]
-        d = M.shape[-1]
+        M, sample, valid = M.contiguous(), sample_arg(sample), valid_arg(valid)
         oe = elements(out, device_type)
+        N = oe.shape[1] if oe.dim() == 3 else -1
+        K, B, d = check_rows(M, N, sample, dense_P(P, sample), valid)
+        y = target_for(target, oe, M.dtype, device_type)
+        c = center.contiguous() if center is not None else M.new_zeros(K, B, d)
+        check_arrays(M.device, ("out", oe, (K, N, d), floats), ("target", y, (N, d), (oe.dtype, M.dtype)),
+                     ("center", c, (K, B, d), (M.dtype,)))
+        return oe, M, y, sample, valid, c, (K, N, B, d)
+
+    def reduce_rows(out, M, target, sample, P, valid, center, B):
+        oe, M, y, sample, valid, c, (K, N, B_M, d) = reduce_args(out, M, target, sample, P, valid, center)
+        if B != B_M:
+            raise ValueError(f"B: expected M.shape[1] = {B_M} samples, got {B}")
+        acc = M.dtype
         mean = torch.empty(N, d, dtype=acc, device=out.device)
         sums = torch.zeros(3, B, dtype=acc, device=out.device)
-        c = center.contiguous() if center is not None else M.new_zeros(K, B, d)
-        launch("reduce_rows", out.device, oe, M.contiguous(), target_for(target, oe, acc, device_type),
-               sample_arg(sample), dense_P(P, sample), valid_arg(valid), c, mean, sums)
+        launch("reduce_rows", out.device, oe, M, y, sample, dense_P(P, sample), valid, c, mean, sums)
         return mean, sums
 
     def reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean):
-        check_acc(M, ("out", out), ("target", target))
+        oe, M, y, sample, valid, c, (K, N, B, d) = reduce_args(out, M, target, sample, P, valid, center)
         acc = M.dtype
-        K, N = out.shape[:2]
-        B, d = M.shape[1], M.shape[-1]
-        oe = elements(out, device_type)
         grad_out = torch.empty_like(oe)
         gm = None if grad_mean is None else grad_mean.to(acc).contiguous()
-        c = center.contiguous() if center is not None else M.new_zeros(K, B, d)
-        args = [gm, grad_sums.to(acc).contiguous(), oe, M.contiguous(), target_for(target, oe, acc, device_type),
-                sample_arg(sample), dense_P(P, sample), valid_arg(valid), c, mean.to(acc).contiguous(), grad_out]
+        gs, mean = grad_sums.to(acc).contiguous(), mean.to(acc).contiguous()
+        check_arrays(M.device, ("grad_mean", gm, (N, d), (acc,)), ("grad_sums", gs, (3, B), (acc,)),
+                     ("mean", mean, (N, d), (acc,)))
+        args = [gm, gs, oe, M, y, sample, dense_P(P, sample), valid, c, mean, grad_out]
         if device_type == "cuda":  # the GPU kernel's scratch for the twirled mean of wide rows
             args.append(None if d in (1, 3) else torch.empty(N, d, dtype=acc, device=out.device))
         launch("reduce_rows_backward", out.device, *args)

@@ -99,16 +99,51 @@ def available(device_type: str):
 
 def launcher(device_type: str):
     """``launch(name, device, *args)``: ``fastequiv._C.<name>_<device_type>(*args)``, plus
-    torch's current stream on CUDA."""
+    torch's current stream on CUDA. On the CPU the row kernels take data pointers instead
+    (:data:`RAW`): :mod:`.host` has checked their arrays."""
 
     def launch(name: str, device: torch.device, *args) -> None:
-        fn = getattr(extension.load(), f"{name}_{device_type}")
+        ext = extension.load()
         if device_type == "cuda":
-            fn(*args, torch.cuda.current_stream(device).cuda_stream)
+            getattr(ext, f"{name}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+        elif name in RAW:
+            RAW[name](ext, *args)
         else:
-            fn(*args)
+            getattr(ext, f"{name}_cpu")(*args)
 
     return launch
+
+
+def _rotate_rows(C, x, M, sample, P, center, out):
+    K, B, d = M.shape[:3]
+    C.rotate_rows_raw_cpu(x.data_ptr(), M.data_ptr(), ptr(sample), P, center.data_ptr(), out.data_ptr(), K,
+                          x.shape[0], B, d, CODES[x.dtype], CODES[M.dtype])
+
+
+def _rotate_rows_backward(C, grad, M, sample, P, out):
+    K, B, d = M.shape[:3]
+    C.rotate_rows_backward_raw_cpu(grad.data_ptr(), M.data_ptr(), ptr(sample), P, out.data_ptr(), K, grad.shape[1],
+                                   B, d, CODES[grad.dtype], CODES[M.dtype])
+
+
+def _reduce_rows(C, out, M, target, sample, P, valid, center, mean, sums):
+    K, B, d = M.shape[:3]
+    C.reduce_rows_raw_cpu(out.data_ptr(), M.data_ptr(), target.data_ptr(), ptr(sample), P, ptr(valid),
+                          center.data_ptr(), mean.data_ptr(), sums.data_ptr(), K, out.shape[1], B, d,
+                          CODES[out.dtype], CODES[target.dtype], CODES[M.dtype])
+
+
+def _reduce_rows_backward(C, grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean, grad_out):
+    K, B, d = M.shape[:3]
+    C.reduce_rows_backward_raw_cpu(ptr(grad_mean), grad_sums.data_ptr(), out.data_ptr(), M.data_ptr(),
+                                   target.data_ptr(), ptr(sample), P, ptr(valid), center.data_ptr(), mean.data_ptr(),
+                                   grad_out.data_ptr(), K, out.shape[1], B, d, CODES[out.dtype],
+                                   CODES[target.dtype], CODES[M.dtype])
+
+
+#: the CPU row kernels on data pointers, with the arguments of their *_cpu bindings
+RAW = {"rotate_rows": _rotate_rows, "rotate_rows_backward": _rotate_rows_backward, "reduce_rows": _reduce_rows,
+       "reduce_rows_backward": _reduce_rows_backward}
 
 
 for _kind in ("cpu", "cuda"):

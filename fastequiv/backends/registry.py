@@ -88,6 +88,21 @@ def implementation(op: str, backend: str) -> Callable:
     return _REGISTRY[op][backend][0]
 
 
+def direct(*tensors) -> bool:
+    """Whether an op may call its backend's implementation directly instead of through its
+    ``torch.library`` registration, which costs about 20 us a call and adds nothing here: in
+    eager mode (not traced by ``torch.compile``, no dispatch mode such as fake tensors), with
+    plain tensors and no gradient to record. ``tensors`` are the op's tensor arguments
+    (None for one not given)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Callable]:
     """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
     name = resolve_name(op, backend, torch.device(device))

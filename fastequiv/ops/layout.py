@@ -198,20 +198,22 @@ def valid_count(y: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtyp
     return per_sample_sum(torch.ones(y.shape, dtype=dtype, device=y.device), mask)
 
 
-def check_batch(batch: Optional[torch.Tensor], n: int, name: str, B: int) -> None:
+def check_batch(batch: Optional[torch.Tensor], n: int, name: str, B: int, values: bool = True) -> None:
     """Raise a ValueError unless ``batch`` is None or an int64 ``(n,)`` index vector with
     values in ``[0, B)``.
 
-    The values are read on CPU tensors (free), the same for every backend; on a GPU that
-    would cost a host sync in every op, so there the measuring functions check them once
-    per call (:class:`fastequiv.graph.GraphLayout`) and the ops trust them.
+    The values are read on CPU tensors (no device sync, a few microseconds), unless
+    ``values`` is False: where the first thing to read them is a kernel of the cpu backend,
+    which checks every index it reads and raises the ValueError itself. On a GPU reading
+    them would cost a host sync in every op, so there the measuring functions check them
+    once per call (:class:`fastequiv.graph.GraphLayout`) and the ops trust them.
     """
     if batch is None:
         return
     if not isinstance(batch, torch.Tensor) or batch.dtype != torch.int64 or batch.dim() != 1 or batch.shape[0] != n:
         got = f"{batch.dtype} tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
         raise ValueError(f"batch must be an int64 tensor of shape ({n},) (one sample index per row of {name}), got {got}")
-    if batch.device.type == "cpu":
+    if values and batch.device.type == "cpu":
         check_index_values(batch, B, "batch", f"the B = {B} samples of R (dim 1)")
 
 

@@ -162,22 +162,32 @@ def rotate_copies(
         K, B = R.shape[:2]
         if batch is None and R.shape[1] != x.shape[0]:
             raise ValueError(f"R must have shape (K, B={x.shape[0]}, 3, 3), got {tuple(R.shape)}")
-        check_batch(batch, x.shape[0], "x", B)
+        check_batch(batch, x.shape[0], "x", B, values=False)
         if rep.kind == "voxels" and batch is None:
             return rotate_grids(x, R, rep, backend=backend)
         mask = mask_for(mask, x.shape, "x")
         rows = rows_of(x.shape, rep, mask, batch)
         if rows is None:
             raise ValueError(f"rep {rep} supports only the dense layout (batch=None)")
+        name = registry.resolve_name("rotate_rows", backend, x.device)
+        # the cpu kernels check the indices they read; positions' centroids read them first
+        check_batch(batch, x.shape[0], "x", B, values=name != "cpu" or rep.kind == "position")
         if rep.kind == "scalar":
             return tile(x, K)
         acc = accumulate_dtype(x, R)
         xr = x.reshape(rows.N, rows.d)
-        name = registry.resolve_name("rotate_rows", backend, x.device)
 
         def run(rows_x, M, sample, P, center):
             args = (rows_x.contiguous(), M, sample, P, center)
-            return rotate_rows_reference(*args) if name == "torch" else rotate_rows(*args, name)
+            if name == "torch":
+                return rotate_rows_reference(*args)
+            try:
+                if registry.direct(args[0], M, sample, center):
+                    return registry.implementation("rotate_rows", name)(*args)
+                return rotate_rows(*args, name)
+            except ValueError:
+                check_batch(batch, x.shape[0], "x", B)  # a kernel refused an index: say which, as `batch`
+                raise
 
         if per_irrep(rep):
             out = _rotate_per_irrep(xr, rows, action.irrep_blocks(rep, acc), groups_inverse(rep.key, x.device), run, K)

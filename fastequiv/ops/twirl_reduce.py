@@ -325,7 +325,7 @@ def twirl_reduce(
             raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(out.shape[1:])} "
                              "(the output per copy)")
         K, B = R.shape[:2]
-        check_batch(batch, target.shape[0], "target", B)
+        check_batch(batch, target.shape[0], "target", B, values=False)
         if rep.kind == "voxels" and batch is None:
             return reduce_grids(out, R, target, rep, mask, backend=backend)
         mask = mask_for(mask, target.shape, "target")
@@ -337,10 +337,20 @@ def twirl_reduce(
         y = target.reshape(rows.N, rows.d)
         name = reduction_backend(registry.resolve_name("reduce_rows", backend, out.device), backend,
                                  rows.sample is not None, deterministic_algorithms())
+        # the cpu kernels check the indices they read; positions' centroids read them first
+        check_batch(batch, target.shape[0], "target", B, values=name != "cpu" or rep.kind == "position")
 
         def run(o_rows, M, y_rows, r, center):
             args = (o_rows.contiguous(), M, y_rows.contiguous(), r.sample, r.P, r.valid, center, B)
-            return reduce_rows_reference(*args) if name == "torch" else reduce_rows(*args, name)
+            if name == "torch":
+                return reduce_rows_reference(*args)
+            try:
+                if registry.direct(args[0], M, args[2], r.sample, r.valid, center):
+                    return registry.implementation("reduce_rows", name)(*args)
+                return reduce_rows(*args, name)
+            except ValueError:
+                check_batch(batch, target.shape[0], "target", B)  # a kernel refused an index: say which
+                raise
 
         if per_irrep(rep):
             mean, sums = _reduce_per_irrep(o, y, rows, action.irrep_blocks(rep, acc), groups_inverse(rep.key, out.device),
