@@ -39,8 +39,8 @@ Standard errors. ``stderr``: over the batch's samples, as :func:`fastequiv.equiv
 (what the batch says about the data's mean; it holds the rotations' noise too).
 ``rotation_stderr``: given the batch, what the rotations alone leave: the jackknife over
 replicates (leave one replicate out) of each sample's estimates, summed over the samples,
-whose rotations are independent. It needs ``replicates >= 3`` (NaN below). The jackknife of
-the pairwise ``mean`` term is conservative (Efron-Stein): it errs high, never low.
+whose rotations are independent. It needs ``replicates >= 3`` (NaN below). The jackknife
+variance is conservative (Efron-Stein): in expectation it errs high, not low.
 
 Weights. Every sum over copies here is weighted, in torch (the compiled ``twirl_reduce``
 kernels average their copies uniformly).

@@ -288,6 +288,36 @@ def test_label_free_and_heads():
     assert torch.isfinite(d.rotation_stderr.equiv) and float(d.rotation_stderr.equiv) > 0
 
 
+def test_a_graph_batch_measures_like_the_dense_one():
+    """The same clusters as a graph batch (flat nodes and a batch index: per-node forces,
+    per-graph energies) and as a dense batch give the same per-sample values."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    pos = torch.randn(3, 4, 3, generator=g, dtype=torch.float64)
+    y = {"forces": torch.randn(3, 4, 3, generator=g, dtype=torch.float64),
+         "energy": torch.randn(3, generator=g, dtype=torch.float64)}
+
+    def dense(pos):
+        return {"forces": torch.tanh(pos @ W), "energy": (pos @ W).pow(2).sum((1, 2))}
+
+    def flat(pos, batch):
+        e = torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add(0, batch, (pos @ W).pow(2).sum(-1))
+        return {"forces": torch.tanh(pos @ W), "energy": e}
+
+    out = {"forces": "vector", "energy": "scalar"}
+    a = design_error(dense, {"pos": pos}, y, spec=fe.Spec(inputs={"pos": "position"}, output=out),
+                     rotations="design:2", replicates=3, seed=8)
+    batch = torch.arange(3).repeat_interleave(4)
+    b = design_error(flat, {"pos": pos.reshape(12, 3), "batch": batch},
+                     {"forces": y["forces"].reshape(12, 3), "energy": y["energy"]},
+                     spec=fe.Spec(inputs={"pos": "position", "batch": "batch"}, output=out),
+                     rotations="design:2", replicates=3, seed=8)
+    for head in out:
+        for x, z in zip(a.heads[head].per_sample, b.heads[head].per_sample):
+            assert torch.allclose(x, z, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(a.rotation_stderr.equiv, b.rotation_stderr.equiv, rtol=1e-10)
+
+
 def test_design_rotations_layout():
     d = designs.design("design:2")
     R = design_rotations(d, 3, replicates=2, seed=5, dtype=torch.float64)
