@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import e3nn
 import fastequiv as fe
 from adapters import check_adapter, require, structures
 
@@ -23,11 +24,19 @@ R_MAX = 4.0
 def default_dtype():
     """nequip runs with float64 as torch's default dtype (its global state sets it for
     good, and its data pipeline builds tensors in it): so does each test here, and the
-    other test files get theirs back."""
+    other test files get theirs back, and TorchScript's fusion strategy too."""
     before = torch.get_default_dtype()
+    fusion = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])  # returns the one in force
+    torch.jit.set_fusion_strategy(fusion)
+    e3nn_defaults = e3nn.get_optimization_defaults()
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
+    # nequip's global state also changes TorchScript's fusion strategy and e3nn's code
+    # generation (eager instead of TorchScript) for good; other tests' models (MACE's
+    # e3nn code) would then run other code: put both back
+    torch.jit.set_fusion_strategy(fusion)
+    e3nn.set_optimization_defaults(**e3nn_defaults)
 
 
 def tiny_nequip(seed: int = 0):
