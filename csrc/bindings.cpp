@@ -8,6 +8,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -628,6 +629,21 @@ void random_rotations_raw_cpu(uintptr_t out, int out_type, int64_t n, uint64_t s
     });
 }
 
+// The exact path of voxels_resample on data pointers: x (B, C, n, n, n), M (rows, 3, 3) in
+// x's dtype (the caller has checked them: signed permutations, rounded here), out
+// (rows, C, n, n, n).
+void cube_copies_raw_cpu(uintptr_t x, uintptr_t M, uintptr_t out, int64_t B, int64_t C, int64_t n, int64_t rows,
+                         int type) {
+    const fastequiv::Dtype t = cpu_dtype(type, "x");
+    std::vector<int32_t> elements(static_cast<size_t>(rows * 9));
+    for (int64_t q = 0; q < rows * 9; ++q) {
+        const double v = t == fastequiv::Dtype::f64 ? ptr<const double>(M)[q] : ptr<const float>(M)[q];
+        elements[static_cast<size_t>(q)] = static_cast<int32_t>(std::lround(v));
+    }
+    const fastequiv::CubeCopiesArgs a{t, ptr<const void>(x), elements.data(), B, C, n, rows, ptr<void>(out)};
+    raise_if(run_kernel(rows * C * n * n * n, [&] { return fastequiv::cube_copies_cpu(a); }));
+}
+
 void offset_copies_raw_cpu(uintptr_t x, uintptr_t out, int64_t rows, int64_t width, int64_t K, int64_t step) {
     fastequiv::offset_copies_cpu(ptr<const int64_t>(x), rows, width, K, step, ptr<int64_t>(out));
 }
@@ -899,6 +915,9 @@ NB_MODULE(_C, m) {
           nb::arg("seed"), nb::arg("offset"), nb::arg("improper"),
           "Rotations offset .. offset + n - 1 of the stream `seed` computed in float64 and rounded to out's "
           "dtype, into the C-contiguous (n, 3, 3) array at `out`.");
+    m.def("cube_copies_raw_cpu", &cube_copies_raw_cpu, nb::arg("x"), nb::arg("M"), nb::arg("out"), nb::arg("B"),
+          nb::arg("C"), nb::arg("n"), nb::arg("rows"), nb::arg("type"),
+          "cube_copies_cpu on data pointers, M (rows, 3, 3) in x's dtype (checked by the caller).");
     m.def("offset_copies_raw_cpu", &offset_copies_raw_cpu, nb::arg("x"), nb::arg("out"), nb::arg("rows"),
           nb::arg("width"), nb::arg("K"), nb::arg("step"),
           "K copies of an int64 index (rows, width) along its last dim, copy k shifted by k * step.");

@@ -240,9 +240,14 @@ def voxels_resample(launch: Callable) -> Callable:
             return grid.resample(x, M, vec, exact)
         acc = M.dtype
         src = x.to(acc).contiguous()  # what the reference moves: exact in any dtype
-        out = torch.empty((M.shape[0],) + tuple(x.shape[1:]), dtype=acc, device=x.device)
-        elements = M.round().to(torch.int32).reshape(-1, 9).contiguous()
-        launch("cube_copies", x.device, src, elements, out)
+        B, rows = src.shape[0], M.shape[0]
+        if src.dim() != 5 or not src.shape[2] == src.shape[3] == src.shape[4] or rows % B:
+            raise ValueError(f"x, M: expected x (B, C, n, n, n) and M (rows, 3, 3) with rows a multiple of B, got "
+                             f"{tuple(x.shape)} and {tuple(M.shape)}")
+        M = M.contiguous()
+        check_arrays(x.device, ("M", M, (rows, 3, 3), CPU_FLOATS))
+        out = torch.empty((rows,) + tuple(x.shape[1:]), dtype=acc, device=x.device)
+        launch("cube_copies", x.device, src, M, out)  # M: signed permutations, rounded by the kernel
         return grid.mix_vectors(out, M, vec).to(x.dtype)
 
     return resample

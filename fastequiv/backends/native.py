@@ -141,9 +141,15 @@ def _reduce_rows_backward(C, grad_mean, grad_sums, out, M, target, sample, P, va
                                    CODES[target.dtype], CODES[M.dtype])
 
 
-#: the CPU row kernels on data pointers, with the arguments of their *_cpu bindings
+def _cube_copies(C, x, M, out):
+    C.cube_copies_raw_cpu(x.data_ptr(), M.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.shape[2], M.shape[0],
+                          CODES[x.dtype])
+
+
+#: the CPU kernels on data pointers, with the arguments their launches get (those of the
+#: *_cpu bindings; cube_copies' M in the grid's dtype)
 RAW = {"rotate_rows": _rotate_rows, "rotate_rows_backward": _rotate_rows_backward, "reduce_rows": _reduce_rows,
-       "reduce_rows_backward": _reduce_rows_backward}
+       "reduce_rows_backward": _reduce_rows_backward, "cube_copies": _cube_copies}
 
 
 for _kind in ("cpu", "cuda"):

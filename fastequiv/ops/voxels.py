@@ -93,7 +93,11 @@ voxels_reduce.register_autograd(_reduce_backward, setup_context=_reduce_setup)
 
 def _resample(x, M, vec, exact, backend):
     name = registry.resolve_name("voxels_resample", backend, x.device)
-    return grid.resample(x, M, vec, exact) if name == "torch" else voxels_resample(x, M, vec, exact, name)
+    if name == "torch":
+        return grid.resample(x, M, vec, exact)
+    if registry.direct(x, M, vec):
+        return registry.implementation("voxels_resample", name)(x, M, vec, exact)
+    return voxels_resample(x, M, vec, exact, name)
 
 
 # --- public functions ---------------------------------------------------------------------------
