@@ -684,15 +684,25 @@ class CallPlan:
         return inputs[self.spec.mask] if self.spec.mask is not None else mask
 
 
+def _on_cpu_kernels(inputs, backend: str) -> bool:
+    """Whether the row kernels of ``backend`` are the cpu backend's for these inputs (on the
+    device of their first tensor)."""
+    values = inputs.values() if type(inputs) is dict else inputs if type(inputs) is tuple else (inputs,)
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if first is None or first.device.type != "cpu":
+        return False
+    try:
+        return all(registry.resolve_name(op, backend, first.device) == "cpu" for op in ("rotate_rows", "reduce_rows"))
+    except (ValueError, registry.BackendUnavailableError):
+        return False  # the steps raise it, naming the op that cannot run
+
+
 def _planned(spec: Spec, inputs, K: int, exhaustive: bool, mask, backend: str) -> Optional[CallPlan]:
     """A new plan for this kind of call, or None where the steps above must run (see
     :class:`CallPlan`). Raises what :func:`read_inputs` raises for a bad batch."""
     batch = read_inputs(inputs, spec, mask, None)
     if batch.device.type != "cpu" or batch.obj is not None:
         return None
-    for op in ("rotate_rows", "reduce_rows"):
-        if registry.resolve_name(op, backend, batch.device) != "cpu":
-            return None
     if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v, _ in batch.leaves):
         return None
     if batch.mask is not None and not batch.mask.is_contiguous():
@@ -706,10 +716,10 @@ def call_plan(spec: Spec, inputs, K: int, exhaustive: bool, *, mask=None, chunk_
     """The :class:`CallPlan` of this kind of call (made on its first call, then kept with
     the spec), or None: the call takes the steps above (chunking, an object input, a GPU,
     another backend, inside ``torch.compile``, ...)."""
-    if chunk_size is not None or torch.compiler.is_compiling():
-        return None
+    if chunk_size is not None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return None  # chunking; traced (torch.compile, make_fx, fake tensors): the steps
     sig = _signature(inputs)
-    if sig is None:
+    if sig is None or not _on_cpu_kernels(inputs, backend):
         return None
     B = None
     if spec.graph and "num_graphs" not in spec.graph and type(inputs) is dict:

@@ -231,3 +231,115 @@ def test_calls_the_plan_does_not_cover_take_the_steps():
     assert stacking.call_plan(spec, [inputs["pos"]], 2, False) is None  # a list: not planned
     assert stacking.call_plan(spec, inputs, 2, False) is stacking.call_plan(spec, inputs, 2, False)
     assert stacking.call_plan(spec, inputs, 3, False) is not stacking.call_plan(spec, inputs, 2, False)
+
+
+# --- the monitor call in a CUDA graph ------------------------------------------------------------
+
+def _monitor_call(backend: str, device: str = "cpu"):
+    """A monitor (K = 4, every step) of a graph batch and the function of one call: its
+    inputs are the tensors a captured graph reads (positions, species, batch index, labels)."""
+    B, P = 3, 5
+    spec = fe.Spec(inputs={"pos": "position", "z": "scalar", "batch": "batch", "num_graphs": "num_graphs"},
+                   output={"energy": "scalar", "forces": "vector"})
+    W = torch.randn(3, 3, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def model(pos, z, batch, num_graphs):
+        f = pos @ W + 0.1 * z[:, None].to(pos.dtype)
+        return {"energy": torch.zeros(num_graphs, device=pos.device).index_add_(0, batch, f[:, 0] ** 2), "forces": f}
+
+    monitor = fe.EquivarianceMonitor(model, spec=spec, every=1, samples=4, backend=backend)
+
+    def call(pos, z, batch, forces, energy):
+        logs = monitor(0, {"pos": pos, "z": z, "batch": batch, "num_graphs": B}, {"energy": energy, "forces": forces})
+        return list(logs.values())
+
+    def data(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [t.to(device) for t in (torch.randn(B * P, 3, generator=g), torch.randint(1, 5, (B * P,), generator=g),
+                                       torch.arange(B).repeat_interleave(P), torch.randn(B * P, 3, generator=g),
+                                       torch.randn(B, generator=g))]
+
+    return spec, call, data
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_the_monitor_call_captures_and_replays_on_cpu(backend, monkeypatch):
+    """What a CUDA-graph capture of a monitor call needs, shown on the CPU: traced with fake
+    tensors (``make_fx``: every op recorded, any read of a tensor's values on the host
+    refused) under a simulated capture (``capturing()`` answers True, and the batch index
+    is not read, as on a GPU while capturing), the call becomes a graph of torch ops and
+    fastequiv's custom ops (the ones the cuda backend runs, for ``"cpu"``), with no Python
+    deciding anything on the data; replayed on new batches, that graph gives what the eager
+    call through the same steps gives, bit for bit."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastequiv import graph, grid, groups
+
+    spec, call, data = _monitor_call(backend)
+    with monkeypatch.context() as m:
+        m.setattr(groups, "capturing", lambda: True)
+        m.setattr(grid, "capturing", lambda: True)
+        m.setattr(graph, "index_range", lambda index: None)  # a GPU's batch index during capture
+        captured = make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(*data(0))
+    ops = {str(n.target) for n in captured.graph.nodes if n.op == "call_function"}
+    assert not ops & {"aten._local_scalar_dense.default", "aten.item.default"}, ops  # no value read on the host
+    if backend == "cpu":
+        assert {"fastequiv.rotate_rows.default", "fastequiv.reduce_rows.default",
+                "fastequiv.random_rotations_seeded.default"} <= ops
+    _steps(monkeypatch)
+    for seed in (1, 2):
+        replayed, eager = captured(*data(seed)), call(*data(seed))
+        assert len(replayed) == len(eager) > 0
+        for a, b in zip(replayed, eager):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU-side capture test runs without)")
+def test_the_monitor_call_replays_in_a_cuda_graph():
+    """On a GPU: the whole monitor call (rotations, copies, the model, reductions,
+    estimators) captured in one CUDA graph after fe.warmup and an eager call; each replay
+    on new batches copied into its inputs equals an eager call on them (the cuda kernels'
+    atomics may change the rounding of the sums)."""
+    spec, call, data = _monitor_call("auto", "cuda")
+    static = data(0)
+    fe.warmup(spec, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logged = call(*static)
+    for seed in (1, 2):
+        new = data(seed)
+        for buffer, value in zip(static, new):
+            buffer.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = call(*new)
+        assert len(logged) == len(eager) > 0
+        for a, b in zip(logged, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+def test_the_fixed_cost_benchmark_runs_and_counts_ops():
+    """``fastequiv bench --ops fixed`` in smoke mode: every variant timed against its floor,
+    the planned calls within 15 torch ops, the steps' many more, and a table."""
+    from fastequiv.bench import fixed, report
+
+    result = fixed.fixed_cost("smoke", "cpu")
+    (size,) = result["sizes"]
+    v = size["variants"]
+    assert set(v) == {"model", "model step"} | {f"{n}{r}" for n in ("equivariance_error", "twirl_loss", "monitor")
+                                                 for r in ("", " (reference)")}
+    for name in ("equivariance_error", "twirl_loss", "monitor"):
+        ops = v[name]["ops_forward"] + v[name].get("ops_backward", 0)
+        assert 0 < ops <= 15, (name, v[name]["ops"])
+        assert v[f"{name} (reference)"]["ops_forward"] > 5 * ops
+    assert v["twirl_loss"]["ops_backward"] == 1 and v["twirl_loss (reference)"]["ops_backward"] > 5
+    assert "4 graphs" not in report.format_fixed_cost(result) and "equivariance_error (reference)" in \
+        report.format_fixed_cost(result)

@@ -7,6 +7,7 @@ write ``results.json``, ``ops.png`` and ``overhead.png`` to ``--out``.
     fastequiv bench --full          # size sweeps, the row-level kernels, more rounds
     fastequiv bench --smoke         # every case once at toy sizes (CI: proves they run)
     fastequiv bench --ops twirl_reduce,step --out results/
+    fastequiv bench --ops fixed     # the fixed cost of a call on small graph batches
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="every case once at toy sizes (proves the benchmarks run; the figures mean nothing)")
     parser.set_defaults(mode="quick")
     parser.add_argument("--ops", default=None,
-                        help=f"comma-separated subset of {','.join(list(OPS) + ['step'])} (default: every "
-                             "public op and the step; the row-level 'kernels' too with --full or --smoke)")
+                        help=f"comma-separated subset of {','.join(list(OPS) + list(EXTRA))} (default: every "
+                             "public op, the step and the fixed cost; the row-level 'kernels' too with --full or "
+                             "--smoke)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when torch sees one, else the CPU")
     parser.add_argument("--out", default="fastequiv-bench",
@@ -40,20 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
 
 
+#: what --ops selects besides the op cases: the training step and the fixed cost of a call
+EXTRA = ("step", "fixed")
+
+
 def _select(ops_arg, mode):
+    """``(op cases or None for all, {"step": bool, "fixed": bool})``."""
     from .cases import OPS
 
     if ops_arg is None:
-        return None, True
+        return None, {k: True for k in EXTRA}
     wanted = [o.strip() for o in ops_arg.split(",") if o.strip()]
-    unknown = sorted(set(wanted) - set(OPS) - {"step"})
+    unknown = sorted(set(wanted) - set(OPS) - set(EXTRA))
     if unknown:
-        raise SystemExit(f"fastequiv bench: --ops got unknown {unknown}; choose from {sorted(list(OPS) + ['step'])}")
-    return [o for o in wanted if o != "step"], "step" in wanted
+        raise SystemExit(f"fastequiv bench: --ops got unknown {unknown}; choose from {sorted(list(OPS) + list(EXTRA))}")
+    return [o for o in wanted if o not in EXTRA], {k: k in wanted for k in EXTRA}
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import report, step
+    from . import fixed, report, step
     from .cases import cases
     from .timing import measure
 
@@ -62,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    ops, run_step = _select(args.ops, args.mode)
+    ops, extra = _select(args.ops, args.mode)
     os.makedirs(args.out, exist_ok=True)
     info = report.machine(device)
     title = f"fastequiv bench ({args.mode}) on {report.describe(info)}"
@@ -85,7 +92,13 @@ def main(args: argparse.Namespace) -> int:
         print("\n" + report.format_ops(rows))
         files["ops_plot"] = report.plot_ops(rows, os.path.join(args.out, "ops.png"), title)
 
-    if run_step:
+    if extra["fixed"]:
+        log("\nthe fixed cost of a call on small graph batches (variants interleaved in each round)")
+        fixed_cost = fixed.fixed_cost(args.mode, device, log=log)
+        payload["fixed_cost"] = fixed_cost
+        print("\n" + report.format_fixed_cost(fixed_cost))
+
+    if extra["step"]:
         log("\ntraining-step overheads (variants interleaved in each round)")
         overhead = step.overhead(args.mode, device, log=log)
         payload["step"] = overhead
@@ -96,6 +109,7 @@ def main(args: argparse.Namespace) -> int:
     files["json"] = os.path.join(args.out, "results.json")
     payload["files"] = {k: os.path.basename(v) for k, v in files.items() if v}  # relative to --out
     report.write_json(files["json"], payload)
-    print(f"\n{len(results)} op cases{' and the step overheads' if run_step else ''} in "
+    done = [what for what, on in (("the fixed cost", extra["fixed"]), ("the step overheads", extra["step"])) if on]
+    print(f"\n{len(results)} op cases{''.join(' and ' + d for d in done)} in "
           f"{payload['elapsed_s']:.0f} s; wrote {', '.join(f for f in files.values() if f)}")
     return 0

@@ -17,11 +17,16 @@ from typing import Optional
 
 import torch
 
-__all__ = ["machine", "target_verdict", "op_rows", "format_ops", "format_overhead", "write_json", "plot_ops", "plot_overhead", "TARGETS"]
+__all__ = ["machine", "target_verdict", "op_rows", "format_ops", "format_overhead", "format_fixed_cost", "write_json",
+           "plot_ops", "plot_overhead", "TARGETS", "FIXED_TARGETS"]
 
 # the step targets of docs/design.md (Performance targets), as (variant, largest ratio to
 # the plain step)
 TARGETS = {"b": 1.02, "c": 1.05}
+# the fixed cost per call on one CPU thread (DESIGN.md section 5), 4 graphs x 20 atoms, K = 8:
+# milliseconds beyond the model, and torch ops a call
+FIXED_TARGETS = {"equivariance_error": 0.25, "twirl_loss": 0.5}
+FIXED_OPS = 15
 
 
 def _cpu_name() -> str:
@@ -152,6 +157,29 @@ def format_overhead(result: dict) -> str:
                      f"twirl_loss {m['twirl_loss_ms']:.2f} ms (+{m['twirl_loss_added_pct_of_a']:.2f}% of (a)), "
                      f"monitor {m['monitor_ms']:.2f} ms (+{m['monitor_added_pct_of_a']:.2f}% of (a))")
     lines.append("  ratios: median over rounds of (variant / (a) in the same round) [quartiles]")
+    return "\n".join(lines)
+
+
+def format_fixed_cost(result: dict) -> str:
+    """The fixed cost table of :func:`fastequiv.bench.fixed.fixed_cost`."""
+    lines = [f"fixed cost per call: graph batches, a trivial model, K = {result['K']}, {result['threads']} torch "
+             f"thread(s), {result['rounds']} interleaved rounds; beyond the floor: median over rounds [quartiles]"]
+    for i, size in enumerate(result["sizes"]):
+        v = size["variants"]
+        lines.append(f"  {size['graphs']} graphs x {size['atoms']} atoms ({size['rows']} stacked rows): model "
+                     f"{v['model']['median_ms']:.3f} ms, model step {v['model step']['median_ms']:.3f} ms")
+        for name, x in v.items():
+            if "beyond_ms" not in x:
+                continue
+            ops = f"{x['ops_forward']} ops" + (f" + {x['ops_backward']} backward nodes" if "ops_backward" in x else "")
+            base = name.split(" (")[0]
+            verdict = ""
+            if i == 0 and base == name and result["threads"] == 1 and result["device"] == "cpu" \
+                    and (size["graphs"], size["atoms"]) == (4, 20) and base in FIXED_TARGETS:
+                met = x["beyond_q3"] <= FIXED_TARGETS[base] and x["ops_forward"] + x.get("ops_backward", 0) <= FIXED_OPS
+                verdict = f"  (target <= {FIXED_TARGETS[base]} ms, <= {FIXED_OPS} ops: {'met' if met else 'not met'})"
+            lines.append(f"    {name:<32} {x['median_ms']:8.3f} ms  {x['beyond_ms']:7.3f} ms beyond the "
+                         f"{x['floor']} [{x['beyond_q1']:.3f}-{x['beyond_q3']:.3f}]  {ops}{verdict}")
     return "\n".join(lines)
 
 
