@@ -192,3 +192,24 @@ def test_7_every_unnamed_tensor_is_listed():
     inputs = {"pos": pos, "batch": batch, "a": torch.zeros(3), "b": torch.zeros(2, 2), "c": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"inputs\['a'\].*inputs\['b'\].*inputs\['c'\].* have no rep"):
         fe.equivariance_error(lambda pos, batch, **kw: pos, inputs, pos, spec=spec, samples=K)
+
+
+def test_a_non_contiguous_edge_index_is_read_as_its_values():
+    """torch.tensor(edges).T is how many loaders build edge_index: a transposed view. The
+    compiled path once read its storage in the wrong order (an IndexError)."""
+    pos, z, batch, src, dst = _graphs(5)
+    transposed = torch.stack([src, dst], dim=1).T
+    assert not transposed.is_contiguous()
+
+    def model(pos, batch, edge_index):
+        return _pair_forces(pos, edge_index[0], edge_index[1], field=0.2)
+
+    spec = fe.Spec(inputs={"pos": "position", "batch": "batch", "edge_index": "index"}, output="vector")
+    y = torch.randn_like(pos)
+    ref = fe.equivariance_error(model, {"pos": pos, "batch": batch, "edge_index": transposed.contiguous()}, y,
+                                spec=spec, samples=K, seed=SEED, backend="torch")
+    for backend in ("auto", "torch"):
+        d = fe.equivariance_error(model, {"pos": pos, "batch": batch, "edge_index": transposed}, y, spec=spec,
+                                  samples=K, seed=SEED, backend=backend)
+        torch.testing.assert_close(d.per_sample.total, ref.per_sample.total)
+        torch.testing.assert_close(d.per_sample.equiv, ref.per_sample.equiv)
