@@ -14,7 +14,9 @@ Every measuring function (:func:`fastequiv.equivariance_error`, :func:`fastequiv
 5. :func:`split_heads`: every output head as ``(K, rows, ...)`` with the batch index and
    mask it is reduced with.
 
-:func:`stack` runs all five and returns a :class:`Stacked`.
+:func:`stack` runs all five and returns a :class:`Stacked`. On the cpu backend a measuring
+call is planned once per spec, options and batch shapes (:class:`CallPlan`,
+:func:`call_plan`): later calls of the kind run the same five steps in a few kernels.
 """
 
 from __future__ import annotations
@@ -383,7 +385,6 @@ class HeadPlan(NamedTuple):
     name: str
     rep: Rep
     shape: torch.Size  # of one copy (the target's shape)
-    n: int  # rows a copy in dim 0: N nodes or B samples
     acc: torch.dtype
     node: bool  # per node of a graph batch (reduced with the batch index)
     masked: bool
@@ -584,15 +585,15 @@ class CallPlan:
                 return None
             shape = value.shape[1:]
             if y is not None:
-                if y.shape != shape:
+                if not isinstance(y, torch.Tensor) or y.shape != shape:
                     return None  # the steps above raise the error
-                if not (y.is_floating_point() or y.dtype == value.dtype):
-                    return None
+                if y.requires_grad or not (y.is_floating_point() or y.dtype == value.dtype):
+                    return None  # a target's gradient: the steps give it
             acc = accumulate_dtype(value) if y is None else accumulate_dtype(value, y)
             masked = head.mask is not None
             rows = rows_of(shape, rep, mask_for(head.mask, shape, "target"), None)
             node = head.batch is not None
-            plans.append(HeadPlan(i, head.name, rep, shape, value.shape[0] // K, acc, node, masked, rows.N, rows.d,
+            plans.append(HeadPlan(i, head.name, rep, shape, acc, node, masked, rows.N, rows.d,
                                   rows.P))
         if len({p.acc for p in plans}) != 1:
             return None
@@ -729,9 +730,12 @@ def call_plan(spec: Spec, inputs, K: int, exhaustive: bool, *, mask=None, chunk_
         if isinstance(index, torch.Tensor) and index.device.type == "cpu" and index.numel():
             B = int(index.max()) + 1
     key = (sig, None if mask is None else _signature(mask), K, exhaustive, backend, B)
-    plans = _PLANS.get(spec)
-    if plans is None:
-        plans = _PLANS[spec] = {}
+    try:
+        plans = _PLANS.get(spec)
+        if plans is None:
+            plans = _PLANS[spec] = {}
+    except TypeError:  # a spec that cannot be a weak dict key (unhashable): not planned
+        return None
     if key not in plans:
         if len(plans) >= PLANS_PER_SPEC:
             plans.clear()
