@@ -233,6 +233,16 @@ def test_calls_the_plan_does_not_cover_take_the_steps():
     assert stacking.call_plan(spec, inputs, 3, False) is not stacking.call_plan(spec, inputs, 2, False)
 
 
+def test_a_target_that_needs_a_gradient_gets_it():
+    """twirl_loss with a target that requires grad: its heads are not planned, and the
+    steps give the target its gradient, as before."""
+    model, inputs, target, spec, _ = _graph(B=2, P=3)
+    target = {k: v.clone().requires_grad_() for k, v in target.items()}
+    loss, _ = fe.twirl_loss(model, inputs, target, spec=spec, samples=2, seed=0)
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in target.values())
+
+
 # --- the monitor call in a CUDA graph ------------------------------------------------------------
 
 def _monitor_call(backend: str, device: str = "cpu"):
