@@ -478,8 +478,6 @@ class CallPlan:
             masked = batch.mask if level == "node" else None
         if isinstance(rep, Voigt) or rep.kind not in ROW_KINDS or per_irrep(rep) or rep.cell:
             return None
-        if rep.kind == "position" and level == "edge":
-            return None  # the steps above raise the error
         if rep.kind == "scalar":
             mask_for(masked, value.shape, "x")  # a ValueError for a mask of another shape
             return ("tile", (self.K,) + (1,) * (value.dim() - 1))
