@@ -581,7 +581,7 @@ void rotate_rows_backward_raw_cpu(uintptr_t grad, uintptr_t M, uintptr_t sample,
 
 void reduce_rows_raw_cpu(uintptr_t out, uintptr_t M, uintptr_t target, uintptr_t sample, int64_t P, uintptr_t valid,
                          uintptr_t center, uintptr_t mean, uintptr_t sums, int64_t K, int64_t N, int64_t B, int d,
-                         int out_type, int target_type, int acc_type) {
+                         int out_type, int target_type, int acc_type, uintptr_t weights) {
     fastequiv::ReduceRowsArgs a;
     a.rows = raw_layout(sample, P, K, N, B, d);
     a.out_type = cpu_dtype(out_type, "out");
@@ -594,13 +594,14 @@ void reduce_rows_raw_cpu(uintptr_t out, uintptr_t M, uintptr_t target, uintptr_t
     a.center = ptr<const void>(center);
     a.mean = ptr<void>(mean);
     a.sums = ptr<void>(sums);
+    a.weights = ptr<const void>(weights);
     raise_if(run_kernel(K * N * d, [&] { return fastequiv::reduce_rows_cpu(a); }));
 }
 
 void reduce_rows_backward_raw_cpu(uintptr_t grad_mean, uintptr_t grad_sums, uintptr_t out, uintptr_t M,
                                   uintptr_t target, uintptr_t sample, int64_t P, uintptr_t valid, uintptr_t center,
                                   uintptr_t mean, uintptr_t grad_out, int64_t K, int64_t N, int64_t B, int d,
-                                  int out_type, int target_type, int acc_type) {
+                                  int out_type, int target_type, int acc_type, uintptr_t weights) {
     fastequiv::ReduceRowsBackwardArgs a;
     a.rows = raw_layout(sample, P, K, N, B, d);
     a.out_type = cpu_dtype(out_type, "out");
@@ -616,6 +617,7 @@ void reduce_rows_backward_raw_cpu(uintptr_t grad_mean, uintptr_t grad_sums, uint
     a.mean = ptr<const void>(mean);
     a.grad_out = ptr<void>(grad_out);
     a.work = nullptr;
+    a.weights = ptr<const void>(weights);
     raise_if(run_kernel(K * N * d, [&] { return fastequiv::reduce_rows_backward_cpu(a); }));
 }
 
@@ -905,12 +907,13 @@ NB_MODULE(_C, m) {
     m.def("reduce_rows_raw_cpu", &reduce_rows_raw_cpu, nb::arg("out"), nb::arg("M"), nb::arg("target"),
           nb::arg("sample"), nb::arg("P"), nb::arg("valid"), nb::arg("center"), nb::arg("mean"), nb::arg("sums"),
           nb::arg("K"), nb::arg("N"), nb::arg("B"), nb::arg("d"), nb::arg("out_type"), nb::arg("target_type"),
-          nb::arg("acc_type"), "reduce_rows_cpu on data pointers (checked by the caller).");
+          nb::arg("acc_type"), nb::arg("weights") = 0,
+          "reduce_rows_cpu on data pointers (checked by the caller); weights: (K,) in M's dtype, or 0 (1/K each).");
     m.def("reduce_rows_backward_raw_cpu", &reduce_rows_backward_raw_cpu, nb::arg("grad_mean"), nb::arg("grad_sums"),
           nb::arg("out"), nb::arg("M"), nb::arg("target"), nb::arg("sample"), nb::arg("P"), nb::arg("valid"),
           nb::arg("center"), nb::arg("mean"), nb::arg("grad_out"), nb::arg("K"), nb::arg("N"), nb::arg("B"),
-          nb::arg("d"), nb::arg("out_type"), nb::arg("target_type"), nb::arg("acc_type"),
-          "reduce_rows_backward_cpu on data pointers (checked by the caller).");
+          nb::arg("d"), nb::arg("out_type"), nb::arg("target_type"), nb::arg("acc_type"), nb::arg("weights") = 0,
+          "reduce_rows_backward_cpu on data pointers (checked by the caller); weights as in reduce_rows_raw_cpu.");
     m.def("random_rotations_raw_cpu", &random_rotations_raw_cpu, nb::arg("out"), nb::arg("out_type"), nb::arg("n"),
           nb::arg("seed"), nb::arg("offset"), nb::arg("improper"),
           "Rotations offset .. offset + n - 1 of the stream `seed` computed in float64 and rounded to out's "

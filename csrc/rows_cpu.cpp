@@ -354,6 +354,7 @@ void reduce_rows_impl(const ReduceRowsArgs& a) {
     const Acc* c = static_cast<const Acc*>(a.center);
     Acc* mean = static_cast<Acc*>(a.mean);
     Acc* sums = static_cast<Acc*>(a.sums);
+    const Acc* w = static_cast<const Acc*>(a.weights);
     const bool parallel = L.K * L.N * d >= kParallelElements;
     const int nt = parallel ? max_threads() : 1;
     std::vector<double> partial(static_cast<size_t>(nt) * 3 * B, 0.0);
@@ -369,7 +370,7 @@ void reduce_rows_impl(const ReduceRowsArgs& a) {
             const int64_t s = row_sample(r, L.sample, L.P);
             Acc terms[3];
             reduce_row<D>(out + r * d, L.N * d, M + s * d * d, B * d * d, c + s * d, B * d, y + r * d,
-                          static_cast<int>(L.K), d, mean + r * d, terms);
+                          static_cast<int>(L.K), d, mean + r * d, terms, w);
             if (!a.valid || a.valid[r]) {
                 local[s] += terms[0];
                 local[B + s] += terms[1];
@@ -466,6 +467,7 @@ void reduce_rows_backward_impl(const ReduceRowsBackwardArgs& a) {
     const Acc* gm = static_cast<const Acc*>(a.grad_mean);
     const Acc* gs = static_cast<const Acc*>(a.grad_sums);
     TO* go = static_cast<TO*>(a.grad_out);
+    const Acc* w = static_cast<const Acc*>(a.weights);
     const bool parallel = L.K * L.N * d >= kParallelElements;
 #if defined(FASTEQUIV_OPENMP)
 #pragma omp parallel if (parallel)
@@ -481,7 +483,7 @@ void reduce_rows_backward_impl(const ReduceRowsBackwardArgs& a) {
             const Acc g0 = ok ? gs[s] : Acc(0), g1 = ok ? gs[B + s] : Acc(0), g2 = ok ? gs[2 * B + s] : Acc(0);
             reduce_row_backward<D>(out + r * d, L.N * d, M + s * d * d, B * d * d, c + s * d, B * d, y + r * d,
                                    mean + r * d, gm ? gm + r * d : nullptr, g0, g1, g2, static_cast<int>(L.K), d,
-                                   work.data(), go + r * d);
+                                   work.data(), go + r * d, w);
         }
     }
     (void)parallel;
@@ -524,7 +526,7 @@ const char* reduce_rows_cpu(const ReduceRowsArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
-                if (tiled3(a.rows)) {
+                if (tiled3(a.rows) && !a.weights) {  // weighted calls take the row-at-a-time path
                     reduce_rows_tiled3<decltype(to), decltype(ty), decltype(acc)>(a);
                     return;
                 }
@@ -542,7 +544,7 @@ const char* reduce_rows_backward_cpu(const ReduceRowsBackwardArgs& a) {
     with_float_type(a.out_type, [&](auto to) {
         with_float_type(a.target_type, [&](auto ty) {
             with_float_type(a.acc_type, [&](auto acc) {
-                if (tiled3(a.rows)) {
+                if (tiled3(a.rows) && !a.weights) {
                     reduce_rows_backward_tiled3<decltype(to), decltype(ty), decltype(acc)>(a);
                     return;
                 }

@@ -72,10 +72,12 @@ FE_HOST_DEVICE void rotate_row_backward(const T* grad, long long g_step, const A
 // One row of reduce_rows: the twirled mean abar = (1/K) sum_k a_k into `mean` (n values)
 // and the row's terms (1/K) sum_k |a_k - y|^2, |abar - y|^2, (1/K) sum_k |a_k - abar|^2
 // into terms[0..3). abar is formed first and the spread from the deviations a_k - abar
-// (a second pass over the copies), so it has no cancellation.
+// (a second pass over the copies), so it has no cancellation. With weights w (K values,
+// null for 1/K each), every (1/K) sum_k is sum_k w_k.
 template <int D, typename Acc, typename TO, typename TY>
 FE_HOST_DEVICE void reduce_row(const TO* o, long long o_step, const Acc* m, long long m_step, const Acc* c,
-                               long long c_step, const TY* y, int K, int d, Acc* mean, Acc* terms) {
+                               long long c_step, const TY* y, int K, int d, Acc* mean, Acc* terms,
+                               const Acc* w = nullptr) {
     const int n = D > 0 ? D : d;
     Acc abar_reg[D > 0 ? D : 1];
     Acc* abar = D > 0 ? abar_reg : mean;
@@ -85,13 +87,18 @@ FE_HOST_DEVICE void reduce_row(const TO* o, long long o_step, const Acc* m, long
         for (int i = 0; i < n; ++i) {
             const Acc a = back_rotate_component<D>(o + k * o_step, m + k * m_step, c + k * c_step, n, i);
             const Acc e = a - to_acc<Acc>(y[i]);
-            abar[i] += a;
-            total += e * e;
+            if (w) {
+                abar[i] += w[k] * a;
+                total += w[k] * (e * e);
+            } else {
+                abar[i] += a;
+                total += e * e;
+            }
         }
     }
     Acc bias = 0;
     for (int i = 0; i < n; ++i) {
-        abar[i] /= static_cast<Acc>(K);
+        if (!w) abar[i] /= static_cast<Acc>(K);
         const Acc e = abar[i] - to_acc<Acc>(y[i]);
         bias += e * e;
     }
@@ -100,15 +107,15 @@ FE_HOST_DEVICE void reduce_row(const TO* o, long long o_step, const Acc* m, long
         for (int i = 0; i < n; ++i) {
             const Acc e =
                 back_rotate_component<D>(o + k * o_step, m + k * m_step, c + k * c_step, n, i) - abar[i];
-            spread += e * e;
+            spread += w ? w[k] * (e * e) : e * e;
         }
     }
     if (D > 0) {
         for (int i = 0; i < n; ++i) mean[i] = abar[i];
     }
-    terms[0] = total / static_cast<Acc>(K);
+    terms[0] = w ? total : total / static_cast<Acc>(K);
     terms[1] = bias;
-    terms[2] = spread / static_cast<Acc>(K);
+    terms[2] = w ? spread : spread / static_cast<Acc>(K);
 }
 
 // One row of reduce_rows_backward: with g = (g_total, g_bias, g_spread) of the row's
@@ -116,23 +123,36 @@ FE_HOST_DEVICE void reduce_row(const TO* o, long long o_step, const Acc* m, long
 //   dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar))
 //             + grad_mean / K                      (grad_mean may be null)
 //   dL/dout_k = M_k dL/da_k                        written in out's type at go + k o_step.
-// `work` holds n values of Acc (used only when D == 0).
+// `work` holds n values of Acc (used only when D == 0). With weights w (null for 1/K each),
+// 1/K is w_k and the spread term is g_spread (a_k - abar - (1 - S) abar), S = sum_k w_k
+// (sum_k w_k (a_k - abar) = (1 - S) abar, zero for weights summing to one).
 template <int D, typename Acc, typename TO, typename TY>
 FE_HOST_DEVICE void reduce_row_backward(const TO* o, long long o_step, const Acc* m, long long m_step,
                                         const Acc* c, long long c_step, const TY* y, const Acc* abar,
                                         const Acc* grad_mean, Acc g_total, Acc g_bias, Acc g_spread, int K,
-                                        int d, Acc* work, TO* go) {
+                                        int d, Acc* work, TO* go, const Acc* w = nullptr) {
     const int n = D > 0 ? D : d;
     Acc ga_reg[D > 0 ? D : 1];
     Acc* ga = D > 0 ? ga_reg : work;
     const Acc two_over_k = static_cast<Acc>(2.0 / K);
+    Acc one_minus_s = 1;
+    if (w) {
+        for (int k = 0; k < K; ++k) one_minus_s -= w[k];
+    }
     for (int k = 0; k < K; ++k) {
         const Acc* mk = m + k * m_step;
         for (int j = 0; j < n; ++j) {
             const Acc a = back_rotate_component<D>(o + k * o_step, mk, c + k * c_step, n, j);
             const Acc yj = to_acc<Acc>(y[j]);
-            Acc v = two_over_k * (g_total * (a - yj) + g_bias * (abar[j] - yj) + g_spread * (a - abar[j]));
-            if (grad_mean) v += grad_mean[j] / static_cast<Acc>(K);
+            Acc v;
+            if (w) {
+                const Acc spread = a - abar[j] - one_minus_s * abar[j];
+                v = (2 * w[k]) * (g_total * (a - yj) + g_bias * (abar[j] - yj) + g_spread * spread);
+                if (grad_mean) v += w[k] * grad_mean[j];
+            } else {
+                v = two_over_k * (g_total * (a - yj) + g_bias * (abar[j] - yj) + g_spread * (a - abar[j]));
+                if (grad_mean) v += grad_mean[j] / static_cast<Acc>(K);
+            }
             ga[j] = v;
         }
         TO* gk = go + k * o_step;

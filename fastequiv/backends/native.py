@@ -126,19 +126,20 @@ def _rotate_rows_backward(C, grad, M, sample, P, out):
                                    B, d, CODES[grad.dtype], CODES[M.dtype])
 
 
-def _reduce_rows(C, out, M, target, sample, P, valid, center, mean, sums):
+def _reduce_rows(C, out, M, target, sample, P, valid, center, mean, sums, weights=None):
     K, B, d = M.shape[:3]
     C.reduce_rows_raw_cpu(out.data_ptr(), M.data_ptr(), target.data_ptr(), ptr(sample), P, ptr(valid),
                           center.data_ptr(), mean.data_ptr(), sums.data_ptr(), K, out.shape[1], B, d,
-                          CODES[out.dtype], CODES[target.dtype], CODES[M.dtype])
+                          CODES[out.dtype], CODES[target.dtype], CODES[M.dtype], ptr(weights))
 
 
-def _reduce_rows_backward(C, grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean, grad_out):
+def _reduce_rows_backward(C, grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean, grad_out,
+                          weights=None):
     K, B, d = M.shape[:3]
     C.reduce_rows_backward_raw_cpu(ptr(grad_mean), grad_sums.data_ptr(), out.data_ptr(), M.data_ptr(),
                                    target.data_ptr(), ptr(sample), P, ptr(valid), center.data_ptr(), mean.data_ptr(),
                                    grad_out.data_ptr(), K, out.shape[1], B, d, CODES[out.dtype],
-                                   CODES[target.dtype], CODES[M.dtype])
+                                   CODES[target.dtype], CODES[M.dtype], ptr(weights))
 
 
 def _cube_copies(C, x, M, out):

@@ -1,0 +1,286 @@
+"""twirl_reduce with weighted copies (``weights=``, a rotation design's): the public op and the
+row kernels against an explicit per-copy loop, their gradients (gradcheck in float64, the
+backward formula against autograd), and the backends that cannot take weights refusing them
+by name while ``"auto"`` picks one that can.
+
+``weights=None`` is today's uniform average: tests/test_twirl_reduce.py covers it.
+"""
+
+import pytest
+import torch
+from conftest import BACKENDS, acc_of, assert_close_dtype, backend_params, device_of
+from opdata import data, loop_act, reduce_inputs, rotations
+
+import fastequiv as fe
+from fastequiv.ops import twirl_reduce
+from fastequiv.ops.layout import mask_for
+from fastequiv.ops.twirl_reduce import WEIGHTED_BACKENDS, reduce_rows, reduce_rows_backward_reference, \
+    reduce_rows_reference, twirl_reduce_reference
+from fastequiv.reps import as_rep
+
+LOOP_REPS = ["scalar", "pseudoscalar", "vector", "pseudovector", "position", "1x0e + 2x1o + 1x2e"]
+WEIGHTED = backend_params(*WEIGHTED_BACKENDS)
+UNWEIGHTED = [p for p in BACKENDS if p.values[0] not in WEIGHTED_BACKENDS]
+
+
+def design_weights(K, seed=0, dtype=torch.float64):
+    """Positive weights summing to one, far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
+    return (w / w.sum()).to(dtype)
+
+
+def loop_sums(rep, out, R, y, w, mask, batch):
+    """``(twirled, total, bias, spread, count)`` by explicit loops over copies and rows:
+    ``out`` ``(K, rows, n, d)``, sample of row ``i`` = ``batch[i]`` (or ``i``)."""
+    K, rows = out.shape[:2]
+    B = R.shape[1]
+    sample = list(range(rows)) if batch is None else batch.tolist()
+    a = torch.stack([torch.stack([loop_act(rep, out[k, i], R[k, sample[i]], inverse=True) for i in range(rows)])
+                     for k in range(K)])
+    abar = sum(w[k] * a[k] for k in range(K))
+    m = torch.ones(y.shape, dtype=torch.bool) if mask is None else mask[..., None].expand(y.shape)
+    total, bias, spread, count = (torch.zeros(B, dtype=torch.float64) for _ in range(4))
+    for i in range(rows):
+        b = sample[i]
+        mi = m[i]
+        total[b] += sum(w[k] * ((a[k, i] - y[i]) ** 2)[mi].sum() for k in range(K))
+        bias[b] += ((abar[i] - y[i]) ** 2)[mi].sum()
+        spread[b] += sum(w[k] * ((a[k, i] - abar[i]) ** 2)[mi].sum() for k in range(K))
+        count[b] += mi.sum()
+    n = count.clamp_min(1)
+    return abar, total / n, bias / n, spread / n, count
+
+
+@pytest.mark.parametrize("backend", WEIGHTED)
+@pytest.mark.parametrize("rep", LOOP_REPS)
+@pytest.mark.parametrize("layout", ["dense", "graph"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_weighted_sums_match_a_loop(rep, layout, masked, dtype, backend):
+    if rep == "position" and (layout == "graph" or masked):
+        pytest.skip("positions turn about the centroid of their valid points (the loop takes all of one row's): "
+                    "test_weighted_row_path_matches_the_definition covers masked positions")
+    dev = device_of(backend)
+    K, B, n = 3, 4, 2
+    R = rotations(K, B)
+    w = design_weights(K)
+    if layout == "dense":
+        rows, batch = B, None
+    else:
+        batch = torch.tensor([0, 0, 2, 3, 3, 3])  # sample 1 has no node
+        rows = batch.numel()
+    out = data(rep, (K, rows, n), torch.float64, seed=1).to(dtype)
+    y = data(rep, (rows, n), torch.float64, seed=2).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(rows, n, generator=torch.Generator().manual_seed(3)) > 0.4
+        mask[-1] = False  # the last sample's last row holds nothing
+    s = twirl_reduce(out.to(dev), R.to(dev), y.to(dev), as_rep(rep), None if mask is None else mask.to(dev),
+                     batch=None if batch is None else batch.to(dev), backend=backend, weights=w.to(dev))
+    want = loop_sums(rep, out.double(), R, y.double(), w, mask, batch)
+    for name, got, ref in zip(("twirled", "total", "bias", "spread", "count"), s, want):
+        assert got.dtype == acc_of(dtype), name
+        assert_close_dtype(got.double(), ref, dtype if dtype != torch.float64 else None, msg=name)
+
+
+@pytest.mark.parametrize("rep", ["vector", "position", "1x0e + 2x1o + 1x2e"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_weighted_row_path_matches_the_definition(rep, masked):
+    K, B, n = 4, 3, 5
+    R = rotations(K, B)
+    w = design_weights(K, seed=4)
+    out = data(rep, (K, B, n), torch.float64)
+    y = data(rep, (B, n), torch.float64, seed=5)
+    mask = (torch.rand(B, n, generator=torch.Generator().manual_seed(6)) > 0.3) if masked else None
+    got = twirl_reduce(out, R, y, as_rep(rep), mask, backend="torch", weights=w)
+    want = twirl_reduce_reference(out, R, y, as_rep(rep), mask_for(mask, y.shape, "target"), w)
+    for name, a, b in zip(want._fields, got, want):
+        assert_close_dtype(a, b, msg=name)
+
+
+def test_uniform_weights_give_the_unweighted_sums():
+    K, B, n = 5, 3, 4
+    R = rotations(K, B)
+    out = data("1x0e + 2x1o + 1x2e", (K, B, n), torch.float64)
+    y = data("1x0e + 2x1o + 1x2e", (B, n), torch.float64, seed=1)
+    rep = as_rep("1x0e + 2x1o + 1x2e")
+    one = twirl_reduce(out, R, y, rep, backend="torch")
+    uniform = twirl_reduce(out, R, y, rep, backend="torch", weights=torch.full((K,), 1 / K, dtype=torch.float64))
+    for name, a, b in zip(one._fields, uniform, one):
+        assert_close_dtype(a, b, msg=name)
+
+
+def test_one_weight_picks_one_copy():
+    """All the weight on copy 1: the twirl is that copy's back-rotation, spread 0, total = bias."""
+    K, B, n = 3, 2, 4
+    R = rotations(K, B)
+    out = data("vector", (K, B, n), torch.float64)
+    y = data("vector", (B, n), torch.float64, seed=1)
+    s = twirl_reduce(out, R, y, as_rep("vector"), backend="torch", weights=torch.tensor([0.0, 1.0, 0.0],
+                                                                                       dtype=torch.float64))
+    copy = torch.einsum("bji,bnj->bni", R[1], out[1])  # R^T out
+    assert_close_dtype(s.twirled, copy)
+    assert float(s.spread.abs().max()) == 0.0
+    assert_close_dtype(s.total, s.bias)
+
+
+@pytest.mark.parametrize("backend", WEIGHTED)
+@pytest.mark.parametrize("rep", ["position", "1x0e + 1x1o + 1x2e"])
+@pytest.mark.parametrize("layout", ["dense", "graph"])
+def test_weighted_gradcheck(rep, layout, backend):
+    if layout == "graph" and rep == "position":
+        pytest.skip("per-node positions: see test_weighted_sums_match_a_loop")
+    dev = device_of(backend)
+    K, B = 3, 2
+    R = rotations(K, B).to(dev)
+    w = (design_weights(K) * 1.3).to(dev)  # not summing to one: the gradient's (1 - S) term is exercised
+    batch = None if layout == "dense" else torch.tensor([0, 1, 1], device=dev)
+    rows = B if batch is None else 3
+    out = data(rep, (K, rows, 2), torch.float64).to(dev).requires_grad_()
+    y = data(rep, (rows, 2), torch.float64, seed=1).to(dev).requires_grad_()
+    mask = torch.tensor([[True, False], [True, True], [False, True]][:rows], device=dev)
+
+    def f(out, y):
+        s = twirl_reduce(out, R, y, as_rep(rep), mask, batch=batch, backend=backend, weights=w)
+        return s.twirled.sum(), s.total, 2 * s.bias, 3 * s.spread
+
+    assert torch.autograd.gradcheck(f, (out, y))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_center", [False, True])
+def test_weighted_reduce_rows_op_gradcheck(graph, masked, with_center):
+    """The custom op's autograd formula (fused backward for ``out``, torch for M, target and
+    centres) against finite differences, weights not summing to one."""
+    K, B, P, d = 3, 3, 2, 3
+    out, M, target, sample, P, valid, center = reduce_inputs(K, B, P, d, torch.float64, graph, masked, with_center,
+                                                             "cpu")
+    w = design_weights(K, seed=2) * 0.8
+    M = torch.linalg.qr(M)[0]  # the centres' gradient assumes orthogonal matrices (rotations)
+    args = [t.clone().requires_grad_() for t in (out, M, target)]
+    c = center.clone().requires_grad_() if with_center else None
+
+    def f(out, M, target, *cc):
+        mean, sums = reduce_rows(out, M, target, sample, P, valid, cc[0] if cc else None, B, "torch", w)
+        return mean, sums
+
+    assert torch.autograd.gradcheck(f, tuple(args) + ((c,) if with_center else ()))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_center", [False, True])
+def test_weighted_backward_reference_matches_autograd(graph, masked, with_center):
+    K, B, P, d = 4, 3, 3, 3
+    out, M, target, sample, P, valid, center = reduce_inputs(K, B, P, d, torch.float64, graph, masked, with_center,
+                                                             "cpu")
+    w = design_weights(K, seed=3) * 1.2
+    o = out.clone().requires_grad_()
+    mean, sums = reduce_rows_reference(o, M, target, sample, P, valid, center, B, w)
+    g = torch.Generator().manual_seed(9)
+    gm, gs = torch.randn(mean.shape, generator=g, dtype=torch.float64), torch.randn(3, B, generator=g,
+                                                                                    dtype=torch.float64)
+    want, = torch.autograd.grad((mean * gm).sum() + (sums * gs).sum(), o)
+    got = reduce_rows_backward_reference(gm, gs, out, M, target, sample, P, valid, center, mean.detach(), w)
+    assert_close_dtype(got, want)
+
+
+def test_opcheck_with_weights():
+    g = torch.Generator().manual_seed(0)
+    K, B, P, d = 2, 3, 4, 3
+    M = torch.linalg.qr(torch.randn(K, B, d, d, generator=g))[0]
+    out = torch.randn(K, B * P, d, generator=g).requires_grad_()
+    y = torch.randn(B * P, d, generator=g).requires_grad_()
+    cc = torch.randn(K, B, d, generator=g).requires_grad_()
+    w = torch.tensor([0.25, 0.75])
+    torch.library.opcheck(reduce_rows, (out, M, y, None, P, None, cc, B, "torch", w))
+
+
+@pytest.mark.parametrize("backend", UNWEIGHTED)
+def test_backends_without_weights_refuse_them_and_auto_picks_one_that_can(backend):
+    dev = device_of(backend)
+    K, B = 3, 2
+    R = rotations(K, B).to(dev)
+    out = data("vector", (K, B, 4), torch.float64).to(dev)
+    y = data("vector", (B, 4), torch.float64, seed=1).to(dev)
+    w = design_weights(K).to(dev)
+    with pytest.raises(fe.BackendUnavailableError, match="cannot run twirl_reduce with weights"):
+        twirl_reduce(out, R, y, as_rep("vector"), backend=backend, weights=w)
+    with pytest.raises(fe.BackendUnavailableError, match="weights"):
+        reduce_rows(out.reshape(K, -1, 3), R, y.reshape(-1, 3), None, 4, None, None, B, backend, w)
+    got = twirl_reduce(out, R, y, as_rep("vector"), backend="auto", weights=w)
+    want = twirl_reduce(out.cpu(), R.cpu(), y.cpu(), as_rep("vector"), backend="torch", weights=w.cpu())
+    for name, a, b in zip(want._fields, got, want):
+        assert_close_dtype(a.cpu(), b, msg=name)
+
+
+def test_auto_takes_weights():
+    K, B = 3, 2
+    R = rotations(K, B)
+    out = data("vector", (K, B, 4), torch.float64)
+    y = data("vector", (B, 4), torch.float64, seed=1)
+    w = design_weights(K)
+    got = twirl_reduce(out, R, y, as_rep("vector"), weights=w)
+    want = twirl_reduce_reference(out, R, y, as_rep("vector"), None, w)
+    for name, a, b in zip(want._fields, got, want):
+        assert_close_dtype(a, b, msg=name)
+
+
+def test_weights_argument_errors():
+    K, B = 3, 2
+    R = rotations(K, B)
+    out = data("vector", (K, B, 4), torch.float64)
+    y = data("vector", (B, 4), torch.float64, seed=1)
+    with pytest.raises(ValueError, match=r"weights must be a float tensor of shape \(K,\) = \(3,\).*shape \(2,\)"):
+        twirl_reduce(out, R, y, as_rep("vector"), weights=torch.ones(2) / 2)
+    with pytest.raises(ValueError, match="weights must be a float tensor.*int64"):
+        twirl_reduce(out, R, y, as_rep("vector"), weights=torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="weights must be a float tensor.*list"):
+        twirl_reduce(out, R, y, as_rep("vector"), weights=[0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="weights require grad"):
+        twirl_reduce(out, R, y, as_rep("vector"), weights=design_weights(K).requires_grad_())
+    grids = torch.randn(K, B, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="weights with rep 'voxels'"):
+        twirl_reduce(grids, R, grids[0], as_rep("voxels"), weights=design_weights(K))
+
+
+@pytest.mark.parametrize("backend", [p for p in WEIGHTED if p.values[0] != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_center", [False, True])
+@pytest.mark.parametrize("d", [1, 3, 9])
+def test_weighted_row_kernels_match_reference(dtype, graph, masked, with_center, d, backend):
+    """The compiled row kernels with weights (rows of 3 leave the tiled path for the
+    row-at-a-time one) against the reference, forward and backward, with and without
+    ``grad_mean``; weights not summing to one."""
+    from fastequiv.backends import registry
+    dev = device_of(backend)
+    K, B, P = 4, 3, 5
+    args = reduce_inputs(K, B, P, d, dtype, graph, masked, with_center, dev)
+    M = args[1]
+    w = (design_weights(K, seed=7) * 1.1).to(device=dev, dtype=M.dtype)
+    mean, sums = registry.implementation("reduce_rows", backend)(*args, B, w)
+    ref_mean, ref_sums = reduce_rows_reference(*args, B, w)
+    assert_close_dtype(mean, ref_mean, msg="mean")
+    assert_close_dtype(sums, ref_sums, msg="sums")
+    g = torch.Generator().manual_seed(11)
+    gs = torch.randn(3, B, generator=g, dtype=torch.float64).to(device=dev, dtype=M.dtype)
+    for gm in (None, torch.randn(mean.shape, generator=g, dtype=torch.float64).to(device=dev, dtype=M.dtype)):
+        got = registry.implementation("reduce_rows_backward", backend)(gm, gs, *args, ref_mean, w)
+        want = reduce_rows_backward_reference(gm, gs, *args, ref_mean, w)
+        assert_close_dtype(got, want, acc_of(dtype), msg="grad_out")
+
+
+@pytest.mark.parametrize("backend", [p for p in WEIGHTED if p.values[0] != "torch"])
+def test_weighted_row_kernels_refuse_wrong_weights(backend):
+    from fastequiv.backends import registry
+    dev = device_of(backend)
+    K, B, P, d = 2, 2, 3, 3
+    args = reduce_inputs(K, B, P, d, torch.float64, False, False, False, dev)
+    with pytest.raises(ValueError, match="weights"):
+        registry.implementation("reduce_rows", backend)(*args, B, torch.ones(K + 1, dtype=torch.float64, device=dev))
+    with pytest.raises(ValueError, match="weights"):
+        registry.implementation("reduce_rows", backend)(*args, B, torch.ones(K, dtype=torch.float32, device=dev))
