@@ -42,8 +42,10 @@ replicates (leave one replicate out) of each sample's estimates, summed over the
 whose rotations are independent. It needs ``replicates >= 3`` (NaN below). The jackknife
 variance is conservative (Efron-Stein): in expectation it errs high, not low.
 
-Weights. Every sum over copies here is weighted, in torch (the compiled ``twirl_reduce``
-kernels average their copies uniformly).
+Weights. Every sum over copies here is weighted: each replicate's block of ``K`` copies is one
+``twirl_reduce(..., weights=design.weights)`` call (back-rotation and weighted sums in its
+kernels, on the backends that take weights; ``backend="auto"`` picks one), and the small
+between-replicate terms are formed in torch.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ from .estimators import Decomposition, LabelFree, Scale, Terms, combine, combine
 from .ops import random_rotations
 from .ops.action import Action
 from .ops.layout import accumulate_dtype, mask_for
-from .ops.twirl_reduce import back_rotate
-from .reps import Voigt
+from .ops.twirl_reduce import TwirlSums, back_rotate, twirl_reduce
+from .reps import Voigt, as_rep
 from .spec import Spec
 from .stacking import Head, Stacked, call_model, read_inputs, split_heads, stack_copies
 from .stacking import eval_mode as stacking_eval_mode
@@ -135,6 +137,10 @@ def back_rotated(head: Head, action: Action, dtype: torch.dtype):
     return back_rotate(head.value, nodes, head.rep, m, dtype), m
 
 
+#: how :class:`Replicates` reduces copies that are already back-rotated: element by element
+INVARIANT = as_rep("scalar")
+
+
 def _sample_sums(x: torch.Tensor, m: Optional[torch.Tensor], index: Optional[torch.Tensor], B: int) -> torch.Tensor:
     """``(L, B)``: ``x`` ``(L, rows, *E)`` summed over each sample's valid elements (``m``
     selects; a masked-out value never reaches a sum, whatever it holds)."""
@@ -147,34 +153,65 @@ def _sample_sums(x: torch.Tensor, m: Optional[torch.Tensor], index: Optional[tor
 
 
 class Replicates:
-    """One head's weighted sums over ``R`` replicates of a ``K``-rotation design.
+    """One head's weighted sums over ``R`` replicates of a ``K``-rotation design, each
+    replicate's block of copies reduced by one ``twirl_reduce(weights=)`` call.
 
     Args:
-        a: ``(R * K, rows, *E)`` back-rotated copies (copy ``r K + i``), accumulation dtype.
+        a: ``(R * K, rows, *E)`` back-rotated copies (copy ``r K + i``), accumulation dtype
+            (reduced as invariants: every element on its own). :meth:`of_head` takes the
+            model's outputs instead and back-rotates them in the same call.
         weights: ``(K,)`` the design's weights.
         target: ``(rows, *E)``.
         m: the mask broadcast to ``(rows, *E)``, or None.
         index: ``(rows,)`` the sample of each row (graph layout), or None (row = sample).
         B: samples.
         replicates: ``R``.
+        backend: of the ``twirl_reduce`` calls.
 
     Attributes (per sample, means over its valid elements): ``twirled`` ``(R, rows, *E)``,
     ``abar_r``; ``total`` ``(R, B)``, ``T_r``; ``within`` ``(R, B)``, ``W_r``; ``count`` ``(B,)``.
     """
 
     def __init__(self, a: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, m: Optional[torch.Tensor],
-                 index: Optional[torch.Tensor], B: int, replicates: int):
-        R = replicates
-        K = a.shape[0] // R
-        a = a.reshape((R, K) + tuple(a.shape[1:]))
-        w = weights.to(device=a.device, dtype=a.dtype).reshape((1, K) + (1,) * (a.dim() - 2))
-        y = target.to(a.dtype)
-        self.y, self.m, self.index, self.B, self.R = y, m, index, B, R
-        self.count = _sample_sums(torch.ones_like(y)[None], m, index, B)[0]
+                 index: Optional[torch.Tensor], B: int, replicates: int, backend: str = "auto"):
+        K = a.shape[0] // replicates
+        identity = torch.eye(3, dtype=a.dtype, device=a.device).expand(K, B, 3, 3)
+        full = None if m is None else m.expand(target.shape)  # twirl_reduce takes a prefix of the shape
+        blocks = [twirl_reduce(a[r * K:(r + 1) * K], identity, target.to(a.dtype), INVARIANT, full, batch=index,
+                               backend=backend, weights=weights.to(device=a.device, dtype=a.dtype))
+                  for r in range(replicates)]
+        self._collect(blocks, target.to(a.dtype), m, index, B)
+
+    @classmethod
+    def of_head(cls, head: Head, action: Action, weights: torch.Tensor, target: torch.Tensor, B: int,
+                replicates: int, backend: str = "auto") -> "Replicates":
+        """The replicates of one output head from the model's outputs on the ``replicates * K``
+        copies: back-rotation and weighted sums in one ``twirl_reduce`` call per replicate (a
+        per-node head of a graph batch with its batch index; voxel grids back-rotated first)."""
+        acc = accumulate_dtype(head.value, target)
+        if head.rep.kind == "voxels":  # the grids' reduction averages uniformly: back-rotate, then reduce
+            a, m = back_rotated(head, action, acc)
+            return cls(a, weights, target, m, head.batch, B, replicates, backend)
+        if head.batch is not None and head.rep.kind == "position":
+            back_rotated(head, action, acc)  # raises: positions of a graph are not averaged here
+        K = weights.shape[0]
+        w = weights.to(device=head.value.device, dtype=acc)
+        R = action.R
+        blocks = [twirl_reduce(head.value[r * K:(r + 1) * K], R[r * K:(r + 1) * K], target, head.rep, head.mask,
+                               batch=head.batch, backend=backend, weights=w) for r in range(replicates)]
+        self = cls.__new__(cls)
+        self._collect(blocks, target.to(acc), mask_for(head.mask, head.value.shape[1:], f"output {head.name!r}"),
+                      head.batch, B)
+        return self
+
+    def _collect(self, blocks: list[TwirlSums], y: torch.Tensor, m: Optional[torch.Tensor],
+                 index: Optional[torch.Tensor], B: int) -> None:
+        self.y, self.m, self.index, self.B, self.R = y, m, index, B, len(blocks)
+        self.count = blocks[0].count
         self.n = self.count.clamp_min(1)
-        self.twirled = (w * a).sum(1)
-        self.total = self._sums((w * (a - y) ** 2).sum(1))
-        self.within = self._sums((w * (a - self.twirled[:, None]) ** 2).sum(1))
+        self.twirled = torch.stack([s.twirled for s in blocks])
+        self.total = torch.stack([s.total for s in blocks])
+        self.within = torch.stack([s.spread for s in blocks])
 
     def _sums(self, x: torch.Tensor) -> torch.Tensor:
         return _sample_sums(x, self.m, self.index, self.B) / self.n
@@ -322,8 +359,7 @@ def design_error(
                           chunk_size=chunk_size, backend=backend, check_finite=check_finite)
         heads, jacks, head_valid = {}, {}, {}
         for head, y in zip(st.heads, _head_targets(spec, target, st)):
-            a, m = back_rotated(head, st.action, accumulate_dtype(head.value, y))
-            rep = Replicates(a, design.weights, y, m, head.batch, st.B, R)
+            rep = Replicates.of_head(head, st.action, design.weights, y, st.B, R, backend)
             t = rep.terms()
             d = decompose(t.total, t.mean, t.equiv, rep.count, samples=st.K, exhaustive=True)
             heads[head.name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
@@ -362,16 +398,16 @@ def _fields(obj) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def weighted_heads(st: Stacked, weights: torch.Tensor) -> list:
+def weighted_heads(st: Stacked, weights: torch.Tensor, backend: str = "auto") -> list:
     """Every output head of ``st`` (one replicate of a design) back-rotated and averaged with
-    the design's ``weights``, in the model's dtype and form (a Voigt head averaged as its
-    3 x 3 tensor and given back in Voigt form): the list :meth:`Spec.build_output` takes.
-    Differentiable with respect to the model's outputs."""
+    the design's ``weights`` (the twirled value of one ``twirl_reduce`` call against a zero
+    target), in the model's dtype and form (a Voigt head averaged as its 3 x 3 tensor and
+    given back in Voigt form): the list :meth:`Spec.build_output` takes. Differentiable with
+    respect to the model's outputs."""
     out = []
     for head in st.heads:
-        a, _ = back_rotated(head, st.action, accumulate_dtype(head.value))
-        w = weights.to(device=a.device, dtype=a.dtype).reshape((-1,) + (1,) * (a.dim() - 1))
-        v = (w * a).sum(0).to(head.value.dtype)
+        zero = head.value.new_zeros(head.value.shape[1:])
+        v = Replicates.of_head(head, st.action, weights, zero, st.B, 1, backend).twirled[0].to(head.value.dtype)
         out.append(head.declared.from_matrix(v) if isinstance(head.declared, Voigt) else v)
     return out
 
@@ -386,4 +422,4 @@ def design_average(model: Callable, inputs, spec: Spec, design: Design, *, turn:
     ``generator``): an unbiased estimate of ``fbar(x)`` for any model, no longer deterministic."""
     st = stack_design(model, inputs, spec, design, turn=turn, seed=seed, generator=generator,
                       chunk_size=chunk_size, backend=backend, check_finite=check_finite)
-    return spec.build_output(weighted_heads(st, design.weights))
+    return spec.build_output(weighted_heads(st, design.weights, backend))

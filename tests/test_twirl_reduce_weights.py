@@ -284,3 +284,45 @@ def test_weighted_row_kernels_refuse_wrong_weights(backend):
         registry.implementation("reduce_rows", backend)(*args, B, torch.ones(K + 1, dtype=torch.float64, device=dev))
     with pytest.raises(ValueError, match="weights"):
         registry.implementation("reduce_rows", backend)(*args, B, torch.ones(K, dtype=torch.float32, device=dev))
+
+
+# --- the designs' sums through twirl_reduce(weights=) -------------------------------------------
+
+@pytest.mark.parametrize("backend", WEIGHTED)
+def test_design_error_and_average_on_each_weighted_backend(backend):
+    """design_error and design_average reduce through twirl_reduce(weights=): the same numbers
+    on every backend that takes weights as on the torch reference, graph batches and
+    positions included, and the twirled average's gradient too."""
+    from fastequiv.design_twirl import design_average, design_error
+    from fastequiv.designs import design
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    pos = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    batch = torch.arange(3).repeat_interleave(4)
+    y = {"forces": torch.randn(12, 3, generator=g, dtype=torch.float64),
+         "energy": torch.randn(3, generator=g, dtype=torch.float64)}
+
+    def flat(pos, batch):
+        e = torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add(0, batch, (pos @ W).pow(2).sum(-1))
+        return {"forces": torch.tanh(pos @ W), "energy": e}
+
+    spec = fe.Spec(inputs={"pos": "position", "batch": "batch"}, output={"forces": "vector", "energy": "scalar"})
+    inputs = {"pos": pos, "batch": batch}
+    got = design_error(flat, inputs, y, spec=spec, rotations="design:2", replicates=3, seed=8, backend=backend)
+    want = design_error(flat, inputs, y, spec=spec, rotations="design:2", replicates=3, seed=8, backend="torch")
+    for head in ("forces", "energy"):
+        for a, b in zip(got.heads[head].per_sample, want.heads[head].per_sample):
+            assert_close_dtype(a, b)
+    assert_close_dtype(got.rotation_stderr.equiv, want.rotation_stderr.equiv)
+
+    d = design("design:2")
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    dense = fe.Spec(inputs="position", output="vector")
+    model = lambda v: torch.tanh(v @ W) * v.norm(dim=-1, keepdim=True)  # noqa: E731
+    grads = []
+    for b in (backend, "torch"):
+        xr = x.clone().requires_grad_()
+        avg = design_average(model, xr, dense, d, turn=True, seed=2, backend=b)
+        grads.append((avg, torch.autograd.grad((avg * x).sum(), xr)[0]))
+    assert_close_dtype(grads[0][0].detach(), grads[1][0].detach())
+    assert_close_dtype(grads[0][1], grads[1][1])
