@@ -12,6 +12,10 @@ Contract (the torch references in ``fastequiv/ops/twirl_reduce.py``):
   target, sample, P, valid, center, mean)`` -> ``(K, N, d)`` in ``out.dtype``:
   ``M[k, s] dL/da_k`` with ``dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) +
   g_spread (a_k - abar)) + grad_mean / K``.
+* With ``weights`` ``(K,)`` (acc), every ``(1/K) sum_k`` is ``sum_k w_k`` and
+  ``dL/da_k = 2 w_k (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar - (1 - S) abar))
+  + w_k grad_mean`` (``S = sum_k w_k``): the forward forms ``abar`` in a first pass over the
+  copies and the spread from the deviations in a second (no Welford update).
 
 Both are one pass over ``out``: a program owns a block of rows, loads its K copies one
 after the other (in their own dtype, fp16/bf16/fp32/fp64) and computes in ``M.dtype``.
@@ -87,10 +91,10 @@ def _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, 
 
 
 @triton.jit
-def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, center_ptr, mean_ptr, sums_ptr,
+def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, center_ptr, mean_ptr, sums_ptr, w_ptr,
                         N, B, K, P, n_chunks,
                         D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CENTER: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                        WEIGHTED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = M_ptr.dtype.element_ty
     LANES: tl.constexpr = BLOCK_S * BLOCK_P
     pid = tl.program_id(0)
@@ -120,14 +124,28 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
         mean = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
         m2 = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
         tot = tl.zeros((LANES, BLOCK_D), dtype=acc_ty)
-        for k in range(K):
-            a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
-                             D, HAS_CENTER, LANES, BLOCK_D)
-            e = a - y
-            tot += e * e
-            delta = a - mean
-            mean += delta / (k + 1)
-            m2 += delta * (a - mean)
+        if WEIGHTED:  # abar first, then the spread from the deviations
+            for k in range(K):
+                a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                                 D, HAS_CENTER, LANES, BLOCK_D)
+                wk = tl.load(w_ptr + k)
+                e = a - y
+                tot += wk * (e * e)
+                mean += wk * a
+            for k in range(K):
+                a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                                 D, HAS_CENTER, LANES, BLOCK_D)
+                dev = a - mean
+                m2 += tl.load(w_ptr + k) * (dev * dev)
+        else:
+            for k in range(K):
+                a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
+                                 D, HAS_CENTER, LANES, BLOCK_D)
+                e = a - y
+                tot += e * e
+                delta = a - mean
+                mean += delta / (k + 1)
+                m2 += delta * (a - mean)
         tl.store(mean_ptr + row_off + cj[None, :], mean, mask=jmask)
         bias = mean - y
         total_row += tl.sum(tot, axis=1)
@@ -137,9 +155,13 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
     keep = rmask
     if HAS_VALID:
         keep = keep & (tl.load(valid_ptr + rows, mask=rmask, other=0) != 0)
-    total_row = tl.where(keep, total_row / K, 0.0)
+    if WEIGHTED:
+        total_row = tl.where(keep, total_row, 0.0)
+        spread_row = tl.where(keep, spread_row, 0.0)
+    else:
+        total_row = tl.where(keep, total_row / K, 0.0)
+        spread_row = tl.where(keep, spread_row / K, 0.0)
     bias_row = tl.where(keep, bias_row, 0.0)
-    spread_row = tl.where(keep, spread_row / K, 0.0)
     if GRAPH:
         # a block inside one sample (sorted batches of large graphs) adds its sums once
         s_lo = tl.min(tl.where(keep, s, B), axis=0)
@@ -164,19 +186,29 @@ def _reduce_rows_kernel(out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr, cente
 
 
 @triton.jit
-def _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN: tl.constexpr):
-    """``dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar)) + grad_mean / K``."""
-    ga = 2.0 * (g_total[:, None] * (a - y) + g_bias[:, None] * (mean - y) + g_spread[:, None] * (a - mean)) / K
-    if HAS_GRAD_MEAN:
-        ga += tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(a.dtype) / K
+def _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN: tl.constexpr,
+            w_ptr, k, rest_ptr, WEIGHTED: tl.constexpr):
+    """``dL/da_k = (2/K) (g_total (a_k - y) + g_bias (abar - y) + g_spread (a_k - abar)) + grad_mean / K``;
+    weighted: ``2 w_k (... + g_spread (a_k - abar - (1 - S) abar)) + w_k grad_mean``, ``rest_ptr``
+    holding ``1 - S``."""
+    if WEIGHTED:
+        wk = tl.load(w_ptr + k)
+        spread = a - mean - tl.load(rest_ptr) * mean
+        ga = 2.0 * wk * (g_total[:, None] * (a - y) + g_bias[:, None] * (mean - y) + g_spread[:, None] * spread)
+        if HAS_GRAD_MEAN:
+            ga += wk * tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(a.dtype)
+    else:
+        ga = 2.0 * (g_total[:, None] * (a - y) + g_bias[:, None] * (mean - y) + g_spread[:, None] * (a - mean)) / K
+        if HAS_GRAD_MEAN:
+            ga += tl.load(grad_mean_ptr + offs, mask=tmask, other=0.0).to(a.dtype) / K
     return ga
 
 
 @triton.jit
 def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, target_ptr, sample_ptr, valid_ptr,
-                                 center_ptr, mean_ptr, grad_out_ptr, work_ptr, N, B, K, P,
+                                 center_ptr, mean_ptr, grad_out_ptr, work_ptr, w_ptr, rest_ptr, N, B, K, P,
                                  D: tl.constexpr, GRAPH: tl.constexpr, HAS_VALID: tl.constexpr,
-                                 HAS_CENTER: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr,
+                                 HAS_CENTER: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr, WEIGHTED: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     acc_ty = M_ptr.dtype.element_ty
     out_ty = grad_out_ptr.dtype.element_ty
@@ -208,7 +240,8 @@ def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, t
                 a = matvec_t(Mt, o - c) + c
             else:
                 a = matvec_t(Mt, o)
-            ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN)
+            ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, tmask, K, HAS_GRAD_MEAN,
+                         w_ptr, k, rest_ptr, WEIGHTED)
             tl.store(grad_out_ptr + k * copy_stride + offs, to_store(matvec(Mt, ga), out_ty), mask=tmask)
     else:
         # a wide row, per copy in two passes over its column chunks: dL/da_k into the
@@ -223,7 +256,8 @@ def _reduce_rows_backward_kernel(grad_mean_ptr, grad_sums_ptr, out_ptr, M_ptr, t
                 mean = tl.load(mean_ptr + offs, mask=jmask, other=0.0).to(acc_ty)
                 a = _back_rotate(out_ptr, M_ptr, center_ptr, k, copy_stride, row_off, rmask, s, B, j0,
                                  D, HAS_CENTER, BLOCK_N, BLOCK_D)
-                ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, jmask, K, HAS_GRAD_MEAN)
+                ga = _grad_a(a, y, mean, g_total, g_bias, g_spread, grad_mean_ptr, offs, jmask, K, HAS_GRAD_MEAN,
+                             w_ptr, k, rest_ptr, WEIGHTED)
                 tl.store(work_ptr + offs, ga, mask=jmask)
             tl.debug_barrier()
             for i0 in range(0, D, BLOCK_D):
@@ -256,6 +290,13 @@ def _check(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample, P: 
     return K, N, d
 
 
+def _check_weights(weights: Optional[torch.Tensor], M: torch.Tensor) -> None:
+    if weights is not None and (weights.dtype != M.dtype or tuple(weights.shape) != (M.shape[0],)
+                                or weights.device != M.device):
+        raise ValueError(f"weights must be {M.dtype} of shape ({M.shape[0]},) on {M.device}, got {weights.dtype} "
+                         f"{tuple(weights.shape)} on {weights.device}")
+
+
 def _dense_blocks(P: int, block_n: int) -> tuple[int, int, int]:
     """``(BLOCK_S, BLOCK_P, chunks)``: whole samples per program, or chunks of one sample."""
     block_p = min(triton.next_power_of_2(P), block_n)
@@ -263,10 +304,11 @@ def _dense_blocks(P: int, block_n: int) -> tuple[int, int, int]:
 
 
 def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
-                valid: Optional[torch.Tensor], center: Optional[torch.Tensor], B: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                valid: Optional[torch.Tensor], center: Optional[torch.Tensor], B: int,
+                weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean (N, d), sums (3, B))`` in ``M.dtype``; see the module docs."""
     K, N, d = _check(out, M, target, sample, P, valid, center, B)
+    _check_weights(weights, M)
     acc = M.dtype
     mean = torch.empty(N, d, dtype=acc, device=out.device)
     if N * d == 0 or K == 0:
@@ -284,10 +326,10 @@ def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample
     with device_guard(out):
         _reduce_rows_kernel[(grid,)](
             out, M, target, sample if sample is not None else out, valid_u8 if valid_u8 is not None else out,
-            center if center is not None else M, mean, sums,
+            center if center is not None else M, mean, sums, contiguous(weights) if weights is not None else M,
             N, B, K, max(P, 1), chunks,
             D=d, GRAPH=sample is not None, HAS_VALID=valid is not None, HAS_CENTER=center is not None,
-            BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_D=block_d,
+            WEIGHTED=weights is not None, BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_D=block_d,
         )
     if sample is None:
         sums = sums[..., 0] if chunks == 1 else sums.sum(dim=-1)
@@ -296,14 +338,15 @@ def reduce_rows(out: torch.Tensor, M: torch.Tensor, target: torch.Tensor, sample
 
 def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Tensor, out: torch.Tensor,
                          M: torch.Tensor, target: torch.Tensor, sample: Optional[torch.Tensor], P: int,
-                         valid: Optional[torch.Tensor], center: Optional[torch.Tensor], mean: torch.Tensor
-                         ) -> torch.Tensor:
+                         valid: Optional[torch.Tensor], center: Optional[torch.Tensor], mean: torch.Tensor,
+                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dL/dout`` ``(K, N, d)`` in ``out.dtype``; see the module docs."""
     B = grad_sums.shape[-1] if grad_sums.dim() == 2 else -1
     if grad_sums.dim() != 2 or grad_sums.shape[0] != 3 or M.dim() != 4 or M.shape[1] != B:
         raise ValueError(f"grad_sums must have shape (3, B) with B = M.shape[1], got {tuple(grad_sums.shape)} "
                          f"and M {tuple(M.shape)}")
     K, N, d = _check(out, M, target, sample, P, valid, center, B)
+    _check_weights(weights, M)
     for name, t in (("mean", mean), ("grad_mean", grad_mean)):
         if t is not None and tuple(t.shape) != (N, d):
             raise ValueError(f"{name} must have shape (N, d) = {(N, d)}, got {tuple(t.shape)}")
@@ -319,12 +362,15 @@ def reduce_rows_backward(grad_mean: Optional[torch.Tensor], grad_sums: torch.Ten
     block_n, block_d = row_block(N, d)
     # rows wider than one tile keep dL/da_k of the copy at hand here (acc)
     work = torch.empty(N, d, dtype=M.dtype, device=out.device) if d > block_d else M
+    # 1 - S on the device (no sync): the weighted spread term's correction
+    rest = (1 - weights.sum()).reshape(1) if weights is not None else M
     with device_guard(out):
         _reduce_rows_backward_kernel[(triton.cdiv(N, block_n),)](
             grad_mean if grad_mean is not None else M, grad_sums, out, M, target,
             sample if sample is not None else out, valid_u8 if valid_u8 is not None else out,
-            center if center is not None else M, mean, grad_out, work, N, B, K, max(P, 1),
+            center if center is not None else M, mean, grad_out, work,
+            contiguous(weights) if weights is not None else M, rest, N, B, K, max(P, 1),
             D=d, GRAPH=sample is not None, HAS_VALID=valid is not None, HAS_CENTER=center is not None,
-            HAS_GRAD_MEAN=grad_mean is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_GRAD_MEAN=grad_mean is not None, WEIGHTED=weights is not None, BLOCK_N=block_n, BLOCK_D=block_d,
         )
     return grad_out
