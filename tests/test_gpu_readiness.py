@@ -145,15 +145,19 @@ def row_kernels(d):
     yield f"rotate_rows_backward d={d}", rotate_copies._rotate_rows_backward_kernel, dict(
         grad_ptr="*bf16", M_ptr="*fp32", sample_ptr="*i64", out_ptr="*fp32", **rows), dict(
         D=d, GRAPH=True, BLOCK_N=block_n, BLOCK_D=block_d)
-    yield f"reduce_rows d={d}", twirl_reduce._reduce_rows_kernel, dict(
-        out_ptr="*bf16", M_ptr="*fp32", target_ptr="*bf16", sample_ptr="*i64", valid_ptr="*u8",
-        center_ptr="*fp32", mean_ptr="*fp32", sums_ptr="*fp32", **rows, n_chunks="i32"), dict(
-        D=d, GRAPH=True, HAS_VALID=True, HAS_CENTER=d == 3, BLOCK_S=1, BLOCK_P=block_n, BLOCK_D=block_d)
-    yield f"reduce_rows_backward d={d}", twirl_reduce._reduce_rows_backward_kernel, dict(
-        grad_mean_ptr="*fp32", grad_sums_ptr="*fp32", out_ptr="*bf16", M_ptr="*fp32", target_ptr="*bf16",
-        sample_ptr="*i64", valid_ptr="*u8", center_ptr="*fp32", mean_ptr="*fp32", grad_out_ptr="*bf16",
-        work_ptr="*fp32", **rows), dict(
-        D=d, GRAPH=False, HAS_VALID=True, HAS_CENTER=d == 3, HAS_GRAD_MEAN=True, BLOCK_N=block_n, BLOCK_D=block_d)
+    for weighted in (False, True):  # the copies' weights of a rotation design
+        tag = " weighted" if weighted else ""
+        yield f"reduce_rows{tag} d={d}", twirl_reduce._reduce_rows_kernel, dict(
+            out_ptr="*bf16", M_ptr="*fp32", target_ptr="*bf16", sample_ptr="*i64", valid_ptr="*u8",
+            center_ptr="*fp32", mean_ptr="*fp32", sums_ptr="*fp32", w_ptr="*fp32", **rows, n_chunks="i32"), dict(
+            D=d, GRAPH=True, HAS_VALID=True, HAS_CENTER=d == 3, WEIGHTED=weighted, BLOCK_S=1, BLOCK_P=block_n,
+            BLOCK_D=block_d)
+        yield f"reduce_rows_backward{tag} d={d}", twirl_reduce._reduce_rows_backward_kernel, dict(
+            grad_mean_ptr="*fp32", grad_sums_ptr="*fp32", out_ptr="*bf16", M_ptr="*fp32", target_ptr="*bf16",
+            sample_ptr="*i64", valid_ptr="*u8", center_ptr="*fp32", mean_ptr="*fp32", grad_out_ptr="*bf16",
+            work_ptr="*fp32", w_ptr="*fp32", rest_ptr="*fp32", **rows), dict(
+            D=d, GRAPH=False, HAS_VALID=True, HAS_CENTER=d == 3, HAS_GRAD_MEAN=True, WEIGHTED=weighted,
+            BLOCK_N=block_n, BLOCK_D=block_d)
 
 
 def others():
@@ -194,10 +198,11 @@ def sm90():
 
 def test_row_kernels_compile_for_sm90_without_spills(sm90):
     """Every row kernel compiles for sm_90 at d = 3, 288 and 1152 in well under a second or
-    two, with no spill to local memory (STACK 0). Before the column chunks, d = 288 took
-    9.6 s and spilled 4664 bytes a thread, and d = 1152 did not compile."""
+    two, with no spill to local memory (STACK 0), the reductions with and without weights.
+    Before the column chunks, d = 288 took 9.6 s and spilled 4664 bytes a thread, and
+    d = 1152 did not compile."""
     usage = {name: u for name, u in sm90.items() if "_rows" in name}
-    assert len(usage) == 12
+    assert len(usage) == 18
     for name, u in usage.items():
         assert u["stack"] == 0, f"{name} spills: {u}"
         assert u["seconds"] < 5, f"{name} took {u['seconds']:.1f} s to compile"
