@@ -342,3 +342,23 @@ def test_design_error_and_average_on_each_weighted_backend(backend):
         grads.append((avg, torch.autograd.grad((avg * x).sum(), xr)[0]))
     assert_close_dtype(grads[0][0].detach(), grads[1][0].detach())
     assert_close_dtype(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpu"))
+def test_weighted_sums_compile(backend):
+    """torch.compile(fullgraph=True) traces a weighted call (the custom op with its weights
+    argument, fake and autograd) and gives the eager values and gradients."""
+    K, B = 3, 2
+    R = rotations(K, B)
+    y = data("position", (B, 4), torch.float64, seed=1)
+    w = design_weights(K)
+
+    def f(out):
+        s = twirl_reduce(out, R, y, as_rep("position"), backend=backend, weights=w)
+        return s.total.sum() + 2 * s.spread.sum() + s.twirled.sum()
+
+    out = data("position", (K, B, 4), torch.float64).requires_grad_()
+    eager = f(out)
+    compiled = torch.compile(f, fullgraph=True)(out)
+    assert_close_dtype(compiled.detach(), eager.detach())
+    assert_close_dtype(torch.autograd.grad(compiled, out)[0], torch.autograd.grad(eager, out)[0])
