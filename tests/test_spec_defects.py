@@ -213,3 +213,17 @@ def test_a_non_contiguous_edge_index_is_read_as_its_values():
                                   samples=K, seed=SEED, backend=backend)
         torch.testing.assert_close(d.per_sample.total, ref.per_sample.total)
         torch.testing.assert_close(d.per_sample.equiv, ref.per_sample.equiv)
+
+
+def test_a_mask_with_a_trailing_one_is_refused_not_ignored():
+    """A (B, N, 1) mask over (B, N, 3) outputs once masked nothing at all (read as a
+    per-sample mask of a per-sample output): it raises, naming the shape to give."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(3, 5, 3, generator=g, dtype=DT), torch.randn(3, 5, 3, generator=g, dtype=DT)
+    m = torch.ones(3, 5, dtype=torch.bool)
+    m[0, 3:] = False
+    spec = fe.Spec(inputs="vector", output="vector")
+    with pytest.raises(ValueError, match=r"give it as \(3, 5\)"):
+        fe.equivariance_error(lambda v: 2 * v, x, y, spec=spec, mask=m[..., None], samples=K)
+    d = fe.equivariance_error(lambda v: 2 * v, x, y, spec=spec, mask=m, samples=K, seed=SEED)
+    assert float(d.total) > 0

@@ -168,6 +168,13 @@ def mask_for(mask: Optional[torch.Tensor], shape: torch.Size, name: str) -> Opti
         return None
     if tuple(shape[: mask.dim()]) == tuple(mask.shape):
         return mask.reshape(tuple(mask.shape) + (1,) * (len(shape) - mask.dim()))
+    if (mask.dim() >= 2 and mask.shape[-1] == 1 and len(shape) == mask.dim() and shape[-1] > 1
+            and tuple(shape[:-1]) == tuple(mask.shape[:-1])):
+        # a (B, N, 1) mask over (B, N, 3): read by the per-sample rule below it would mask
+        # nothing, silently; it is meant per element
+        raise ValueError(f"mask has shape {tuple(mask.shape)} for {name} of shape {tuple(shape)}: a mask "
+                         f"selects whole elements of the leading dims, so give it as {tuple(mask.shape[:-1])} "
+                         "(without the trailing 1)")
     if len(shape) <= mask.dim() and shape[0] == mask.shape[0]:
         return None
     raise ValueError(
