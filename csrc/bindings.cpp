@@ -719,6 +719,12 @@ void launch_cuda(const Args& a, int device, uintptr_t stream, Launch launch, con
     if (err) throw std::runtime_error(std::string(what) + ": " + err);
 }
 
+// The copies' weights of the reduce kernels: (K,) in the accumulation dtype on the device,
+// or null for None (1/K each).
+const void* cuda_weights(Target& t, const OptArray& weights, int64_t K, fastequiv::Dtype acc) {
+    return weights ? check_acc(t, *weights, "weights", "(K,)", {K}, acc) : nullptr;
+}
+
 void rotate_rows_cuda(Array x, Array M, OptArray sample, int64_t P, Array center, Array out, uintptr_t stream) {
     Target t = cuda_target();
     const auto a = rotate_rows_args(t, x, M, sample, P, center, out);
@@ -732,18 +738,20 @@ void rotate_rows_backward_cuda(Array grad, Array M, OptArray sample, int64_t P, 
 }
 
 void reduce_rows_cuda(Array out, Array M, Array target, OptArray sample, int64_t P, OptArray valid, Array center,
-                      Array mean, Array sums, uintptr_t stream) {
+                      Array mean, Array sums, OptArray weights, uintptr_t stream) {
     Target t = cuda_target();
-    const auto a = reduce_rows_args(t, out, M, target, sample, P, valid, center, mean, sums);
+    auto a = reduce_rows_args(t, out, M, target, sample, P, valid, center, mean, sums);
+    a.weights = cuda_weights(t, weights, a.rows.K, a.acc_type);
     launch_cuda(a, t.device_id, stream, fastequiv::launch_reduce_rows, "reduce_rows_cuda");
 }
 
 void reduce_rows_backward_cuda(OptArray grad_mean, Array grad_sums, Array out, Array M, Array target,
                                OptArray sample, int64_t P, OptArray valid, Array center, Array mean,
-                               Array grad_out, OptArray work, uintptr_t stream) {
+                               Array grad_out, OptArray work, OptArray weights, uintptr_t stream) {
     Target t = cuda_target();
     auto a = reduce_rows_backward_args(t, grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean,
                                        grad_out);
+    a.weights = cuda_weights(t, weights, a.rows.K, a.acc_type);
     const int d = a.rows.d;
     if (d != 1 && d != 3) {
         if (!work) throw nb::value_error("work: expected an (N, d) scratch array in the accumulation dtype for d not 1 or 3, got None");
@@ -943,13 +951,15 @@ NB_MODULE(_C, m) {
           "As rotate_rows_backward_cpu on CUDA arrays, launched on `stream`.");
     m.def("reduce_rows_cuda", &reduce_rows_cuda, nb::arg("out"), nb::arg("M"), nb::arg("target"),
           nb::arg("sample").none(), nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"),
-          nb::arg("sums"), nb::arg("stream") = 0,
-          "As reduce_rows_cpu on CUDA arrays; `sums` must be zero on entry (the kernel adds to it).");
+          nb::arg("sums"), nb::arg("weights").none() = nb::none(), nb::arg("stream") = 0,
+          "As reduce_rows_cpu on CUDA arrays; `sums` must be zero on entry (the kernel adds to it); weights: "
+          "(K,) in M's dtype, or None (1/K each).");
     m.def("reduce_rows_backward_cuda", &reduce_rows_backward_cuda, nb::arg("grad_mean").none(),
           nb::arg("grad_sums"), nb::arg("out"), nb::arg("M"), nb::arg("target"), nb::arg("sample").none(),
           nb::arg("P"), nb::arg("valid").none(), nb::arg("center"), nb::arg("mean"), nb::arg("grad_out"),
-          nb::arg("work").none() = nb::none(), nb::arg("stream") = 0,
-          "As reduce_rows_backward_cpu on CUDA arrays; for d not 1 or 3, `work` is an (N, d) scratch array.");
+          nb::arg("work").none() = nb::none(), nb::arg("weights").none() = nb::none(), nb::arg("stream") = 0,
+          "As reduce_rows_backward_cpu on CUDA arrays; for d not 1 or 3, `work` is an (N, d) scratch array; "
+          "weights as in reduce_rows_cuda.");
     m.def("wigner_blocks_cuda", &wigner_blocks_cuda, nb::arg("R"), nb::arg("lmax"), nb::arg("term_index"),
           nb::arg("term_coef"), nb::arg("term_start"), nb::arg("out"), nb::arg("stream") = 0,
           "As wigner_blocks_cpu on CUDA arrays, launched on `stream`.");

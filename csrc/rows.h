@@ -52,7 +52,7 @@ struct ReduceRowsArgs {
     const void* center;    // (K, B, d) acc (zeros for no centre)
     void* mean;            // (N, d) acc
     void* sums;            // (3, B) acc
-    const void* weights = nullptr;  // (K,) acc, the copies' weights, or null (1/K each); CPU only
+    const void* weights = nullptr;  // (K,) acc, the copies' weights, or null (1/K each)
 };
 
 // grad_out (K, N, d) of reduce_rows_backward, in out's dtype.
@@ -69,7 +69,7 @@ struct ReduceRowsBackwardArgs {
     const void* mean;       // (N, d) acc
     void* grad_out;         // (K, N, d) out_type
     void* work;             // CUDA, d not 1 or 3: (N, d) acc scratch; else unused
-    const void* weights = nullptr;  // (K,) acc, or null (1/K each); CPU only
+    const void* weights = nullptr;  // (K,) acc, or null (1/K each)
 };
 
 // out (n, S): packed Wigner-D blocks D_0 .. D_lmax of R (n, 3, 3) (kernels/wigner.cuh).

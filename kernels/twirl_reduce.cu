@@ -9,11 +9,13 @@
 // large samples), so a block adds to `sums` once; otherwise each run is added with atomics.
 // The order of the atomic additions is not fixed: sums may differ across runs by rounding.
 // Backward: one thread per row, no reduction.
+// weights: (K,) in acc, the copies' weights w_k in place of 1/K, or null (uniform: the
+// unweighted arithmetic of twirl_math.cuh, bit for bit), as on the CPU.
 //
 // Compiled by nvcc into fastequiv._C (with the launchers at the bottom) and by NVRTC for
 // the CuPy backend. Kernel names: fe_reduce_rows_<out>_<target>_<acc> and
 // fe_reduce_rows_backward_<out>_<target>_<acc>, where <target> is <out> or <acc> (the
-// wrapper converts a target of any other dtype to acc).
+// wrapper converts a target of any other dtype to acc); both take `weights` last.
 #include "twirl_math.cuh"
 
 namespace {
@@ -92,7 +94,8 @@ __device__ inline void reduce_rows_body(const TO* __restrict__ out, const Acc* _
                                         const TY* __restrict__ target, const long long* __restrict__ sample,
                                         long long P, const unsigned char* __restrict__ valid,
                                         const Acc* __restrict__ center, long long K, long long N, long long B,
-                                        int d, Acc* __restrict__ mean, Acc* __restrict__ sums) {
+                                        int d, Acc* __restrict__ mean, Acc* __restrict__ sums,
+                                        const Acc* __restrict__ weights) {
     const long long tile = static_cast<long long>(blockIdx.x) * blockDim.x * kRowsPerThread;
     long long cur = -1;
     Acc v0 = 0, v1 = 0, v2 = 0;
@@ -104,12 +107,13 @@ __device__ inline void reduce_rows_body(const TO* __restrict__ out, const Acc* _
         Acc terms[3];
         if (d == 3) {
             fastequiv::reduce_row<3>(out + r * 3, N * 3, M + s * 9, B * 9, center + s * 3, B * 3, target + r * 3,
-                                     k, 3, mean + r * 3, terms);
+                                     k, 3, mean + r * 3, terms, weights);
         } else if (d == 1) {
-            fastequiv::reduce_row<1>(out + r, N, M + s, B, center + s, B, target + r, k, 1, mean + r, terms);
+            fastequiv::reduce_row<1>(out + r, N, M + s, B, center + s, B, target + r, k, 1, mean + r, terms,
+                                     weights);
         } else {
             fastequiv::reduce_row<0>(out + r * d, N * d, M + s * d * d, B * d * d, center + s * d, B * d,
-                                     target + r * d, k, d, mean + r * d, terms);
+                                     target + r * d, k, d, mean + r * d, terms, weights);
         }
         if (valid && !valid[r]) continue;
         if (s != cur) {
@@ -132,7 +136,8 @@ __device__ inline void reduce_rows_backward_body(const Acc* __restrict__ grad_me
                                                  const unsigned char* __restrict__ valid,
                                                  const Acc* __restrict__ center, const Acc* __restrict__ mean,
                                                  long long K, long long N, long long B, int d,
-                                                 TO* __restrict__ grad_out, Acc* __restrict__ work) {
+                                                 TO* __restrict__ grad_out, Acc* __restrict__ work,
+                                                 const Acc* __restrict__ weights) {
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     const int k = static_cast<int>(K);
     for (long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; r < N; r += stride) {
@@ -144,15 +149,16 @@ __device__ inline void reduce_rows_backward_body(const Acc* __restrict__ grad_me
         if (d == 3) {
             fastequiv::reduce_row_backward<3>(out + r * 3, N * 3, M + s * 9, B * 9, center + s * 3, B * 3,
                                               target + r * 3, mean + r * 3, grad_mean ? grad_mean + r * 3 : nullptr,
-                                              g0, g1, g2, k, 3, static_cast<Acc*>(nullptr), grad_out + r * 3);
+                                              g0, g1, g2, k, 3, static_cast<Acc*>(nullptr), grad_out + r * 3,
+                                              weights);
         } else if (d == 1) {
             fastequiv::reduce_row_backward<1>(out + r, N, M + s, B, center + s, B, target + r, mean + r,
                                               grad_mean ? grad_mean + r : nullptr, g0, g1, g2, k, 1,
-                                              static_cast<Acc*>(nullptr), grad_out + r);
+                                              static_cast<Acc*>(nullptr), grad_out + r, weights);
         } else {
             fastequiv::reduce_row_backward<0>(out + r * d, N * d, M + s * d * d, B * d * d, center + s * d, B * d,
                                               target + r * d, mean + r * d, grad_mean ? grad_mean + r * d : nullptr,
-                                              g0, g1, g2, k, d, work + r * d, grad_out + r * d);
+                                              g0, g1, g2, k, d, work + r * d, grad_out + r * d, weights);
         }
     }
 }
@@ -163,15 +169,16 @@ __device__ inline void reduce_rows_backward_body(const Acc* __restrict__ grad_me
     extern "C" __global__ void fe_reduce_rows_##ON##_##YN##_##AN(                                                \
         const TO* out, const ACC* M, const TY* target, const long long* sample, long long P,                    \
         const unsigned char* valid, const ACC* center, long long K, long long N, long long B, int d, ACC* mean, \
-        ACC* sums) {                                                                                             \
-        reduce_rows_body<TO, TY, ACC>(out, M, target, sample, P, valid, center, K, N, B, d, mean, sums);       \
+        ACC* sums, const ACC* weights) {                                                                         \
+        reduce_rows_body<TO, TY, ACC>(out, M, target, sample, P, valid, center, K, N, B, d, mean, sums,        \
+                                      weights);                                                                  \
     }                                                                                                            \
     extern "C" __global__ void fe_reduce_rows_backward_##ON##_##YN##_##AN(                                       \
         const ACC* grad_mean, const ACC* grad_sums, const TO* out, const ACC* M, const TY* target,              \
         const long long* sample, long long P, const unsigned char* valid, const ACC* center, const ACC* mean,   \
-        long long K, long long N, long long B, int d, TO* grad_out, ACC* work) {                                \
+        long long K, long long N, long long B, int d, TO* grad_out, ACC* work, const ACC* weights) {            \
         reduce_rows_backward_body<TO, TY, ACC>(grad_mean, grad_sums, out, M, target, sample, P, valid, center,  \
-                                               mean, K, N, B, d, grad_out, work);                               \
+                                               mean, K, N, B, d, grad_out, work, weights);                      \
     }
 
 #define FE_HALF fastequiv::half_t
@@ -199,13 +206,13 @@ namespace {
 template <typename TO, typename TY, typename Acc>
 const char* reduce_rows_with(void (*kernel)(const TO*, const Acc*, const TY*, const long long*, long long,
                                             const unsigned char*, const Acc*, long long, long long, long long,
-                                            int, Acc*, Acc*),
+                                            int, Acc*, Acc*, const Acc*),
                              const ReduceRowsArgs& a, cudaStream_t stream) {
     const RowLayout& L = a.rows;
     kernel<<<blocks_for(L.N, kRowsPerThread), kThreads, 0, stream>>>(
         static_cast<const TO*>(a.out), static_cast<const Acc*>(a.M), static_cast<const TY*>(a.target),
         reinterpret_cast<const long long*>(L.sample), L.P, a.valid, static_cast<const Acc*>(a.center), L.K, L.N,
-        L.B, L.d, static_cast<Acc*>(a.mean), static_cast<Acc*>(a.sums));
+        L.B, L.d, static_cast<Acc*>(a.mean), static_cast<Acc*>(a.sums), static_cast<const Acc*>(a.weights));
     return last_error();
 }
 
@@ -213,14 +220,14 @@ template <typename TO, typename TY, typename Acc>
 const char* reduce_rows_backward_with(void (*kernel)(const Acc*, const Acc*, const TO*, const Acc*, const TY*,
                                                      const long long*, long long, const unsigned char*,
                                                      const Acc*, const Acc*, long long, long long, long long,
-                                                     int, TO*, Acc*),
+                                                     int, TO*, Acc*, const Acc*),
                                       const ReduceRowsBackwardArgs& a, cudaStream_t stream) {
     const RowLayout& L = a.rows;
     kernel<<<blocks_for(L.N), kThreads, 0, stream>>>(
         static_cast<const Acc*>(a.grad_mean), static_cast<const Acc*>(a.grad_sums), static_cast<const TO*>(a.out),
         static_cast<const Acc*>(a.M), static_cast<const TY*>(a.target), reinterpret_cast<const long long*>(L.sample),
         L.P, a.valid, static_cast<const Acc*>(a.center), static_cast<const Acc*>(a.mean), L.K, L.N, L.B, L.d,
-        static_cast<TO*>(a.grad_out), static_cast<Acc*>(a.work));
+        static_cast<TO*>(a.grad_out), static_cast<Acc*>(a.work), static_cast<const Acc*>(a.weights));
     return last_error();
 }
 

@@ -147,8 +147,44 @@ def test_cupy_sources_build_without_the_fp16_headers(tmp_path):
                f"-I{csrc}", "-ptx", str(SOURCE_DIR / source), "-o", str(ptx)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
-        entries |= set(re.findall(r"\.entry (\w+)\(", ptx.read_text()))
+        text = ptx.read_text()
+        entries |= set(re.findall(r"\.entry (\w+)\(", text))
+        if source == "twirl_reduce.cu":
+            reduce_ptx = text
     assert kernel_names() <= entries, sorted(kernel_names() - entries)
+    # the CuPy wrapper hands the reduce kernels as many arguments as they take, the
+    # copies' weights included (last; 0 for None)
+    for name, per_thread in (("reduce_rows", 4), ("reduce_rows_backward", 1)):
+        launched = cupy_launch_args(name)
+        kernel_name, args = launched[0]
+        params = re.search(r"\.entry " + kernel_name + r"\((.*?)\)", reduce_ptx, re.S).group(1)
+        assert params.count(".param") == len(args), (kernel_name, params.count(".param"), len(args))
+        weights = torch.tensor([0.2, 0.5], dtype=torch.float64)
+        kernel_name, args = cupy_launch_args(name, weights)[0]
+        assert args[-1] is weights and cupy_launch_args(name)[0][1][-1] is None
+
+
+def cupy_launch_args(name: str, weights=None) -> list:
+    """The ``(kernel, args)`` the CuPy wrapper would launch for ``name`` (float64, d = 3, one
+    graph batch), recorded without a GPU."""
+    c = Case(K=2, d=3, dtype=torch.float64, layout="graph", mask=True, device="cpu")
+    seen = []
+    record = lambda op, kernel, device, blocks, *args: seen.append((kernel, args))  # noqa: E731
+    original = fe_cupy._launch
+    fe_cupy._launch = record
+    try:
+        mean = torch.zeros(c.out.shape[1], 3, dtype=torch.float64)
+        if name == "reduce_rows":
+            fe_cupy._launch_binding(name, None, c.out, c.M, c.target, c.sample, 0, c.valid, c.center, mean,
+                                    torch.zeros(3, c.B, dtype=torch.float64), weights)
+        else:
+            fe_cupy._launch_binding(name, None, None, torch.zeros(3, c.B, dtype=torch.float64), c.out, c.M,
+                                    c.target, c.sample, 0, c.valid, c.center, mean, torch.empty_like(c.out), None,
+                                    weights)
+    finally:
+        fe_cupy._launch = original
+    assert len(seen) == 1
+    return seen
 
 
 @pytest.mark.parametrize("backend", backend_params("cupy"))
@@ -164,6 +200,14 @@ def test_cupy_array_functions(backend):
     want_mean, want_sums = reduce_rows_reference(c.out, c.M, c.target, c.sample, 0, c.valid, c.center, c.B)
     # the GPU bounds of the table, not re-measured on a GPU (the same kernels through torch
     # tensors are held to TOL in tests/test_twirl_reduce.py)
+    torch.testing.assert_close(torch.from_dlpack(mean), want_mean, **GPU_FLOAT32)
+    torch.testing.assert_close(torch.from_dlpack(sums), want_sums, **GPU_SUMS)
+    # the copies' weights (a rotation design's), not summing to one
+    w = torch.tensor([0.5, 0.3, 0.4], dtype=c.M.dtype, device="cuda")
+    mean, sums = fe_cupy.reduce_rows(cupy.from_dlpack(c.out), cupy.from_dlpack(c.M), cupy.from_dlpack(c.target),
+                                     cupy.from_dlpack(c.sample), 0, cupy.from_dlpack(c.valid),
+                                     cupy.from_dlpack(c.center), c.B, cupy.from_dlpack(w))
+    want_mean, want_sums = reduce_rows_reference(c.out, c.M, c.target, c.sample, 0, c.valid, c.center, c.B, w)
     torch.testing.assert_close(torch.from_dlpack(mean), want_mean, **GPU_FLOAT32)
     torch.testing.assert_close(torch.from_dlpack(sums), want_sums, **GPU_SUMS)
 

@@ -1,7 +1,7 @@
 """twirl_reduce with weighted copies (``weights=``, a rotation design's): the public op and the
 row kernels against an explicit per-copy loop, their gradients (gradcheck in float64, the
-backward formula against autograd), and the backends that cannot take weights refusing them
-by name while ``"auto"`` picks one that can.
+backward formula against autograd), on every backend (CUDA and CuPy on a GPU, the CPU kernels
+of the same per-row math here), and the routing rule for a backend that could not take them.
 
 ``weights=None`` is today's uniform average: tests/test_twirl_reduce.py covers it.
 """
@@ -20,7 +20,6 @@ from fastequiv.reps import as_rep
 
 LOOP_REPS = ["scalar", "pseudoscalar", "vector", "pseudovector", "position", "1x0e + 2x1o + 1x2e"]
 WEIGHTED = backend_params(*WEIGHTED_BACKENDS)
-UNWEIGHTED = [p for p in BACKENDS if p.values[0] not in WEIGHTED_BACKENDS]
 
 
 def design_weights(K, seed=0, dtype=torch.float64):
@@ -200,36 +199,49 @@ def test_opcheck_with_weights():
     torch.library.opcheck(reduce_rows, (out, M, y, None, P, None, cc, B, "torch", w))
 
 
-@pytest.mark.parametrize("backend", UNWEIGHTED)
-def test_backends_without_weights_refuse_them_and_auto_picks_one_that_can(backend):
+def test_every_backend_takes_weights():
+    """torch, the C++ CPU kernels, Triton, CUDA and CuPy (the last two sharing
+    kernels/twirl_math.cuh with the CPU kernels) all take the copies' weights."""
+    assert set(WEIGHTED_BACKENDS) == {"torch", "cpu", "triton", "cuda", "cupy"}
+    assert {p.values[0] for p in BACKENDS} <= set(WEIGHTED_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda", "cupy"))
+def test_gpu_backends_take_weights_by_name_and_auto_on_gpu_tensors(backend):
+    """backend="cuda"/"cupy" run weighted sums themselves (no refusal), as does "auto" on
+    CUDA tensors; both agree with the torch reference on the CPU."""
     dev = device_of(backend)
     K, B = 3, 2
-    R = rotations(K, B).to(dev)
-    out = data("vector", (K, B, 4), torch.float64).to(dev)
-    y = data("vector", (B, 4), torch.float64, seed=1).to(dev)
-    w = design_weights(K).to(dev)
-    with pytest.raises(fe.BackendUnavailableError, match="cannot run twirl_reduce with weights"):
-        twirl_reduce(out, R, y, as_rep("vector"), backend=backend, weights=w)
-    with pytest.raises(fe.BackendUnavailableError, match="weights"):
-        reduce_rows(out.reshape(K, -1, 3), R, y.reshape(-1, 3), None, 4, None, None, B, backend, w)
-    got = twirl_reduce(out, R, y, as_rep("vector"), backend="auto", weights=w)
-    want = twirl_reduce(out.cpu(), R.cpu(), y.cpu(), as_rep("vector"), backend="torch", weights=w.cpu())
-    for name, a, b in zip(want._fields, got, want):
-        assert_close_dtype(a.cpu(), b, msg=name)
+    R = rotations(K, B)
+    out = data("vector", (K, B, 4), torch.float64)
+    y = data("vector", (B, 4), torch.float64, seed=1)
+    w = design_weights(K)
+    want = twirl_reduce(out, R, y, as_rep("vector"), backend="torch", weights=w)
+    for b in (backend, "auto"):
+        got = twirl_reduce(out.to(dev), R.to(dev), y.to(dev), as_rep("vector"), backend=b, weights=w.to(dev))
+        for name, a, ref in zip(want._fields, got, want):
+            assert a.device.type == "cuda", name
+            assert_close_dtype(a.cpu(), ref, msg=f"{b}: {name}")
+    mean, sums = reduce_rows(out.reshape(K, -1, 3).to(dev), R.to(dev), y.reshape(-1, 3).to(dev), None, 4, None,
+                             None, B, backend, w.to(dev))
+    ref_mean, ref_sums = reduce_rows_reference(out.reshape(K, -1, 3), R, y.reshape(-1, 3), None, 4, None, None, B, w)
+    assert_close_dtype(mean.cpu(), ref_mean, msg="mean")
+    assert_close_dtype(sums.cpu(), ref_sums, msg="sums")
 
 
 def test_which_backend_runs_weighted_sums():
-    """Without a GPU the refusing backends cannot run here: the routing rule itself."""
+    """The routing rule: every backend takes weights by name and keeps them; a backend
+    whose kernels could not ("other", not registered) would be refused by name, and "auto"
+    would then take the torch reference."""
     w = torch.ones(2) / 2
-    assert weighted_backend("cuda", "cuda", None) == "cuda"
-    assert weighted_backend("cuda", "auto", w) == "torch"
-    assert weighted_backend("cupy", "auto", w) == "torch"
     for name in WEIGHTED_BACKENDS:
         assert weighted_backend(name, name, w) == name
-    for name in ("cuda", "cupy"):
-        assert name not in WEIGHTED_BACKENDS
-        with pytest.raises(fe.BackendUnavailableError, match=f"backend='{name}' cannot run twirl_reduce with weights"):
-            weighted_backend(name, name, w)
+        assert weighted_backend(name, "auto", w) == name
+        assert weighted_backend(name, name, None) == name
+    assert weighted_backend("other", "auto", w) == "torch"
+    assert weighted_backend("other", "other", None) == "other"
+    with pytest.raises(fe.BackendUnavailableError, match="backend='other' cannot run twirl_reduce with weights"):
+        weighted_backend("other", "other", w)
 
 
 def test_auto_takes_weights():

@@ -130,20 +130,20 @@ def _launch_binding(name: str, device: torch.device, *args) -> None:
             _launch(name, f"fe_rotate_rows_backward_{_TOKEN[grad.dtype]}_{_TOKEN[M.dtype]}", device, _blocks(N),
                     grad, M, sample, np.int64(P), np.int64(K), np.int64(N), np.int64(B), np.int32(d), out)
     elif name == "reduce_rows":
-        out, M, y, sample, P, valid, c, mean, sums = args
+        out, M, y, sample, P, valid, c, mean, sums, weights = args
         K, N, B, d = out.shape[0], out.shape[1], M.shape[1], M.shape[-1]
         if N:
             # tile-based (not grid-stride): exactly one block per tile of rows
             _launch(name, f"fe_reduce_rows_{_TOKEN[out.dtype]}_{_TOKEN[y.dtype]}_{_TOKEN[M.dtype]}", device,
                     _blocks(N, _ROWS_PER_THREAD), out, M, y, sample, np.int64(P), valid, c, np.int64(K),
-                    np.int64(N), np.int64(B), np.int32(d), mean, sums)
+                    np.int64(N), np.int64(B), np.int32(d), mean, sums, weights)
     elif name == "reduce_rows_backward":
-        gm, gsums, out, M, y, sample, P, valid, c, mean, grad_out, work = args
+        gm, gsums, out, M, y, sample, P, valid, c, mean, grad_out, work, weights = args
         K, N, B, d = out.shape[0], out.shape[1], M.shape[1], M.shape[-1]
         if K * N:
             _launch(name, f"fe_reduce_rows_backward_{_TOKEN[out.dtype]}_{_TOKEN[y.dtype]}_{_TOKEN[M.dtype]}", device,
                     _blocks(N), gm, gsums, out, M, y, sample, np.int64(P), valid, c, mean, np.int64(K),
-                    np.int64(N), np.int64(B), np.int32(d), grad_out, work)
+                    np.int64(N), np.int64(B), np.int32(d), grad_out, work, weights)
     elif name == "wigner_blocks":
         R, lmax, index, coef, start, out = args
         n = R.shape[0]
@@ -195,15 +195,17 @@ def rotate_rows_backward(grad, M, sample, P: int):
     return _on_cupy_arrays(_IMPLS["rotate_rows_backward"], grad, M, sample, P)
 
 
-def reduce_rows(out, M, target, sample, P: int, valid, center, B: int):
-    """:func:`fastequiv.ops.reduce_rows` on CuPy arrays: ``(mean, sums)``."""
-    return _on_cupy_arrays(_IMPLS["reduce_rows"], out, M, target, sample, P, valid, center, B)
+def reduce_rows(out, M, target, sample, P: int, valid, center, B: int, weights=None):
+    """:func:`fastequiv.ops.reduce_rows` on CuPy arrays: ``(mean, sums)``; ``weights``
+    ``(K,)`` in M's dtype, or None (``1/K`` each)."""
+    return _on_cupy_arrays(_IMPLS["reduce_rows"], out, M, target, sample, P, valid, center, B, weights)
 
 
-def reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P: int, valid, center, mean):
-    """:func:`fastequiv.ops.reduce_rows_backward` on CuPy arrays: ``(K, N, d)`` in out's dtype."""
+def reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P: int, valid, center, mean, weights=None):
+    """:func:`fastequiv.ops.reduce_rows_backward` on CuPy arrays: ``(K, N, d)`` in out's dtype
+    (``weights`` as in :func:`reduce_rows`)."""
     return _on_cupy_arrays(_IMPLS["reduce_rows_backward"], grad_mean, grad_sums, out, M, target, sample, P, valid, center,
-                           mean)
+                           mean, weights)
 
 
 def wigner_blocks(R, lmax: int):

@@ -174,16 +174,13 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
         return oe, M, y, sample, valid, c, (K, N, B, d)
 
     def weights_arg(weights, M):
-        """The copies' weights as the kernels take them: ``(K,)`` in M's dtype, on the CPU
-        only (the CUDA kernels average uniformly; fastequiv.ops.twirl_reduce routes weighted
-        calls elsewhere)."""
+        """The copies' weights as the kernels take them: ``(K,)`` in M's dtype on M's device,
+        or None (``1/K`` each: the kernels' unweighted arithmetic)."""
         if weights is None:
-            return ()
-        if device_type != "cpu":
-            raise ValueError(f"weights: the {device_type} row kernels average the copies uniformly (weights=None)")
+            return None
         w = weights.contiguous()
         check_arrays(M.device, ("weights", w, (M.shape[0],), (M.dtype,)))
-        return (w,)
+        return w
 
     def reduce_rows(out, M, target, sample, P, valid, center, B, weights=None):
         oe, M, y, sample, valid, c, (K, N, B_M, d) = reduce_args(out, M, target, sample, P, valid, center)
@@ -193,7 +190,7 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
         w = weights_arg(weights, M)
         mean = torch.empty(N, d, dtype=acc, device=out.device)
         sums = torch.zeros(3, B, dtype=acc, device=out.device)
-        launch("reduce_rows", out.device, oe, M, y, sample, dense_P(P, sample), valid, c, mean, sums, *w)
+        launch("reduce_rows", out.device, oe, M, y, sample, dense_P(P, sample), valid, c, mean, sums, w)
         return mean, sums
 
     def reduce_rows_backward(grad_mean, grad_sums, out, M, target, sample, P, valid, center, mean, weights=None):
@@ -208,7 +205,7 @@ def row_ops(device_type: str, launch: Callable) -> dict[str, Callable]:
         args = [gm, gs, oe, M, y, sample, dense_P(P, sample), valid, c, mean, grad_out]
         if device_type == "cuda":  # the GPU kernel's scratch for the twirled mean of wide rows
             args.append(None if d in (1, 3) else torch.empty(N, d, dtype=acc, device=out.device))
-        launch("reduce_rows_backward", out.device, *args, *w)
+        launch("reduce_rows_backward", out.device, *args, w)
         return grad_out.to(out.dtype)
 
     def wigner_blocks(R, lmax):

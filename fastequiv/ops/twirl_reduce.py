@@ -183,7 +183,7 @@ def deterministic_algorithms() -> bool:
 
 # --- reduce_rows ---------------------------------------------------------------------------
 
-WEIGHTED_BACKENDS = ("torch", "cpu", "triton")
+WEIGHTED_BACKENDS = ("torch", "cpu", "triton", "cuda", "cupy")
 """The backends whose row kernels take the copies' ``weights``; the others raise for them."""
 
 
