@@ -21,7 +21,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from .adapted import Adapted
 from .adapters import adapt
-from .estimators import Decomposition, Terms, combine, decompose
+from .estimators import Decomposition, pool
 from .groups import SEED_MAX
 from .twirl import Twirled, equivariance_error
 
@@ -68,23 +68,7 @@ def decompose_batched(calc, atoms_list: list, targets: list, heads: list, weight
         y = _targets(model, chunk, targets[start:start + size], heads, batch)
         parts.append(equivariance_error(model, batch, y, samples=samples, seed=(seed + c) % SEED_MAX,
                                         loss_weights={h: weights[h] for h in heads}, backend=backend))
-    return parts[0] if len(parts) == 1 else _concatenate(parts, weights)
-
-
-def _concatenate(parts: list, weights: dict) -> Decomposition:
-    """One decomposition over the structures of several chunks (every structure valid)."""
-    heads = {}
-    for name in parts[0].heads:
-        per_sample = Terms(*(torch.cat([getattr(p.heads[name].per_sample, t) for p in parts]) for t in Terms._fields))
-        first = parts[0].heads[name]
-        K = first.samples
-        # back to the per-sample sums decompose() takes: total, bias, spread
-        spread = per_sample.equiv if first.exhaustive else per_sample.equiv * (K - 1) / K
-        bias = per_sample.mean if first.exhaustive else per_sample.mean + spread / (K - 1)
-        ones = torch.ones_like(per_sample.total)
-        heads[name] = decompose(per_sample.total, bias, spread, ones, samples=K, exhaustive=first.exhaustive)
-    valid = {h: torch.ones_like(d.per_sample.total, dtype=torch.bool) for h, d in heads.items()}
-    return combine(heads, {h: weights[h] for h in heads}, valid)
+    return parts[0] if len(parts) == 1 else pool(parts)
 
 
 def twirled_results(model: Twirled, atoms, voigt: bool = True) -> dict:

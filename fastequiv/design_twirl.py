@@ -383,7 +383,7 @@ def design_error(
                                        {h: v.sum().to(dtype) for h, v in head_valid.items()})
     nan = torch.full((), float("nan"), dtype=d.total.dtype, device=d.total.device)
     if target is None:
-        lf = label_free(d, valid, {h: v for h, v in head_valid.items() if d.heads})
+        lf = label_free(d, valid)
         if jack is None:
             se = Scale(nan, nan, nan)
         else:  # rel = equiv / norm, linearised: the jackknife of equiv - rel * norm, over norm

@@ -363,10 +363,11 @@ class LabelFree:
                 f"exhaustive={self.exhaustive}{heads})")
 
 
-def label_free(d: Decomposition, valid: torch.Tensor, head_valid: dict | None = None) -> LabelFree:
+def label_free(d: Decomposition, valid: Optional[torch.Tensor] = None) -> LabelFree:
     """The :class:`LabelFree` view of a decomposition made against a zero target, whose
     L_mean is then the size of the twirled prediction. ``valid`` ``(B,)``: the samples that
-    count; ``head_valid``: the same per head."""
+    count (default ``d.valid``); each head counts its own (``d.heads[h].valid``)."""
+    valid = d.valid if valid is None else valid
     e, n = d.per_sample.equiv, d.per_sample.mean
     rel = d.equiv / d.mean
     w = valid.to(e.dtype)
@@ -374,6 +375,6 @@ def label_free(d: Decomposition, valid: torch.Tensor, head_valid: dict | None = 
     resid = torch.where(valid, e - rel * n, torch.zeros_like(e))
     se_rel = torch.sqrt((resid ** 2).sum() / (count * (count - 1))) / d.mean.abs()
     per_rel = torch.where(valid, e / n, torch.zeros_like(e))
-    heads = {h: label_free(hd, head_valid[h]) for h, hd in d.heads.items()} if head_valid else {}
+    heads = {h: label_free(hd) for h, hd in d.heads.items()}
     return LabelFree(d.equiv, d.mean, rel, Scale(e, n, per_rel), Scale(d.stderr.equiv, d.stderr.mean, se_rel),
                      d.samples, d.exact, d.exhaustive, heads, d.weights)

@@ -261,7 +261,7 @@ def equivariance_error(
         d, head_valid = _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed,
                                    generator, chunk_size, backend, check_finite)
         if target is None:
-            return label_free(d, head_valid[""], {h: v for h, v in head_valid.items() if h})
+            return label_free(d)
         return _sync(d, head_valid, sync, process_group)
 
 
