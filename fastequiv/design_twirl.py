@@ -70,7 +70,7 @@ from .spec import Spec
 from .stacking import Head, Stacked, call_model, read_inputs, split_heads, stack_copies
 from .stacking import eval_mode as stacking_eval_mode
 
-__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_average", "design_for",
+__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_decompose", "design_average", "design_for",
            "design_rotations", "stack_design", "weighted_heads", "jackknife_stderr"]
 
 
@@ -327,6 +327,7 @@ def design_error(
     """Decompose the augmented loss into L_mean + L_equiv with a randomised rotation design
     (no grad): ``replicates`` independent Haar turns of the design per sample, all
     ``replicates * K`` copies in one model call (see the module docs for the estimators).
+    ``fe.equivariance_error(..., rotations=, replicates=)`` is the same measurement.
 
     Args:
         model, inputs, target, spec, mask, loss_weights, chunk_size, backend, eval_mode: as in
@@ -350,21 +351,36 @@ def design_error(
     """
     if not isinstance(eval_mode, bool):
         raise ValueError(f"eval_mode must be a bool, got {eval_mode!r}")
+    with torch.no_grad(), (stacking_eval_mode(model) if eval_mode else contextlib.nullcontext()):
+        d, _ = design_decompose(model, inputs, target, spec, rotations, replicates, mask=mask,
+                                loss_weights=loss_weights, seed=seed, generator=generator, chunk_size=chunk_size,
+                                backend=backend, check_finite=check_finite)
+    return d
+
+
+def design_decompose(model: Callable, inputs: Any, target: Any, spec: Optional[Spec], rotations, replicates, *,
+                     mask=None, loss_weights=None, seed=None, generator=None, chunk_size=None, backend: str = "auto",
+                     check_finite: bool = True, samples=None) -> tuple:
+    """What :func:`design_error` computes, ``(decomposition, head_valid)``, differentiable with
+    respect to the model's parameters where grad is enabled (the training loss of
+    :func:`fastequiv.twirl_loss` with ``rotations=``; the jackknife ``rotation_stderr`` is
+    computed without grad). ``head_valid``: ``{"": (B,) bool, head: (B,) bool}``, the samples
+    that count, as :func:`fastequiv.distributed.all_reduce` takes them."""
     R = _check_replicates(replicates)
     spec, inputs = bind(model, inputs, spec)
-    design = design_for(rotations, spec)
+    design = design_for(rotations, spec, samples=samples)
     weights = spec.head_weights(loss_weights)
-    with torch.no_grad(), (stacking_eval_mode(model) if eval_mode else contextlib.nullcontext()):
-        st = stack_design(model, inputs, spec, design, replicates=R, mask=mask, seed=seed, generator=generator,
-                          chunk_size=chunk_size, backend=backend, check_finite=check_finite)
-        heads, jacks, head_valid = {}, {}, {}
-        for head, y in zip(st.heads, _head_targets(spec, target, st)):
-            rep = Replicates.of_head(head, st.action, design.weights, y, st.B, R, backend)
-            t = rep.terms()
-            d = decompose(t.total, t.mean, t.equiv, rep.count, samples=st.K, exhaustive=True)
-            heads[head.name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
+    st = stack_design(model, inputs, spec, design, replicates=R, mask=mask, seed=seed, generator=generator,
+                      chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+    heads, jacks, head_valid = {}, {}, {}
+    for head, y in zip(st.heads, _head_targets(spec, target, st)):
+        rep = Replicates.of_head(head, st.action, design.weights, y, st.B, R, backend)
+        t = rep.terms()
+        d = decompose(t.total, t.mean, t.equiv, rep.count, samples=st.K, exhaustive=True)
+        heads[head.name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
+        with torch.no_grad():
             jacks[head.name] = rep.jackknife() if R >= 3 else None
-            head_valid[head.name] = rep.count > 0
+        head_valid[head.name] = rep.count > 0
     if check_finite:
         empty = [h for h, v in head_valid.items() if not bool(v.any())]
         if empty:
@@ -372,26 +388,30 @@ def design_error(
     if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
         d, jack = next(iter(heads.values())), next(iter(jacks.values()))
         valid = next(iter(head_valid.values()))
+        valid_of = {"": valid}
     else:
         d = combine(heads, weights, head_valid)
         valid = torch.stack(list(head_valid.values())).any(0)
+        valid_of = {"": valid, **head_valid}
         jack = None
         if R >= 3:
             dtype = d.total.dtype
-            jack = combined_per_sample({h: SimpleNamespace(per_sample=j) for h, j in jacks.items()}, weights,
-                                       head_valid, valid.sum().to(dtype),
-                                       {h: v.sum().to(dtype) for h, v in head_valid.items()})
+            with torch.no_grad():
+                jack = combined_per_sample({h: SimpleNamespace(per_sample=j) for h, j in jacks.items()}, weights,
+                                           head_valid, valid.sum().to(dtype),
+                                           {h: v.sum().to(dtype) for h, v in head_valid.items()})
     nan = torch.full((), float("nan"), dtype=d.total.dtype, device=d.total.device)
     if target is None:
         lf = label_free(d, valid)
         if jack is None:
             se = Scale(nan, nan, nan)
         else:  # rel = equiv / norm, linearised: the jackknife of equiv - rel * norm, over norm
+            rel = lf.rel.detach()
             se = Scale(jackknife_stderr(jack.equiv, valid), jackknife_stderr(jack.mean, valid),
-                       jackknife_stderr(jack.equiv - lf.rel * jack.mean, valid) / lf.norm.abs())
-        return DesignLabelFree(**_fields(lf), rotation_stderr=se, design=design, replicates=R)
+                       jackknife_stderr(jack.equiv - rel * jack.mean, valid) / lf.norm.detach().abs())
+        return DesignLabelFree(**_fields(lf), rotation_stderr=se, design=design, replicates=R), valid_of
     se = Terms(nan, nan, nan) if jack is None else Terms(*(jackknife_stderr(j, valid) for j in jack))
-    return DesignDecomposition(**_fields(d), rotation_stderr=se, design=design, replicates=R)
+    return DesignDecomposition(**_fields(d), rotation_stderr=se, design=design, replicates=R), valid_of
 
 
 def _fields(obj) -> dict:

@@ -389,7 +389,8 @@ def design(rotations: Union[str, Design], group: str = "SO3") -> Design:
         raise ValueError(f"rotations must be 'design:L' or 'lebedev:L' with an integer degree L, or one of "
                          f"{tuple(_FINITE)}, got {rotations!r}")
     degree = int(rest)
-    _check_degree(degree)
+    if not 1 <= degree <= _MAX_DEGREE:
+        raise ValueError(f"rotations={rotations!r}: the degree L must be in [1, {_MAX_DEGREE}], got {degree}")
     return _design(kind, degree, group)
 
 

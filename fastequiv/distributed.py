@@ -9,7 +9,11 @@ of the global means, and the standard errors come from the global per-sample var
 known, so nothing cancels). It costs two ``all_reduce`` calls of a few numbers each and
 never copies to the host.
 
-``per_sample`` stays the rank's own ``(B_rank,)`` values. The reduced decomposition is
+``per_sample`` stays the rank's own ``(B_rank,)`` values. A decomposition from a rotation
+design (:mod:`fastequiv.design_twirl`) also carries ``rotation_stderr``, the standard error
+the rotations alone leave given the batch: the samples' rotations are independent, so its
+square times the squared number of samples adds over ranks (folded into the first
+``all_reduce``). The reduced decomposition is
 detached: use the rank-local decomposition for the training loss (DDP averages the
 gradients itself) and the reduced one for logging.
 
@@ -78,8 +82,14 @@ def all_reduce(d: Decomposition, *, valid: Optional[torch.Tensor] = None, head_v
         w = v.to(dtype)
         first.append(w.sum().reshape(1))
         first.extend((torch.where(v, x, torch.zeros_like(x)).sum().reshape(1) for x in part.per_sample))
+    rot = getattr(d, "rotation_stderr", None)
+    if rot is not None:  # n^2 se^2 = the sum of the samples' jackknife variances: adds over ranks
+        n_here = top_valid.sum().to(dtype)
+        first.extend((n_here * x.to(dtype)) ** 2 for x in (t.reshape(1) for t in rot))
     sums = torch.cat(first)
     torch.distributed.all_reduce(sums, group=group)
+    if rot is not None:
+        rot_sums, sums = sums[len(parts) * 4:], sums[:len(parts) * 4]
     sums = sums.reshape(len(parts), 4)
     n, means = sums[:, 0], sums[:, 1:] / sums[:, :1]
     if d.heads and d.weights:
@@ -108,4 +118,7 @@ def all_reduce(d: Decomposition, *, valid: Optional[torch.Tensor] = None, head_v
                             pct=means[i, 2] / means[i, 0], stderr=Terms(err[i, 0], err[i, 1], err[i, 2]))
         for i, (part, _) in enumerate(parts)
     ]
-    return dataclasses.replace(reduced[0], heads=dict(zip(d.heads, reduced[1:])))
+    top = dataclasses.replace(reduced[0], heads=dict(zip(d.heads, reduced[1:])))
+    if rot is not None:
+        top = dataclasses.replace(top, rotation_stderr=type(rot)(*(rot_sums.sqrt() / n[0]).unbind()))
+    return top

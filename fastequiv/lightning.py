@@ -98,7 +98,9 @@ class EquivarianceCallback(Callback):
         sync: reduce over the ranks; default: when ``trainer.world_size > 1``.
         process_group: the group for ``sync``.
         chunk_size, backend: as in :func:`fastequiv.equivariance_error`.
-        **kwargs: ``loss``, ``loss_weights`` of :func:`fastequiv.equivariance_error`.
+        **kwargs: ``loss``, ``loss_weights``, ``rotations``, ``replicates`` of
+            :func:`fastequiv.equivariance_error` (validation pools a design's per-sample values
+            like any others; its ``rotation_stderr`` is logged for training steps only).
     """
 
     def __init__(self, *, model: Any = None, spec: Optional[Spec] = None,

@@ -28,6 +28,7 @@ import torch
 
 from .groups import SEED_MAX
 from .adapted import own_spec
+from .design_twirl import design_for
 from .graph import GraphLayout
 from .spec import Spec
 from .twirl import equivariance_error
@@ -46,6 +47,10 @@ class EquivarianceMonitor:
             ``ceil(fraction * B)`` samples; every tensor input and target is cut along
             dim 0). Graph batches (a spec with a ``"batch"`` input) are measured whole.
         samples: K rotations per sample (default 8; every element for a finite group).
+        rotations, replicates: a rotation design turned by ``replicates`` (default 2)
+            independent Haar rotations per sample instead of ``samples`` i.i.d. draws (as in
+            :func:`fastequiv.equivariance_error`); with ``replicates >= 3`` the rotations'
+            own standard errors are logged too (``..._rotation_stderr``).
         prefix: prepended to every key, e.g. ``"equiv/"``.
         materialize: return floats (one host sync) instead of 0-dim tensors.
         eval_mode: put the model in eval mode while measuring (dropout and BatchNorm
@@ -65,7 +70,8 @@ class EquivarianceMonitor:
     """
 
     def __init__(self, model: Callable, *, spec: Optional[Spec] = None, every: int = 100, fraction: float = 0.125,
-                 samples: Optional[int] = None, prefix: str = "equiv/", materialize: bool = False,
+                 samples: Optional[int] = None, rotations=None, replicates: Optional[int] = None,
+                 prefix: str = "equiv/", materialize: bool = False,
                  eval_mode: bool = True, seed: int = 0, chunk_size: Optional[int] = None, backend: str = "auto",
                  check_finite: bool = False, sync: bool = False, process_group=None, **kwargs: Any):
         spec = own_spec(model, spec)
@@ -79,7 +85,10 @@ class EquivarianceMonitor:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if "generator" in kwargs:
             raise ValueError("generator= is not a monitor option: the rotations of step s are Philox stream seed + s")
-        kwargs.update(chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+        if rotations is not None:
+            design_for(rotations, spec, samples=samples)  # a bad design raises here, not on step 0
+        kwargs.update(chunk_size=chunk_size, backend=backend, check_finite=check_finite, rotations=rotations,
+                      replicates=replicates)
         self.model, self.spec, self.every, self.fraction = model, spec, every, float(fraction)
         self.samples, self.prefix, self.materialize, self.eval_mode = samples, prefix, materialize, eval_mode
         self.seed, self.sync, self.process_group, self.kwargs = seed, sync, process_group, kwargs
@@ -125,7 +134,8 @@ class EquivarianceMonitor:
 def logged_values(d, prefix: str = "") -> dict:
     """The flat dict a logger gets from a decomposition, 0-dim tensors (no host sync): the
     keys of ``d.to_dict(prefix)`` (``total``, ``mean``, ``equiv``, ``pct``, their
-    ``_stderr``, then ``<head>/...``; ``equiv``, ``norm``, ``rel`` without labels)."""
+    ``_stderr``, then ``<head>/...``; ``equiv``, ``norm``, ``rel`` without labels; a design
+    with 3 or more replicates adds the top level's ``..._rotation_stderr``)."""
     out = {}
 
     def put(prefix, dec):
@@ -134,6 +144,9 @@ def logged_values(d, prefix: str = "") -> dict:
             out[f"{prefix}{name}"] = getattr(dec, name)
         for name in fields or ("total", "mean", "equiv"):
             out[f"{prefix}{name}_stderr"] = getattr(dec.stderr, name)
+        if getattr(dec, "replicates", 1) >= 3:  # a randomised design's rotation_stderr (NaN below 3)
+            for name in fields or ("total", "mean", "equiv"):
+                out[f"{prefix}{name}_rotation_stderr"] = getattr(dec.rotation_stderr, name)
         for head, h in dec.heads.items():
             put(f"{prefix}{head}/", h)
 

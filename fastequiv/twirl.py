@@ -20,7 +20,7 @@ from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
 from .adapted import Adapted, bind, own_spec
-from .design_twirl import design_average, design_for
+from .design_twirl import design_average, design_decompose, design_for
 from .penalty import EquivWeight, WeightLike, check_margin, equiv_penalty, weight_at
 from .reps import Voigt
 from .spec import Spec, describe
@@ -40,6 +40,19 @@ def _require_two(K: int, exhaustive: bool) -> None:
             f"samples={K} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
             "(or an exhaustive twirl over a finite group); L_equiv is never reported as 0"
         )
+
+
+def _design_args(rotations, replicates, loss) -> Optional[int]:
+    """The replicates of a design call (default 2), checked; None without a design."""
+    if rotations is None:
+        if replicates is not None:
+            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
+                             "rotation design (pass rotations='design:L' too, or leave replicates out)")
+        return None
+    if loss != "mse":
+        raise ValueError(f"rotations={rotations!r} takes loss='mse' (the design estimators are those of the squared "
+                         f"error), got loss={loss!r}")
+    return 2 if replicates is None else replicates
 
 
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,
@@ -199,6 +212,21 @@ _COMMON_ARGS = """
         spec: a :class:`fastequiv.Spec`; leave it out for a model adapted with
             :func:`fastequiv.adapt`, which carries its own (``inputs`` is then the
             codebase's own batch).
+        rotations: a rotation design instead of i.i.d. draws (:mod:`fastequiv.designs`):
+            ``"design:L"`` (the fewest rotations exact to degree L), ``"lebedev:L"``,
+            ``"octahedral"``, ``"icosahedral"`` or a :class:`fastequiv.designs.Design`, on
+            ``spec.group`` (SO3 or O3); not with ``samples``. Each sample's design is turned
+            by ``replicates`` independent Haar rotations (turn ``r`` of sample ``b`` is
+            rotation ``r * B + b`` of the ``seed`` stream; the estimators of
+            :mod:`fastequiv.design_twirl`, MSE only): unbiased for any model with
+            ``replicates >= 2``, and lower variance than as many i.i.d. draws where the
+            model's twisted prediction has little content above the design's degree. The
+            result is a :class:`fastequiv.design_twirl.DesignDecomposition` (or
+            ``DesignLabelFree``) with ``design``, ``replicates`` and ``rotation_stderr``
+            (the rotations' own standard error, from 3 replicates on).
+        replicates: R independent turns of the design per sample (default 2 with
+            ``rotations``; R * K copies a sample); 1 is unbiased only where the design's
+            degree reaches the model's band limit (``exact=False``). Only with ``rotations``.
         loss: ``"mse"`` (exact estimators) or a callable ``loss(pred, target)`` returning
             elementwise losses (reduction ``'none'``): its plug-in Jensen gap is reported
             with ``exact=False``.
@@ -232,6 +260,8 @@ def equivariance_error(
     *,
     spec: Optional[Spec] = None,
     samples: Optional[int] = None,
+    rotations=None,
+    replicates: Optional[int] = None,
     loss: LossLike = "mse",
     mask: Optional[torch.Tensor] = None,
     loss_weights=None,
@@ -257,7 +287,14 @@ def equivariance_error(
         raise ValueError(f"eval_mode must be a bool, got {eval_mode!r}")
     if target is None and sync:
         raise ValueError("sync=True needs a target (target=None: measure each rank's L_equiv on its own)")
+    R = _design_args(rotations, replicates, loss)
     with torch.no_grad(), (stacking_eval_mode(model) if eval_mode else contextlib.nullcontext()):
+        if R is not None:
+            d, head_valid = design_decompose(model, inputs, target, spec, rotations, R, mask=mask,
+                                             loss_weights=loss_weights, seed=seed, generator=generator,
+                                             chunk_size=chunk_size, backend=backend, check_finite=check_finite,
+                                             samples=samples)
+            return d if target is None else _sync(d, head_valid, sync, process_group)
         d, head_valid = _decompose(model, inputs, target, spec, samples, 8, loss, mask, loss_weights, seed,
                                    generator, chunk_size, backend, check_finite)
         if target is None:
@@ -281,6 +318,8 @@ def twirl_loss(
     *,
     spec: Optional[Spec] = None,
     samples: Optional[int] = None,
+    rotations=None,
+    replicates: Optional[int] = None,
     equiv_weight: WeightLike = 0.0,
     equiv_margin: float = 0.0,
     step: Optional[int] = None,
@@ -324,8 +363,15 @@ def twirl_loss(
     if not (callable(equiv_weight) or isinstance(equiv_weight, EquivWeight)):
         weight_at(equiv_weight, step, None)  # a bad number raises before the model runs
     margin = check_margin(equiv_margin)
-    d, head_valid = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed, generator,
-                               chunk_size, backend, check_finite)
+    R = _design_args(rotations, replicates, loss)
+    if R is not None:
+        d, head_valid = design_decompose(model, inputs, target, spec, rotations, R, mask=mask,
+                                         loss_weights=loss_weights, seed=seed, generator=generator,
+                                         chunk_size=chunk_size, backend=backend, check_finite=check_finite,
+                                         samples=samples)
+    else:
+        d, head_valid = _decompose(model, inputs, target, spec, samples, 2, loss, mask, loss_weights, seed,
+                                   generator, chunk_size, backend, check_finite)
     penalty = equiv_penalty(d.equiv, weight_at(equiv_weight, step, d.equiv), margin)
     total = d.total if penalty is None else d.total + penalty
     # the loss stays this rank's own (DDP averages gradients); only the logged values are global

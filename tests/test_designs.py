@@ -112,8 +112,8 @@ def test_sphere_rules_from_the_literature():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("design:0", "degree must be an int in"), ("design:x", "rotations must be"), ("haar", "rotations must be"),
-    ("lebedev:200", "degree must be an int in"), (5, "rotations must be a str"),
+    ("design:0", "the degree L must be in"), ("design:x", "rotations must be"), ("haar", "rotations must be"),
+    ("lebedev:200", "the degree L must be in"), (5, "rotations must be a str"),
 ])
 def test_bad_design_names(bad, match):
     with pytest.raises(ValueError, match=match):

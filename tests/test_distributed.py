@@ -6,6 +6,7 @@ the union's, so the comparison is exact, standard errors included.
 """
 
 import faulthandler
+import math
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ import fastequiv as fe
 
 SPEC = fe.Spec(inputs={"pos": "position", "z": "scalar"}, output={"energy": "scalar", "forces": "vector"},
                group="octahedral")
+# a rotation design (on SO(3)) turns each rank's samples by that rank's own Haar rotations
+DESIGN_SPEC = fe.Spec(inputs=SPEC.inputs, output=SPEC.output)
 SHARDS = (3, 5)  # uneven on purpose: every sample weighs the same, not every rank
 
 
@@ -99,8 +102,11 @@ def _worker(rank, world, path):
         loss, dt = fe.twirl_loss(ddp, inputs, target, spec=SPEC, mask=mask, sync=True)
         loss.backward()
         grads = torch.cat([p.grad.reshape(-1) for p in ddp.parameters()])
+        design = dict(rotations="design:1", replicates=3, seed=rank + 1, mask=mask, spec=DESIGN_SPEC)
+        dd = fe.equivariance_error(model, inputs, target, sync=True, **design)
+        dl = fe.equivariance_error(model, inputs, target, **design)
         torch.save({"eval": _values(d), "local": _values(local), "train": _values(dt), "loss": loss.detach(),
-                    "grads": grads}, os.path.join(path, f"rank{rank}.pt"))
+                    "grads": grads, "design": dd, "design_local": dl}, os.path.join(path, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
@@ -143,7 +149,7 @@ def _run_ranks(world, path):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_two_ranks_report_the_decomposition_of_the_union(tmp_path):
     _run_ranks(2, tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     inputs, target, mask = _data()
     model = _model()
@@ -167,6 +173,21 @@ def test_two_ranks_report_the_decomposition_of_the_union(tmp_path):
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(ranks[0]["grads"], (grads[0] + grads[1]) / 2)
     torch.testing.assert_close(ranks[1]["grads"], ranks[0]["grads"])
+
+    # a design's values are those of the two ranks' samples pooled; the rotations' standard
+    # errors add in quadrature, each weighted by its rank's number of valid samples
+    locals_ = [r["design_local"] for r in ranks]
+    pooled = _values(fe.estimators.pool(locals_))
+    n = [float(d.valid.sum()) for d in locals_]
+    for r in ranks:
+        got = r["design"]
+        assert got.replicates == 3 and got.design.size == 4
+        for name, v in pooled.items():
+            torch.testing.assert_close(_values(got)[name], v, rtol=1e-12, atol=1e-14, msg=f"design {name}")
+        for name in ("total", "mean", "equiv"):
+            se = [float(getattr(d.rotation_stderr, name)) for d in locals_]
+            want = math.sqrt(sum((nk * s) ** 2 for nk, s in zip(n, se))) / sum(n)
+            assert math.isclose(float(getattr(got.rotation_stderr, name)), want, rel_tol=1e-12), name
 
 
 def test_sync_is_a_no_op_outside_torch_distributed():

@@ -182,6 +182,22 @@ def test_logged_values_equal_equivariance_error_on_the_same_slice(tmp_path):
         assert 0 < values["equiv/pct"] < 1
 
 
+def test_a_rotation_design_is_passed_on_and_its_rotation_stderr_logged(tmp_path):
+    recorder = Recorder()
+    callback = EquivarianceCallback(model="net", spec=SPEC, every_n_steps=2, max_samples=CUT, seed=SEED,
+                                    rotations="design:1", replicates=3, validation=False)
+    L.seed_everything(0)
+    train, val = loaders()
+    trainer(tmp_path, [recorder, callback], max_steps=2).fit(Module(), train, val)
+    (step, values), = by_step(csv_rows(tmp_path / "csv"), "equiv_train/").items()
+    state, (inputs, y) = recorder.train[step]
+    want = fe.equivariance_error(net_with(state), {"pos": inputs["pos"][:CUT]}, y[:CUT], spec=SPEC,
+                                 rotations="design:1", replicates=3, seed=SEED + step).to_dict("equiv_train/")
+    assert set(values) == set(want) and "equiv_train/equiv_rotation_stderr" in values
+    for key, v in want.items():
+        assert values[key] == pytest.approx(v, rel=1e-12), key
+
+
 def test_training_is_unchanged_by_the_callback(tmp_path):
     """Parameters, optimiser state, modes, BatchNorm statistics and every random state after
     the run are identical with and without the callback (measuring every step, validation too)."""
