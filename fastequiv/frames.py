@@ -35,7 +35,10 @@ says what such a sample gets:
   sample (deciding it reads one flag from the device). Guaranteed: an unbiased estimate
   of the twirled model ``fbar(x)`` (which is exactly equivariant), equivariant in
   distribution with fresh draws; not exactly equivariant for one draw (its error falls
-  as ``1 / sqrt(samples)``).
+  as ``1 / sqrt(samples)``). With ``rotations=`` (a design, :mod:`fastequiv.designs`) the
+  fallback is the design's weighted average instead: deterministic, and exactly ``fbar(x)``
+  (so exactly equivariant) wherever the model's twisted prediction has no content above
+  the design's degree.
 * ``"frames"``: the PCA frames as they come, whatever basis the eigensolver picked in the
   degenerate plane: no second call, no host read. Exact for a linear molecule (every
   position on one line, the other inputs invariant) and outputs of degree at most 1
@@ -72,6 +75,7 @@ from .ops.random_rotations import random_rotations_seeded, seed_tensor
 from .reps import Rep
 from .spec import Spec
 from .stacking import Inputs, Stacked, call_model, plan, read_inputs, split_heads, stack, stack_copies
+from .design_twirl import design_for, stack_design, weighted_heads
 from .twirl import averaged_heads, wrapped_inputs
 
 __all__ = ["FrameAveraged", "Frames", "principal_frames", "frame_signs"]
@@ -171,6 +175,10 @@ class FrameAveraged(nn.Module):
         tol: the relative eigengap at or below which a sample is degenerate.
         degenerate: ``"twirl"``, ``"frames"`` or ``"raise"``: what a degenerate sample gets.
         samples: K of the ``"twirl"`` fallback (default 16, as :class:`fastequiv.Twirled`).
+        rotations: a rotation design for the ``"twirl"`` fallback of ``frames="all"``
+            instead of ``samples`` i.i.d. draws (``"design:L"``, ... as in
+            :class:`fastequiv.Twirled`); ``frames="one"`` still gives a degenerate sample
+            one Haar rotation.
         seed: the Philox stream of the fallback's rotations and of ``frames="one"``'s
             draws; default fresh draws at every call.
         chunk_size, backend, check_finite: as in :func:`fastequiv.equivariance_error`.
@@ -178,8 +186,8 @@ class FrameAveraged(nn.Module):
 
     def __init__(self, model: Callable, *, spec: Optional[Spec] = None, frames: str = "all",
                  positions: Optional[str] = None, tol: float = 1e-4, degenerate: str = "twirl",
-                 samples: Optional[int] = None, seed: Optional[int] = None, chunk_size: Optional[int] = None,
-                 backend: str = "auto", check_finite: bool = True):
+                 samples: Optional[int] = None, rotations=None, seed: Optional[int] = None,
+                 chunk_size: Optional[int] = None, backend: str = "auto", check_finite: bool = True):
         super().__init__()
         spec = own_spec(model, spec)
         if spec.group not in ("SO3", "O3"):
@@ -191,7 +199,8 @@ class FrameAveraged(nn.Module):
             raise ValueError(f"degenerate must be one of {_DEGENERATE}, got {degenerate!r}")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
             raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
-        self.fallback_K, _ = plan(spec, samples, 16)
+        self.design = None if rotations is None else design_for(rotations, spec, samples=samples)
+        self.fallback_K = self.design.size if self.design is not None else plan(spec, samples, 16)[0]
         if seed is not None:
             groups.resolve_seed(seed)
         self.model, self.spec, self.frames, self.tol, self.degenerate = model, spec, frames, tol, degenerate
@@ -213,9 +222,14 @@ class FrameAveraged(nn.Module):
             return self.spec.build_output(averaged_heads(self._stacked(batch, R), self.backend))
         means = averaged_heads(self._stacked(batch, fr.R), self.backend)
         if self.degenerate == "twirl" and bool(fr.degenerate.any()):  # one host read
-            st = stack(self.model, inputs, self.spec, self.fallback_K, False, seed=self.seed,
-                       chunk_size=self.chunk_size, backend=self.backend, check_finite=self.check_finite)
-            twirled = averaged_heads(st, self.backend)
+            if self.design is not None:
+                st = stack_design(self.model, inputs, self.spec, self.design, turn=False, chunk_size=self.chunk_size,
+                                  backend=self.backend, check_finite=self.check_finite)
+                twirled = weighted_heads(st, self.design.weights, self.backend)
+            else:
+                st = stack(self.model, inputs, self.spec, self.fallback_K, False, seed=self.seed,
+                           chunk_size=self.chunk_size, backend=self.backend, check_finite=self.check_finite)
+                twirled = averaged_heads(st, self.backend)
             means = [_select(fr.degenerate, head, t, m) for head, t, m in zip(st.heads, twirled, means)]
         return self.spec.build_output(means)
 
@@ -252,8 +266,9 @@ class FrameAveraged(nn.Module):
         return Stacked(action, heads, batch, K, False)
 
     def extra_repr(self) -> str:
+        fallback = "" if self.design is None else f", design={self.design.name!r}, degree={self.design.degree}"
         return (f"group={self.spec.group!r}, frames={self.frames!r}, positions={self.positions!r}, "
-                f"degenerate={self.degenerate!r}, tol={self.tol}")
+                f"degenerate={self.degenerate!r}, tol={self.tol}{fallback}")
 
 
 def _position_input(spec: Spec, name: Optional[str]) -> str:

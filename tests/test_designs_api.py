@@ -177,3 +177,33 @@ def test_a_design_needs_a_continuous_group():
         fe.equivariance_error(Linear(A), x, y, spec=spec, rotations="design:2")
     with pytest.raises(ValueError, match="finite group"):
         fe.EquivarianceMonitor(Linear(A), spec=spec, rotations="design:2")
+
+
+def test_frame_averaging_falls_back_on_a_design():
+    """Degenerate spectra (a ring, a line, a regular octahedron) get the design's average:
+    for a model of degree 2 in the rotation, the closed-form twirl to float rounding; the
+    other samples keep their frames (the same as without a design)."""
+    from test_frames import _shapes
+
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    e = torch.randn(3, generator=g, dtype=torch.float64)
+    spec = fe.Spec(inputs={"pos": "position"}, output={"energy": "scalar", "forces": "vector"})
+
+    def model(pos):
+        u = pos - pos.mean(1, keepdim=True)
+        return {"energy": ((u @ b) ** 2).sum(1), "forces": u @ A.T + e}
+
+    pos = torch.stack(list(_shapes().values()))  # ring, line, octahedron degenerate; planar, generic not
+    fa = fe.FrameAveraged(model, spec=spec, rotations="design:2")
+    assert fa.design.degree == 2 and "degree=2" in repr(fa)
+    out = fa(pos=pos)
+    u = pos - pos.mean(1, keepdim=True)
+    torch.testing.assert_close(out["forces"][:3], (torch.trace(A) / 3 * u)[:3], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out["energy"][:3], ((u ** 2).sum((1, 2)) * (b @ b) / 3)[:3], atol=1e-12, rtol=0)
+    framed = fe.FrameAveraged(model, spec=spec, degenerate="frames")(pos=pos)
+    for name in ("energy", "forces"):
+        torch.testing.assert_close(out[name][3:], framed[name][3:], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="a design fixes the number of rotations"):
+        fe.FrameAveraged(model, spec=spec, rotations="design:2", samples=8)
