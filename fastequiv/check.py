@@ -10,11 +10,14 @@ or under ``TRITON_INTERPRET=1``; ``cuda``; ``cupy``) and each device it runs on:
     rotate_rows        the row kernels of rotate_copies / twirl_reduce, forward and
     rotate_rows_bwd    backward, d = 1, 3, 9, 25 and a wide irreps (288; 1152 on a GPU),
     reduce_rows        dense and graph layouts, masks, centres, float16/bfloat16/float32/
-    reduce_rows_bwd    float64
+    reduce_rows_bwd    float64; the reductions also with weighted copies (a rotation
+                       design's weights: positive, summing to one, far from uniform),
+                       with and without the mask and centres
     graph_atomics      the graph-layout reduction repeated: run-to-run spread of its sums
     wigner_blocks      Wigner-D blocks to lmax 10, float32/float64
     voxels             the voxel resampling and fused reduction, exact and trilinear
-    opcheck            torch.library.opcheck of every torch.ops.fastequiv op
+    opcheck            torch.library.opcheck of every torch.ops.fastequiv op (the
+                       reductions also with weights)
     compile            torch.compile(fullgraph=True) of a twirl_loss step on its first call
                        against the eager step (loss, L_equiv, gradients)
     cuda_graph         (CUDA) a forward+backward twirl_loss step captured in a CUDA graph
@@ -43,8 +46,8 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -184,17 +187,37 @@ def check_rotate_rows_bwd(ctx: Context, backend: str) -> Iterator[Case]:
                    check_bound(c.acc))
 
 
-def _reduce_variants(c):
-    """``(label, valid, center, grad_mean)``: nothing optional, then everything."""
-    yield "", None, None, None
-    yield " masked", c.valid, c.center, c.grad_mean
+def design_weights(ctx: Context, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(K,)`` positive weights summing to one, as a rotation design's, on the checked
+    device, far from uniform (so that a kernel ignoring them is far off): before
+    normalising, one is 1.1 to 1.6 and the others 0.1 to 0.6 (at K = 3 the large one is at
+    least 0.48 against the uniform 1/3)."""
+    w = 0.1 + 0.5 * torch.rand(K, generator=ctx.gen, dtype=torch.float64)
+    w[int(torch.randint(0, K, (), generator=ctx.gen))] += 1.0
+    return (w / w.sum()).to(dtype).to(ctx.device)
+
+
+def _reduce_variants(ctx: Context, c):
+    """``(label, valid, center, grad_mean, weights)``: nothing optional, everything but the
+    weights (the uniform ``1/K``), then both again with weights."""
+    w = design_weights(ctx, c.K, c.acc)
+    yield "", None, None, None, None
+    yield " masked", c.valid, c.center, c.grad_mean, None
+    yield " weighted", None, None, None, w
+    yield " masked weighted", c.valid, c.center, c.grad_mean, w
+
+
+def _weights(w) -> tuple:
+    """The trailing ``weights`` argument of the reduce kernels: none for the uniform average
+    (the call every backend had before weights), ``(w,)`` otherwise."""
+    return () if w is None else (w,)
 
 
 def check_reduce_rows(ctx: Context, backend: str) -> Iterator[Case]:
     for d, dtype, layout in _row_shapes(ctx):
         c = _row_case(ctx, d, dtype, layout)
-        for extra, valid, center, _ in _reduce_variants(c):
-            args = (c.out, c.M, c.target, c.sample, c.P, valid, center, c.B)
+        for extra, valid, center, _, w in _reduce_variants(ctx, c):
+            args = (c.out, c.M, c.target, c.sample, c.P, valid, center, c.B) + _weights(w)
             got = _impl("reduce_rows", backend)(*args)
             # sums of squares in acc over rows of dtype: the inputs' rounding is the reference's too
             yield Case(_label(d, dtype, layout, extra), rel_err(got, _ref("reduce_rows")(*_cpu(args))),
@@ -204,10 +227,10 @@ def check_reduce_rows(ctx: Context, backend: str) -> Iterator[Case]:
 def check_reduce_rows_bwd(ctx: Context, backend: str) -> Iterator[Case]:
     for d, dtype, layout in _row_shapes(ctx):
         c = _row_case(ctx, d, dtype, layout)
-        for extra, valid, center, grad_mean in _reduce_variants(c):
+        for extra, valid, center, grad_mean, w in _reduce_variants(ctx, c):
             fwd = (c.out, c.M, c.target, c.sample, c.P, valid, center)
-            mean, _ = _ref("reduce_rows")(*_cpu(fwd + (c.B,)))
-            args = (grad_mean, c.grad_sums) + fwd + (mean.to(ctx.device),)
+            mean, _ = _ref("reduce_rows")(*_cpu(fwd + (c.B,) + _weights(w)))
+            args = (grad_mean, c.grad_sums) + fwd + (mean.to(ctx.device),) + _weights(w)
             got = _impl("reduce_rows_backward", backend)(*args)
             want = _ref("reduce_rows_backward")(*_cpu(args))
             yield Case(_label(d, dtype, layout, extra), rel_err(got, want), check_bound(dtype))
@@ -291,9 +314,9 @@ def _voxel_inputs(ctx: Context, exact: bool, dtype: torch.dtype):
         R = random_rotations(K * B, seed=int(torch.randint(0, 2**62, (), generator=ctx.gen)), dtype=torch.float64)
     M = R.float().to(ctx.device)
     vec = torch.tensor([2, 5], dtype=torch.int32).to(ctx.device)  # first channel of each vector
-    return dict(x=ctx.randn(B, C, n, n, n, dtype=dtype), M=M, vec=vec, B=B, K=K, C=C, n=n,
-                out=ctx.randn(K, B, C, n, n, n, dtype=dtype), y=ctx.randn(B, C, n, n, n, dtype=dtype),
-                w=torch.rand(B, C, n**3, generator=ctx.gen).to(ctx.device))
+    return {"x": ctx.randn(B, C, n, n, n, dtype=dtype), "M": M, "vec": vec, "B": B, "K": K, "C": C, "n": n,
+            "out": ctx.randn(K, B, C, n, n, n, dtype=dtype), "y": ctx.randn(B, C, n, n, n, dtype=dtype),
+            "w": torch.rand(B, C, n**3, generator=ctx.gen).to(ctx.device)}
 
 
 def check_voxels(ctx: Context, backend: str) -> Iterator[Case]:
@@ -334,6 +357,12 @@ def _opcheck_args(ctx: Context, backend: str) -> Iterator[tuple[str, tuple]]:
     mean, _ = _ref("reduce_rows")(*_cpu((c.out, c.M, c.target, None, c.P, c.valid, c.center, c.B)))
     yield "reduce_rows_backward", (c.grad_mean, c.grad_sums, c.out, c.M, c.target, None, c.P, c.valid, c.center,
                                    mean.to(ctx.device), backend)
+    w = design_weights(ctx, c.K, c.acc)
+    yield "reduce_rows weighted", (c.out.clone().requires_grad_(), c.M, c.target.clone().requires_grad_(), None,
+                                   c.P, c.valid, c.center.clone().requires_grad_(), c.B, backend, w)
+    mean, _ = _ref("reduce_rows")(*_cpu((c.out, c.M, c.target, None, c.P, c.valid, c.center, c.B, w)))
+    yield "reduce_rows_backward weighted", (c.grad_mean, c.grad_sums, c.out, c.M, c.target, None, c.P, c.valid,
+                                            c.center, mean.to(ctx.device), backend, w)
     from . import random_rotations
 
     R = random_rotations(5, seed=1, dtype=torch.float32, device=ctx.device)
@@ -344,7 +373,8 @@ def _opcheck_args(ctx: Context, backend: str) -> Iterator[tuple[str, tuple]]:
 
 def check_opcheck(ctx: Context, backend: str) -> Iterator[Case]:
     """``torch.library.opcheck`` (schema, fake tensor, autograd registration, AOT dispatch)
-    of every ``torch.ops.fastequiv`` op this backend implements."""
+    of every ``torch.ops.fastequiv`` op this backend implements (the reductions also with
+    weights)."""
     from .backends import registry
 
     cases = list(_opcheck_args(ctx, backend))
@@ -360,9 +390,9 @@ def check_opcheck(ctx: Context, backend: str) -> Iterator[Case]:
                                         v["w"], v["vec"], False, backend)))
     for name, args in cases:
         try:
-            torch.library.opcheck(getattr(torch.ops.fastequiv, name), args)
+            torch.library.opcheck(getattr(torch.ops.fastequiv, name.split()[0]), args)
             yield Case(name, 0.0, 0.0)
-        except Exception as err:  # opcheck raises OpCheckError (or the op's own error)
+        except Exception as err:  # noqa: BLE001 (opcheck raises OpCheckError, or the op's own error)
             yield Case(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", float("inf"), 0.0)
 
 
@@ -396,9 +426,9 @@ def check_compile(ctx: Context, backend: str) -> Iterator[Case]:
     for dtype in (torch.float32,) if ctx.gpu else (torch.float64,):
         spec, lin, model, inputs, target, mask = _step_model(ctx, dtype)
 
-        def step(pos, f, y_forces, y_h):
-            loss, d = fe.twirl_loss(model, {"pos": pos, "f": f}, {"forces": y_forces, "h": y_h}, spec=spec,
-                                    samples=3, seed=11, mask=mask, equiv_weight=0.5, backend=backend,
+        def step(pos, f, y_forces, y_h):  # called in this iteration only: the loop's model, spec, mask
+            loss, d = fe.twirl_loss(model, {"pos": pos, "f": f}, {"forces": y_forces, "h": y_h}, spec=spec,  # noqa: B023
+                                    samples=3, seed=11, mask=mask, equiv_weight=0.5, backend=backend,  # noqa: B023
                                     check_finite=False)
             return loss, d.equiv
 
@@ -521,7 +551,7 @@ def run_one(check: str, backend: str, device: torch.device, seed: int, repeat: i
                 if res.result == "PASS":
                     res.note = case.label
                 res.result = "FAIL"
-    except Exception as err:  # a crash is a failure of this check, not of the command
+    except Exception as err:  # noqa: BLE001 (a crash is a failure of this check, not of the command)
         res.result = "FAIL"
         res.max_rel_err = float("inf")
         frame = traceback.extract_tb(err.__traceback__)[-1]

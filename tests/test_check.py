@@ -78,6 +78,93 @@ def test_a_broken_backend_fails_the_check(capsys, monkeypatch, how):
     assert report["results"][0]["result"] == "FAIL"
 
 
+def _runnable_on_cpu(op):
+    """The backends of ``op`` that run on CPU tensors here: torch, cpu with the extension,
+    triton under its interpreter (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+    return [b for b in ("torch", "cpu", "triton") if b in registry.runnable(op, "cpu")]
+
+
+def test_design_weights_are_a_designs_far_from_uniform():
+    from fastequiv import check
+
+    ctx = check.Context(torch.device("cpu"), torch.Generator().manual_seed(0), interpreter=False)
+    for _ in range(200):
+        w = check.design_weights(ctx, 3, torch.float64)
+        assert w.shape == (3,) and w.dtype == torch.float64
+        assert bool((w > 0).all()) and abs(float(w.sum()) - 1) < 1e-15
+        assert float(w.max()) >= 1.1 / 2.3 - 1e-15  # against the uniform 1/3
+
+
+@pytest.mark.parametrize("name", ["reduce_rows", "reduce_rows_bwd"])
+def test_weighted_reduce_cases_run_and_pass(capsys, name):
+    """Every shape of the reduce checks also runs with weighted copies (without and with the
+    mask and centres), on torch, the C++ CPU kernels and Triton's interpreter: as many
+    weighted cases as uniform ones, each within its tolerance; and the command passes them."""
+    from fastequiv import check
+
+    op = check._OP_OF[name]
+    backends = _runnable_on_cpu(op)
+    assert backends[0] == "torch" and ("cpu" in backends) == ("cpu" in _cpu_backends())
+    for backend in backends:
+        ctx = check.Context(torch.device("cpu"), torch.Generator().manual_seed(2), interpreter=False)
+        cases = list(check.CHECK_FUNCS[name](ctx, backend))
+        weighted = [c for c in cases if c.label.endswith(" weighted")]
+        masked = [c for c in weighted if c.label.endswith(" masked weighted")]
+        assert len(weighted) == len(cases) // 2 and len(masked) == len(weighted) // 2 > 10, backend
+        bad = [(c.label, c.error, c.tolerance) for c in cases if not c.error <= c.tolerance]
+        assert not bad, (backend, bad)
+    compiled = [b for b in backends if b != "triton"]  # the interpreter ran its cases above, slowly
+    argv = ["--json", "--device", "cpu", "--seed", "4", "--only", name]
+    for b in compiled:
+        argv += ["--backend", b]
+    code, out = _run(capsys, *argv)
+    report = json.loads(out)
+    assert code == 0, out
+    assert [r["backend"] for r in report["results"]] == compiled
+    assert all(r["result"] == "PASS" and r["cases"] == len(cases) for r in report["results"])
+
+
+def _wrong_weights(real, n_args, how):
+    """``real`` with its trailing weights ignored (the uniform 1/K) or given to the wrong
+    copies (rolled by one)."""
+
+    def impl(*args):
+        if len(args) == n_args:
+            return real(*args)
+        w = args[n_args]
+        return real(*args[:n_args]) if how == "ignored" else real(*args[:n_args], w.roll(1))
+
+    return impl
+
+
+@pytest.mark.parametrize("how", ["ignored", "rolled"])
+def test_a_kernel_that_mishandles_weights_fails_the_weighted_cases(capsys, monkeypatch, how):
+    """A reduce kernel (forward or backward) that ignores the copies' weights, or applies
+    them to the wrong copies, passes every uniform case and fails every weighted one; the
+    command reports FAIL naming a weighted case, and exits 1."""
+    from fastequiv import check
+
+    backend = _cpu_backends()[-1]
+    for op, n_args in (("reduce_rows", 8), ("reduce_rows_backward", 10)):
+        impls = registry._REGISTRY[op]
+        real, available = impls[backend]
+        monkeypatch.setitem(impls, backend, (_wrong_weights(real, n_args, how), available))
+    for name in ("reduce_rows", "reduce_rows_bwd"):
+        ctx = check.Context(torch.device("cpu"), torch.Generator().manual_seed(5), interpreter=False)
+        cases = list(check.CHECK_FUNCS[name](ctx, backend))
+        for c in cases:
+            ok = c.error <= c.tolerance
+            assert ok != c.label.endswith(" weighted"), (name, c.label, c.error, c.tolerance)
+    code, out = _run(capsys, "--device", "cpu", "--backend", backend, "--only", "reduce_rows,reduce_rows_bwd",
+                     "--seed", "1")
+    assert code == 1
+    lines = {tuple(line.split()[:3]): line for line in out.splitlines()}
+    for name in ("reduce_rows", "reduce_rows_bwd"):
+        bad = lines[(name, backend, "cpu")]
+        assert " FAIL " in bad and bad.rstrip().endswith(" weighted"), bad
+    assert "2 FAIL" in out.splitlines()[-1]
+
+
 def test_check_refuses_unknown_checks_and_a_missing_gpu(capsys):
     with pytest.raises(SystemExit, match="unknown"):
         main(["check", "--only", "nothing_like_it"])
