@@ -416,22 +416,27 @@ def _step_model(ctx: Context, dtype: torch.dtype):
     return spec, lin, model, inputs, target, mask.to(ctx.device)
 
 
+def _eager_step(model, spec, mask, backend: str) -> Callable:
+    """``step(pos, f, y_forces, y_h) -> (loss, L_equiv)``: the twirl_loss step that
+    :func:`check_compile` compiles and also runs eagerly."""
+    import fastequiv as fe
+
+    def step(pos, f, y_forces, y_h):
+        loss, d = fe.twirl_loss(model, {"pos": pos, "f": f}, {"forces": y_forces, "h": y_h}, spec=spec,
+                                samples=3, seed=11, mask=mask, equiv_weight=0.5, backend=backend, check_finite=False)
+        return loss, d.equiv
+
+    return step
+
+
 def check_compile(ctx: Context, backend: str) -> Iterator[Case]:
     """``torch.compile(fullgraph=True)`` of a twirl_loss step (positions, irreps, a mask) on
     its first call, against the eager step: loss, L_equiv and the gradients. Inductor in
     float32 on a GPU; on the CPU the aot_eager backend (the same trace, without inductor's
     C++ build) in float64."""
-    import fastequiv as fe
-
     for dtype in (torch.float32,) if ctx.gpu else (torch.float64,):
         spec, lin, model, inputs, target, mask = _step_model(ctx, dtype)
-
-        def step(pos, f, y_forces, y_h):  # called in this iteration only: the loop's model, spec, mask
-            loss, d = fe.twirl_loss(model, {"pos": pos, "f": f}, {"forces": y_forces, "h": y_h}, spec=spec,  # noqa: B023
-                                    samples=3, seed=11, mask=mask, equiv_weight=0.5, backend=backend,  # noqa: B023
-                                    check_finite=False)
-            return loss, d.equiv
-
+        step = _eager_step(model, spec, mask, backend)
         args = (inputs["pos"], inputs["f"], target["forces"], target["h"])
         compiled = torch.compile(step, fullgraph=True, backend="inductor" if ctx.gpu else "aot_eager")
         loss, equiv = compiled(*args)
