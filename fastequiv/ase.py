@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 try:
     from ase import Atoms
-    from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+    from ase.calculators.calculator import (
+        Calculator,
+        PropertyNotImplementedError,
+        all_changes,
+    )
     from ase.stress import voigt_6_to_full_3x3_stress
 except ImportError as e:  # pragma: no cover - the test extra installs ASE
     raise ImportError('fastequiv.ase needs ASE (the Atomic Simulation Environment): pip install "fastequiv[ase]" '
@@ -41,7 +45,7 @@ from .ops import twirl_reduce
 from .ops.random_rotations import random_rotations
 from .reps import as_rep
 
-__all__ = ["equivariance_error", "TwirledCalculator", "PROPERTIES"]
+__all__ = ["PROPERTIES", "TwirledCalculator", "equivariance_error"]
 
 #: the properties fastequiv.ase measures and twirls, and how each transforms
 PROPERTIES = {"energy": "scalar", "free_energy": "scalar", "forces": "vector", "stress": "rank2"}
@@ -177,7 +181,10 @@ def _select(properties, calc, atoms_list, targets) -> dict:
     """``{property: (B,) bool}``: the properties measured and the structures each applies to."""
     implemented = _implemented(calc)
     periodic = np.array([bool(a.pbc.all()) for a in atoms_list])
-    has = lambda p, idx: all(p in targets[i] for i in idx)  # noqa: E731
+
+    def has(p, idx):
+        return all(p in targets[i] for i in idx)
+
     everyone = range(len(atoms_list))
     if properties is None:
         chosen = {}
@@ -232,18 +239,18 @@ def _target_value(p: str, value, atoms: Atoms, i: int) -> np.ndarray:
 def equivariance_error(
     calc,
     atoms_list: Sequence[Atoms],
-    target: Optional[Sequence[dict]] = None,
+    target: Sequence[dict] | None = None,
     *,
-    samples: Optional[int] = None,
+    samples: int | None = None,
     group: str = "SO3",
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    properties: Optional[Sequence[str]] = None,
-    loss_weights: Optional[dict] = None,
-    batched: Optional[bool] = None,
-    chunk_size: Optional[int] = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    properties: Sequence[str] | None = None,
+    loss_weights: dict | None = None,
+    batched: bool | None = None,
+    chunk_size: int | None = None,
     backend: str = "auto",
-    targets: Optional[Sequence[dict]] = None,
+    targets: Sequence[dict] | None = None,
 ) -> Decomposition:
     """Decompose an ASE calculator's augmented loss on ``atoms_list`` into L_mean + L_equiv.
 
@@ -263,7 +270,8 @@ def equivariance_error(
     Two routes give the same numbers (to float rounding, rotation for rotation):
 
     * batched, when :func:`fastequiv.adapt` recognises the calculator (MACE's, NequIP's,
-      SevenNet's, Orb's, SchNetPack's): the structures go through the codebase's own data
+      SevenNet's, Orb's, SchNetPack's; not a committee of several models, whose mean the
+      calculator returns): the structures go through the codebase's own data
       pipeline once, and the K rotated copies of all of them through its model in one
       call (per ``chunk_size`` structures): positions turned about each structure's
       centroid, cells, shifts and edges with them. No calculator call.
@@ -299,8 +307,9 @@ def equivariance_error(
         loss_weights: ``{property: weight}`` for the measured properties (others default
             to 1).
         batched: ``None`` (default): the batched route where it applies (a recognised
-            calculator; energy, forces and stress, the stress only if every structure is
-            periodic); ``True``: require it (a ValueError says why not); ``False``: serial.
+            calculator of one model; energy, forces and stress, the stress only if every
+            structure is periodic); ``True``: require it (a ValueError says why not);
+            ``False``: serial.
         chunk_size: structures per model call on the batched route (default: all in one).
             Each chunk then draws its own rotations (stream ``seed + chunk``), so only the
             one-chunk result equals the serial route rotation for rotation.
@@ -379,12 +388,25 @@ def equivariance_error(
     return combine(heads, weights, head_valid)
 
 
-def _batched_route_refused(calc, chosen: dict) -> Optional[str]:
-    """Why the batched route cannot measure ``chosen`` with ``calc`` (None if it can)."""
+def _calculator_refused(calc) -> str | None:
+    """Why the batched route cannot stand for ``calc`` itself (None if it can): it runs the
+    one model that :func:`fastequiv.adapt` takes from the calculator."""
     from .adapters import family_of
 
     if family_of(calc) is None:
         return f"fastequiv.adapt does not recognise the calculator {type(calc).__name__}"
+    models = getattr(calc, "models", None)
+    if isinstance(models, (list, tuple)) and len(models) > 1:  # MACECalculator(models=[...])
+        return (f"the calculator {type(calc).__name__} is a committee of {len(models)} models and returns their "
+                "mean, but the batched route runs one model (fastequiv.adapt takes the first)")
+    return None
+
+
+def _batched_route_refused(calc, chosen: dict) -> str | None:
+    """Why the batched route cannot measure ``chosen`` with ``calc`` (None if it can)."""
+    why = _calculator_refused(calc)
+    if why is not None:
+        return why
     if "free_energy" in chosen:
         return "it measures energy, forces and stress, not free_energy"
     if "stress" in chosen and not chosen["stress"].all():
@@ -423,17 +445,19 @@ class TwirledCalculator(Calculator):
         seed: the Philox stream of the draws (``fastequiv.random_rotations(K, seed=seed)``).
             Fixed by default (0), unlike the measuring functions' fresh draws: the twirled
             calculator must be one deterministic function for relaxations and MD.
-        batched: ``None`` (default): when :func:`fastequiv.adapt` recognises ``calc``, the K
-            copies go through its model in one call (:mod:`fastequiv.ase_batched`); ``False``:
-            K calls of ``calc``; ``True``: require the batched route.
+        batched: ``None`` (default): when :func:`fastequiv.adapt` recognises ``calc`` (and it
+            is not a committee of models, which it averages: a MACECalculator given several),
+            the K copies go through its model in one call (:mod:`fastequiv.ase_batched`), which
+            also gives a periodic structure's stress; ``False``: K calls of ``calc``; ``True``:
+            require the batched route.
         backend: of the batched route's rotations and reductions.
 
     ``implemented_properties``: those of energy, free_energy, forces and stress that
     ``calc`` implements. Structures are rotated as described in the module docs.
     """
 
-    def __init__(self, calc, *, samples: Optional[int] = None, group: str = "SO3", rotations=None, seed: int = 0,
-                 batched: Optional[bool] = None, backend: str = "auto", **kwargs):
+    def __init__(self, calc, *, samples: int | None = None, group: str = "SO3", rotations=None, seed: int = 0,
+                 batched: bool | None = None, backend: str = "auto", **kwargs):
         if not hasattr(calc, "get_property"):
             raise ValueError(f"calc must be an ASE calculator (with get_property), got {type(calc).__name__}")
         self.design = self.weights = None
@@ -454,11 +478,10 @@ class TwirledCalculator(Calculator):
             raise ValueError(f"calc {type(calc).__name__} implements none of {tuple(PROPERTIES)} "
                              f"(its implemented_properties: {_implemented(calc)}); there is nothing to twirl")
         self.twirled = None  # the batched route: K copies in one model call
-        from .adapters import family_of
-
-        if batched and family_of(calc) is None:
-            raise ValueError(f"batched=True, but fastequiv.adapt does not recognise the calculator {type(calc).__name__}")
-        if batched is not False and family_of(calc) is not None:
+        why_not = _calculator_refused(calc)
+        if batched and why_not:
+            raise ValueError(f"batched=True, but the batched route does not apply: {why_not}")
+        if batched is not False and not why_not:
             from .ase_batched import adapted_calculator
             from .twirl import Twirled
 
@@ -471,11 +494,14 @@ class TwirledCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         # energy and forces come with nearly every calculation; stress only when asked for
         props = [p for p in self.implemented_properties if p in properties or p in ("energy", "forces")]
-        if self.twirled is not None and "free_energy" not in props \
-                and ("stress" not in props or self.atoms.pbc.all()):
+        periodic = bool(self.atoms.pbc.all())
+        if self.twirled is not None and "free_energy" not in props and ("stress" not in props or periodic):
             from .ase_batched import twirled_results
 
-            self.results.update({p: v for p, v in twirled_results(self.twirled, self.atoms).items() if p in props})
+            # the one model call gives every head: keep the stress of a periodic structure
+            # even when not asked for (a cell relaxation asks for it next)
+            self.results.update({p: v for p, v in twirled_results(self.twirled, self.atoms).items()
+                                 if p in props or (p == "stress" and periodic)})
             return
         acc = {p: [] for p in props}
         for R in self.rotations:

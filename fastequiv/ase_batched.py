@@ -13,8 +13,6 @@ translation, which a periodic potential does not see.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from ase.stress import voigt_6_to_full_3x3_stress
@@ -54,8 +52,8 @@ def _targets(model: Adapted, atoms_list: list, targets: list, heads: list, batch
     return out
 
 
-def decompose_batched(calc, atoms_list: list, targets: list, heads: list, weights: dict, *, samples: Optional[int],
-                      group: str, seed: int, chunk_size: Optional[int], backend: str) -> Decomposition:
+def decompose_batched(calc, atoms_list: list, targets: list, heads: list, weights: dict, *, samples: int | None,
+                      group: str, seed: int, chunk_size: int | None, backend: str) -> Decomposition:
     """The decomposition of ``calc`` on ``atoms_list`` by the batched route (see module docs)."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (structures per model call) or None, got {chunk_size!r}")
