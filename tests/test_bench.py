@@ -2,6 +2,7 @@
 ``fastequiv bench`` writes its report. Timings are never asserted here (benchmarks/ and
 ``fastequiv bench`` measure them)."""
 
+import csv
 import json
 import math
 from collections import defaultdict
@@ -13,7 +14,7 @@ from conftest import assert_close_dtype
 import fastequiv as fe
 from fastequiv.__main__ import main
 from fastequiv.bench import cases as C
-from fastequiv.bench import report, step
+from fastequiv.bench import cli, report, step
 from fastequiv.bench.timing import MODES, Stats, measure
 from fastequiv.demo import SPEC, ForceTask, PointTransformer
 
@@ -196,3 +197,38 @@ def test_cli_rejects_unknown_ops_and_a_missing_gpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_designs_run_without_ops_in_smoke_and_full_only():
+    assert [cli._select(None, mode)[1]["designs"] for mode in ("smoke", "quick", "full")] == [True, False, True]
+    assert cli._select("designs", "quick") == ([], {"step": False, "fixed": False, "designs": True})
+
+
+def test_cli_runs_the_designs_comparison(tmp_path, capsys):
+    """``--ops designs --smoke``: the CSV, the plot, the JSON and the printed table, and at toy
+    sizes the closed forms already agree with the estimators: the icosahedral design's twirl
+    is within its truncation error of the closed-form twirl, and the unbiased L_equiv
+    estimates (i.i.d. and the randomised design) scatter around the closed form."""
+    threads = torch.get_num_threads()
+    assert main(["bench", "--smoke", "--ops", "designs", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # it runs on one thread, then gives the others back
+    text = capsys.readouterr().out
+    assert "twirled prediction, RMS error against the closed form" in text
+    assert "N ~ 60: twirled prediction at N=60" in text and "N ~ 120: L_equiv at N=120" in text
+    assert "lebedev:5 84 (14 x 6; design:5 60)" in text  # metatomic's grid sizes, quoted without scipy
+    with open(tmp_path / "designs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["metric"] for r in rows} == {"prediction_rms", "equiv_rms_error", "equiv_spread"}
+    assert all(math.isfinite(float(r["value"])) and float(r["value"]) >= 0 for r in rows)
+    value = {(r["model"], r["metric"], r["method"], int(r["N"])): float(r["value"]) for r in rows}
+    for model in ("smooth", "broken"):
+        # a wrong closed form would leave 1e-2 or more in these (the twirled breaking term)
+        assert value[(model, "prediction_rms", "fixed design", 60)] < 1e-3
+        assert value[(model, "equiv_rms_error", "randomised design, R=2", 120)] < 1e-2
+        assert value[(model, "equiv_rms_error", "iid", 120)] < 0.1
+    assert {k[2] for k in value if k[1] == "equiv_spread"} == {"iid", "icosahedral x R=2"}
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["mode"] == "smoke" and payload["ops"] == [] and "step" not in payload
+    assert len(payload["designs"]["rows"]) == len(rows) and payload["designs"]["settings"]["seeds"] == 3
+    assert payload["files"]["designs_csv"] == "designs.csv"
+    assert (tmp_path / "designs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,10 +4,21 @@ write ``results.json``, ``ops.png`` and ``overhead.png`` to ``--out``.
 ::
 
     fastequiv bench                 # quick: two sizes per op + the step overheads (minutes)
-    fastequiv bench --full          # size sweeps, the row-level kernels, more rounds
+    fastequiv bench --full          # size sweeps, the row-level kernels, more rounds, the designs comparison
     fastequiv bench --smoke         # every case once at toy sizes (CI: proves they run)
     fastequiv bench --ops twirl_reduce,step --out results/
     fastequiv bench --ops fixed     # the fixed cost of a call on small graph batches
+    fastequiv bench --ops designs   # rotation designs against i.i.d. Haar draws (20-30 s on 2 cores)
+
+``--ops designs`` (``fastequiv.bench.designs``) measures errors, not times: the twirled
+prediction and L_equiv of two analytic force fields against their closed forms, and the
+spread of the demo transformer's L_equiv over seeds, for i.i.d. Haar draws and rotation
+designs at equal numbers of model evaluations, on the CPU whatever ``--device`` says (one
+torch thread). It prints a short table and the ratios at N ~ 60 and ~120 and writes
+``designs.csv`` and ``designs.png``; quick mode runs fewer seeds, design degrees and
+transformer runs than ``--full`` (the run ``benchmarks/RESULTS.md`` quotes, ~2 min).
+Without ``--ops`` it runs with ``--smoke`` and ``--full``, not in the default quick run
+(~2.5 min on 2 cores), which it would make 15-25% slower.
 """
 
 from __future__ import annotations
@@ -27,31 +38,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="size sweeps, the row-level kernels, more rounds")
+                      help="size sweeps, the row-level kernels, more rounds, the designs comparison in full")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="every case once at toy sizes (proves the benchmarks run; the figures mean nothing)")
     parser.set_defaults(mode="quick")
     parser.add_argument("--ops", default=None,
                         help=f"comma-separated subset of {','.join(list(OPS) + list(EXTRA))} (default: every "
-                             "public op, the step and the fixed cost; the row-level 'kernels' too with --full or "
-                             "--smoke)")
+                             "public op, the step and the fixed cost; the row-level 'kernels' and the rotation "
+                             "'designs' comparison too with --full or --smoke)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when torch sees one, else the CPU")
     parser.add_argument("--out", default="fastequiv-bench",
-                        help="folder for results.json, ops.png and overhead.png (default: fastequiv-bench)")
+                        help="folder for results.json, ops.png, overhead.png (and designs.csv, designs.png) "
+                             "(default: fastequiv-bench)")
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
 
 
-#: what --ops selects besides the op cases: the training step and the fixed cost of a call
-EXTRA = ("step", "fixed")
+#: what --ops selects besides the op cases: the training step, the fixed cost of a call and
+#: the rotation designs' comparison
+EXTRA = ("step", "fixed", "designs")
+#: the modes whose run without --ops includes the designs' comparison (quick: 20-30 s more on 2 cores)
+DESIGNS_BY_DEFAULT = ("smoke", "full")
 
 
 def _select(ops_arg, mode):
-    """``(op cases or None for all, {"step": bool, "fixed": bool})``."""
+    """``(op cases or None for all, {"step": bool, "fixed": bool, "designs": bool})``."""
     from .cases import OPS
 
     if ops_arg is None:
-        return None, {k: True for k in EXTRA}
+        return None, {k: k != "designs" or mode in DESIGNS_BY_DEFAULT for k in EXTRA}
     wanted = [o.strip() for o in ops_arg.split(",") if o.strip()]
     unknown = sorted(set(wanted) - set(OPS) - set(EXTRA))
     if unknown:
@@ -105,11 +120,22 @@ def main(args: argparse.Namespace) -> int:
         print("\n" + report.format_overhead(overhead))
         files["overhead_plot"] = report.plot_overhead(overhead, os.path.join(args.out, "overhead.png"), title)
 
+    if extra["designs"]:
+        from . import designs
+
+        log("\nrotation designs against i.i.d. Haar draws (errors against closed forms, not times)")
+        result = designs.run(args.mode, args.out, stem="designs", log=log)
+        payload["designs"] = {"settings": result["settings"], "rows": result["rows"],
+                              "elapsed_s": result["elapsed_s"]}
+        files["designs_csv"], files["designs_plot"] = result["csv"], result["png"]
+        print("\n" + result["report"])
+
     payload["elapsed_s"] = time.perf_counter() - start
     files["json"] = os.path.join(args.out, "results.json")
     payload["files"] = {k: os.path.basename(v) for k, v in files.items() if v}  # relative to --out
     report.write_json(files["json"], payload)
-    done = [what for what, on in (("the fixed cost", extra["fixed"]), ("the step overheads", extra["step"])) if on]
+    done = [what for what, on in (("the fixed cost", extra["fixed"]), ("the step overheads", extra["step"]),
+                                  ("the designs comparison", extra["designs"])) if on]
     print(f"\n{len(results)} op cases{''.join(' and ' + d for d in done)} in "
           f"{payload['elapsed_s']:.0f} s; wrote {', '.join(f for f in files.values() if f)}")
     return 0
