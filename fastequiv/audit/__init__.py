@@ -6,6 +6,7 @@ with its numerical rounding told apart from learned symmetry breaking.
     from fastequiv.audit import audit
     a = audit(mace_model, ase.io.read("test.xyz", ":"), samples=8)
     a.rows[0]["forces_equiv"], a.rows[0]["forces_floor"], a.rows[0]["forces_equiv_f64"]
+    a = audit(mace_model, structures, rotations="design:3", replicates=3)   # a rotation design
 
 or, from a shell, ``fastequiv audit model.model test.xyz --out audit-out``. Modules:
 :mod:`~fastequiv.audit.measure` (the numbers), :mod:`~fastequiv.audit.table` (CSV, JSON,
@@ -15,4 +16,4 @@ DATA arguments), :mod:`~fastequiv.audit.cli`.
 
 from .measure import FIELDS, ROUNDING_REL, Audit, audit
 
-__all__ = ["Audit", "FIELDS", "ROUNDING_REL", "audit"]
+__all__ = ["FIELDS", "ROUNDING_REL", "Audit", "audit"]

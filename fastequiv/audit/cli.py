@@ -1,7 +1,8 @@
 """fastequiv audit MODEL DATA: how equivariant a trained potential is, structure by structure.
 
 Every structure of DATA (any file ASE reads; periodic and isolated mixed) is turned by K
-random rotations; MODEL's energy, forces and (periodic structures) stress on the rotated
+random rotations (or, with --rotations, by a rotation design turned by --replicates random
+rotations); MODEL's energy, forces and (periodic structures) stress on the rotated
 copies are turned back and compared. A float64 copy of the model on the same copies
 tells the rounding floor (what the model's precision alone gives) from what it learned.
 
@@ -13,6 +14,7 @@ Writes OUT/audit.csv and OUT/audit.json (one row per structure), OUT/report.md w
 OUT/distribution.png and OUT/size.png, and prints a summary. Example:
 
     fastequiv audit mace.model test.xyz --samples 8 --out audit-out
+    fastequiv audit mace.model test.xyz --rotations design:3 --replicates 3 --out audit-out
 """
 
 from __future__ import annotations
@@ -31,11 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="structures: any file ase.io.read reads")
     parser.add_argument("--samples", "-K", type=int, default=None,
                         help="K rotated copies per structure (default 8; every element of a finite --group)")
+    parser.add_argument("--rotations", default=None,
+                        help="a rotation design in place of K random rotations: design:L (the fewest rotations exact "
+                             "to degree L), lebedev:L, octahedral or icosahedral (--group SO3 or O3; not with "
+                             "--samples)")
+    parser.add_argument("--replicates", "-R", type=int, default=None,
+                        help="with --rotations: random turns of the design per structure (default 2: unbiased for any "
+                             "model; 3 or more: a stderr per structure)")
     parser.add_argument("--seed", type=int, default=0, help="the rotations' Philox stream (default 0)")
     parser.add_argument("--group", default="SO3", help="SO3 (default), O3, or a finite group (every element once)")
     parser.add_argument("--out", default="fastequiv-audit", help="output folder (default fastequiv-audit)")
     parser.add_argument("--max-atoms", type=int, default=MAX_ATOMS,
-                        help=f"atoms per model call, over the K copies (default {MAX_ATOMS}); lower it to save memory")
+                        help=f"atoms per model call, over the K copies (with --rotations: R x the design's) (default "
+                             f"{MAX_ATOMS}); lower it to save memory")
     parser.add_argument("--index", default=":", help="which structures of DATA, as ase.io.read's index (default ':')")
     parser.add_argument("--format", default=None, help="DATA's format, if ASE cannot tell it from the name")
     parser.add_argument("--device", default="cpu", help="where a model file is loaded (default cpu)")
@@ -84,6 +94,12 @@ def main(args) -> int:
     from .load import load_model, load_structures
     from .measure import audit
 
+    if args.rotations is not None and args.samples is not None:
+        raise ValueError(f"--samples {args.samples} with --rotations {args.rotations}: a design fixes the rotations of "
+                         "each structure (--replicates x its size); pass one or the other")
+    if args.replicates is not None and args.rotations is None:
+        raise ValueError(f"--replicates {args.replicates} turns a rotation design: pass --rotations with it (random "
+                         "rotations take --samples)")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive int, got {args.threads}")
@@ -98,10 +114,10 @@ def main(args) -> int:
     try:
         result = audit(model, atoms, samples=args.samples, seed=args.seed, group=args.group,
                        max_atoms=args.max_atoms, float64=not args.no_float64, backend=args.backend,
-                       progress=progress)
+                       progress=progress, rotations=args.rotations, replicates=args.replicates)
     finally:
         progress.close()
-    names = dict(model=args.model, data=args.data)
+    names = {"model": args.model, "data": args.data}
     written = [table.write_csv(result, out / "audit.csv"), table.write_json(result, out / "audit.json", **names)]
     plots, why = ([], "--no-plots") if args.no_plots else _plots(result, out)
     written += plots

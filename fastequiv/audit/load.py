@@ -28,7 +28,7 @@ def _function(ref: str):
             raise ValueError(f"MODEL {ref!r}: cannot import module {where!r} ({err})") from err
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"MODEL {ref!r}: {where} has no function {name!r}")
+        raise ValueError(f"MODEL {ref!r}: {where} has no function {name!r}")  # noqa: TRY004 (a bad argument)
     return fn
 
 
@@ -40,7 +40,7 @@ def load_model(ref: str, device: str = "cpu") -> Any:
     if os.path.isfile(ref):
         import torch
 
-        if ref.endswith(".nequip.zip") or ref.endswith(".nequip.pth") or ref.endswith(".nequip.pt2"):
+        if ref.endswith((".nequip.zip", ".nequip.pth", ".nequip.pt2")):
             raise ValueError(f"MODEL {ref!r}: packaged and compiled nequip models are not read by the audit yet; "
                              "pass module:function returning nequip.model.ModelFromCheckpoint(...) or a "
                              "NequIPCalculator built on a GraphModel")

@@ -46,19 +46,62 @@ Rotations: copy ``k`` of structure ``i`` (its index in the list) is turned by ro
 structures are grouped and chunked. (The stacking pipeline's own
 :func:`~fastequiv.stacking.draw_rotations` numbers them within one batch.) Positions turn
 about each structure's centroid, periodic or not.
+
+Rotation designs (``rotations="design:L"``, ``"lebedev:L"``, ``"octahedral"``,
+``"icosahedral"`` or a :class:`fastequiv.designs.Design`, on ``group`` ``"SO3"`` or
+``"O3"``): in place of K i.i.d. draws, a design ``{(R_k, w_k)}``, ``k = 1..K``, whose
+weighted average is the Haar average exactly for every function of the rotation up to its
+degree L, turned by ``replicates`` (``R``) independent Haar rotations per structure.
+``G_{i,r}``, the turn of structure ``i`` in replicate ``r``, is rotation ``r * N + i`` of
+the seed's SO(3) stream (chunking does not change it); copy ``(r, k)`` is rotated by
+``G_{i,r} R_k`` (copy ``r * K + k``), ``R * K`` copies per structure in the model call
+(``samples`` counts them; ``max_atoms`` counts every one). With ``abar_r = sum_k w_k a_rk``
+the replicate's weighted average, ``W_r = sum_k w_k ||a_rk - abar_r||^2 / n`` and
+``s = (1/R) sum_r ||abar_r - mean_r abar_r||^2 / n``, the estimators of
+:mod:`fastequiv.design_twirl` (:class:`~fastequiv.design_twirl.Replicates`, against a zero
+target):
+
+* ``equiv = (1/R) sum_r W_r + R / (R - 1) s``: unbiased for any model when ``R >= 2``
+  (each ``G_{i,r} R_k`` is Haar distributed and the replicates are independent). Where
+  the model's twisted prediction ``a(g) = f_g(x)`` has no content above degree L, every
+  ``abar_r`` is the twirled prediction ``fbar(x)`` exactly and ``s = 0``; each ``W_r`` is
+  then the design's average of ``||a(g) - fbar||^2``, which has content up to twice the
+  twisted prediction's degree: ``equiv`` is exact, with no sampling error, where that is
+  at most L too (a twisted prediction of degree ``<= L / 2``, or a deviation of constant
+  norm: a uniform field on the forces, ``a(g) = f + a g^T e_z``, is measured exactly by
+  ``"design:1"``'s 4 rotations, a field on the energy of degree 1 only from degree 2 on;
+  tests/test_audit_design.py). With ``R = 1``: ``equiv = W_1``, unbiased only where the
+  degree reaches the model's band limit (low otherwise);
+* ``rel``: ``equiv`` over ``||fbar||^2 = ||mean_r abar_r||^2 - s / (R - 1)`` (unbiased for
+  ``R >= 2``; ``||abar_1||^2`` for ``R = 1``);
+* ``stderr``: the jackknife over the replicates, ``sqrt((R - 1) / R sum_r (j_r - jbar)^2)``
+  with ``j_r`` the ``equiv`` of the other ``R - 1`` replicates: NaN for ``R < 3``, 0 to
+  float rounding where ``equiv`` is exact;
+* ``max_dev``: over all ``R * K`` copies, against the replicate-averaged twirled
+  prediction ``mean_r abar_r``;
+* ``floor``, ``equiv_f64``, ``rel_f64``, ``verdict``: as above, the same estimator applied to
+  the difference of the two precisions and to the float64 copy.
+
+The batch-level :attr:`Audit.heads` (``heads_f64``) are the :class:`fastequiv.LabelFree`
+of these per-structure estimates (``exact`` for ``R >= 2``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
+from .. import designs
 from ..adapted import Adapted
 from ..adapters import adapt
+from ..design_twirl import Replicates
+from ..designs import Design
 from ..estimators import LabelFree, decompose, label_free
 from ..groups import check_group, group_elements, group_order
 from ..ops import random_rotations, twirl_reduce
@@ -66,7 +109,7 @@ from ..ops.action import Action
 from ..ops.twirl_reduce import back_rotate
 from ..stacking import call_model, eval_mode, read_inputs, split_heads, stack_copies
 
-__all__ = ["Audit", "FIELDS", "ROUNDING_REL", "audit", "chunks", "float64_copy"]
+__all__ = ["FIELDS", "ROUNDING_REL", "Audit", "audit", "chunks", "float64_copy"]
 
 #: the per-structure numbers of each head, in the table's order
 FIELDS = ("equiv", "rel", "stderr", "max_dev", "floor", "equiv_f64", "rel_f64", "verdict")
@@ -93,12 +136,18 @@ class Audit:
             not apply, or the float64 copy could not run).
         heads: per head, the :class:`fastequiv.LabelFree` over the structures that have
             it (the model as given); ``heads_f64``: the same for the float64 copy.
-        samples, exhaustive, seed, group: the rotations.
+        samples: model evaluations per structure: K (i.i.d. draws or every element of a
+            finite group), or ``replicates * design_size`` with a design.
+        exhaustive, seed, group: the rotations.
         dtype: the model's own floating dtype.
         float64: None where the float64 copy ran, else why it could not.
         calls: model calls made (each over many structures' copies).
         seconds: wall time of the measurement.
         notes: what else the reader should know (a head left out, ...).
+        rotations: the design's name (e.g. ``"octahedral"``), or None for i.i.d. draws or
+            a finite group.
+        degree, design_size, replicates: the design's degree, its number of rotations K
+            and the Haar turns R of it per structure (None without a design).
     """
 
     rows: list
@@ -109,10 +158,27 @@ class Audit:
     seed: int
     group: str
     dtype: str
-    float64: Optional[str]
+    float64: str | None
     calls: int = 0
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    rotations: str | None = None
+    degree: int | None = None
+    design_size: int | None = None
+    replicates: int | None = None
+
+    def describe(self, short: bool = False) -> str:
+        """The rotations in words: ``"K=8 SO3 rotations, seed 0"``, ``"every element of
+        octahedral"`` or the design, its degree and R (``short``: for a plot's title)."""
+        if self.rotations is None:
+            if short:
+                return f"K={self.samples}"
+            return f"every element of {self.group}" if self.exhaustive else \
+                f"K={self.samples} {self.group} rotations, seed {self.seed}"
+        if short:
+            return f"design {self.rotations} (degree {self.degree}) x R={self.replicates}"
+        return (f"design {self.rotations} ({self.design_size} {self.group} rotations, degree {self.degree}) turned by "
+                f"R={self.replicates} Haar rotations: {self.samples} copies a structure, seed {self.seed}")
 
 
 # --- the two precisions -------------------------------------------------------------------------
@@ -124,7 +190,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def float64_copy(model: Adapted, memo: Optional[dict] = None) -> tuple[Optional[Adapted], Optional[str]]:
+def float64_copy(model: Adapted, memo: dict | None = None) -> tuple[Adapted | None, str | None]:
     """``(copy, None)``: a float64 deep copy of ``model`` (the model itself if it is float64
     already), or ``(None, why)`` where one cannot be made. Copies made with the same
     ``memo`` share what the originals share (the codebase's model under two adapters is
@@ -134,7 +200,7 @@ def float64_copy(model: Adapted, memo: Optional[dict] = None) -> tuple[Optional[
     try:
         twin = copy.deepcopy(model, memo if memo is not None else {})
         twin.to(torch.float64)
-    except Exception as err:  # a scripted or compiled model, a non-copyable attribute
+    except Exception as err:  # noqa: BLE001 (a scripted or compiled model, a non-copyable attribute: reported)
         return None, f"a float64 copy of the model could not be made ({type(err).__name__}: {err})"
     return twin, None
 
@@ -151,8 +217,8 @@ def _float_dtypes(inputs: dict) -> dict:
 
 def _as_float64(inputs: Any) -> dict:
     if not isinstance(inputs, dict):
-        raise ValueError(f"the audit needs an adapted model whose prepare() returns a dict of tensors, got "
-                         f"{type(inputs).__name__}")
+        why = f"the audit needs an adapted model whose prepare() returns a dict of tensors, got {type(inputs).__name__}"
+        raise ValueError(why)  # noqa: TRY004 (a bad argument)
     return {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in inputs.items()}
 
@@ -171,7 +237,7 @@ def _float32_numbers(x: torch.Tensor) -> bool:
     return bool((x.float().double() == x).all())
 
 
-def _per_structure_max(values: torch.Tensor, index: Optional[torch.Tensor], B: int) -> torch.Tensor:
+def _per_structure_max(values: torch.Tensor, index: torch.Tensor | None, B: int) -> torch.Tensor:
     """``values`` ``(rows,)`` -> its maximum over each structure's rows ``(B,)``."""
     if index is None:
         return values
@@ -179,7 +245,7 @@ def _per_structure_max(values: torch.Tensor, index: Optional[torch.Tensor], B: i
     return out.scatter_reduce(0, index, values, reduce="amax")
 
 
-def _per_structure_sum(values: torch.Tensor, index: Optional[torch.Tensor], B: int) -> torch.Tensor:
+def _per_structure_sum(values: torch.Tensor, index: torch.Tensor | None, B: int) -> torch.Tensor:
     """``values`` ``(K, rows)`` -> summed over each structure's rows ``(K, B)``."""
     if index is None:
         return values
@@ -219,8 +285,10 @@ def _jackknife(q: torch.Tensor, n: torch.Tensor, K: int, exhaustive: bool) -> to
 class HeadChunk:
     """One head's per-structure numbers on one chunk (float64 tensors ``(B,)``)."""
 
-    sums: tuple  # (total, bias, spread, count) of the model as given, for the overall LabelFree
-    sums64: Optional[tuple]
+    # of the model as given, for the overall LabelFree: (total, bias, spread, count) of twirl_reduce, or with a
+    # design the estimates (total, mean, equiv, count)
+    sums: tuple
+    sums64: tuple | None
     values: dict  # FIELDS -> (B,) tensor (or a list of verdicts)
 
 
@@ -245,6 +313,49 @@ def _measure_head(head, head64, action: Action, K: int, exhaustive: bool, B: int
                       verdict=["learned" if x else "rounding" for x in learned.tolist()])
         sums64 = (s64.total, s64.bias, s64.spread, s64.count)
     return HeadChunk((s.total, s.bias, s.spread, s.count), sums64, values)
+
+
+def _replicates(head, action: Action, weights: torch.Tensor, R: int, B: int, backend: str) -> Replicates:
+    """The design's per-replicate sums of one head against a zero target, in float64."""
+    zero = torch.zeros(head.value.shape[1:], dtype=torch.float64, device=head.value.device)
+    return Replicates.of_head(head, action, weights, zero, B, R, backend)
+
+
+def _design_label_free(total, mean, equiv, count, samples: int, R: int) -> LabelFree:
+    """The :class:`LabelFree` of per-sample design estimates (as
+    :func:`fastequiv.design_twirl.design_error` builds its decomposition)."""
+    d = decompose(total, mean, equiv, count, samples=samples, exhaustive=True)
+    return label_free(dataclasses.replace(d, exhaustive=False, exact=R >= 2), count > 0)
+
+
+def _measure_head_design(head, head64, action: Action, weights: torch.Tensor, R: int, B: int,
+                         backend: str) -> HeadChunk:
+    """:func:`_measure_head` with a design turned ``R`` times (see module docs)."""
+    K = weights.shape[0]
+    rep = _replicates(head, action, weights, R, B, backend)
+    t = rep.terms()
+    d = _design_label_free(t.total, t.mean, t.equiv, rep.count, R * K, R)
+    if R >= 3:
+        j = rep.jackknife().equiv
+        stderr = torch.sqrt((R - 1) / R * (j - j.mean(0)).pow(2).sum(0))
+    else:
+        stderr = torch.full_like(t.equiv, float("nan"))
+    sq = _deviations(head, rep.twirled.mean(0), action, backend)
+    worst = _per_structure_max(sq.max(0).values.sqrt(), head.batch, B)
+    values = {"equiv": d.per_sample.equiv, "rel": d.per_sample.rel, "stderr": stderr, "max_dev": worst,
+              "floor": None, "equiv_f64": None, "rel_f64": None, "verdict": None}
+    sums64 = None
+    if head64 is not None:
+        rep64 = _replicates(head64, action, weights, R, B, backend)
+        t64 = rep64.terms()
+        d64 = _design_label_free(t64.total, t64.mean, t64.equiv, rep64.count, R * K, R)
+        diff = dataclasses.replace(head, value=head.value.to(torch.float64) - head64.value)
+        floor = _replicates(diff, action, weights, R, B, backend).terms().equiv
+        learned = (d64.per_sample.equiv > floor) & (d64.per_sample.rel > ROUNDING_REL)
+        values.update(floor=floor, equiv_f64=d64.per_sample.equiv, rel_f64=d64.per_sample.rel,
+                      verdict=["learned" if x else "rounding" for x in learned.tolist()])
+        sums64 = (t64.total, t64.mean, t64.equiv, rep64.count)
+    return HeadChunk((t.total, t.mean, t.equiv, rep.count), sums64, values)
 
 
 # --- chunks and groups ------------------------------------------------------------------------
@@ -272,8 +383,9 @@ def builds(model: Adapted) -> Adapted:
     while not callable(getattr(inner, "batch_from_atoms", None)):
         inner = getattr(inner, "model", None)
         if not isinstance(inner, torch.nn.Module):
-            raise ValueError(f"model: the audit builds batches from ase.Atoms with an adapter's batch_from_atoms, "
-                             f"which {type(model).__name__} neither has nor wraps")
+            why = (f"model: the audit builds batches from ase.Atoms with an adapter's batch_from_atoms, which "
+                   f"{type(model).__name__} neither has nor wraps")
+            raise ValueError(why)  # noqa: TRY004 (a bad argument)
     return inner
 
 
@@ -295,8 +407,10 @@ class _Group:
             self.dtypes = _float_dtypes(own.prepare(builds(own).batch_from_atoms(atoms[:1]))) if own else {}
         return inputs
 
-    def run(self, atoms: list, R: torch.Tensor, K: int, exhaustive: bool, backend: str) -> tuple[dict, int]:
-        """``({head: HeadChunk}, model calls)`` for one chunk of structures."""
+    def run(self, atoms: list, R: torch.Tensor, K: int, exhaustive: bool, backend: str,
+            design: Design | None = None, replicates: int = 1) -> tuple[dict, int]:
+        """``({head: HeadChunk}, model calls)`` for one chunk of structures: ``R`` ``(K, B, 3, 3)``
+        the rotations of its copies (with a design, ``K = replicates * design.size``)."""
         inputs = self.batch(atoms)
         spec = self.model.spec
         batch = read_inputs(inputs, spec, None, None)
@@ -309,6 +423,11 @@ class _Group:
                 heads64 = heads
             elif self.f64 is not None:
                 heads64, calls = self._float64(batch, names, values, K), 2
+        if design is not None:
+            weights = design.weights.to(device=batch.device, dtype=torch.float64)
+            out = {name: _measure_head_design(h, heads64[name] if heads64 else None, action, weights, replicates,
+                                              batch.B, backend) for name, h in heads.items()}
+            return out, calls
         out = {name: _measure_head(h, heads64[name] if heads64 else None, action, K, exhaustive, batch.B, backend)
                for name, h in heads.items()}
         return out, calls
@@ -365,7 +484,39 @@ def _rotations(N: int, K: int, exhaustive: bool, group: str, seed: int) -> torch
     return random_rotations(K * N, seed=seed, group=group, dtype=torch.float64).reshape(K, N, 3, 3)
 
 
-def _plan(samples: Optional[int], group: str) -> tuple[int, bool]:
+def _design_rotations(design: Design, N: int, replicates: int, seed: int) -> torch.Tensor:
+    """``(replicates * K, N, 3, 3)`` float64: copy ``r * K + k`` of structure ``i`` turned by
+    ``G_{i,r} R_k``, ``G_{i,r}`` rotation ``r * N + i`` of the seed's SO(3) stream."""
+    K = design.size
+    G = random_rotations(replicates * N, seed=seed, group="SO3", dtype=torch.float64).reshape(replicates, 1, N, 3, 3)
+    D = design.rotations.to(torch.float64).reshape(1, K, 1, 3, 3)
+    return (G @ D).reshape(replicates * K, N, 3, 3)
+
+
+def _design_plan(rotations, replicates, samples: int | None, group: str) -> tuple[Design | None, int | None]:
+    """``(design, R)``: the design ``rotations`` names on ``group`` and its replicates
+    (default 2), checked with ``samples``; ``(None, None)`` for i.i.d. draws."""
+    if rotations is None:
+        if replicates is not None:
+            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
+                             "rotation design (pass rotations='design:L' too, or leave replicates out; the i.i.d. "
+                             "audit takes samples=)")
+        return None, None
+    replicates = 2 if replicates is None else replicates
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ValueError(f"replicates must be a positive int (Haar turns of the design per structure: 2 or more for "
+                         f"unbiased estimates, 3 or more for a stderr) or None (2), got {replicates!r}")
+    if samples is not None:
+        raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the rotations of each "
+                         "structure (replicates x its size); pass one or the other")
+    check_group(group)
+    if group not in ("SO3", "O3"):
+        raise ValueError(f"rotations={rotations!r} is a design on SO(3) or O(3), but group={group!r} is a finite "
+                         "group, which the audit twirls exactly by its own elements (leave rotations=None)")
+    return designs.design(rotations, group), replicates
+
+
+def _plan(samples: int | None, group: str) -> tuple[int, bool]:
     check_group(group)
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
         raise ValueError(f"samples must be an int >= 2 (one rotation cannot estimate L_equiv) or None, got {samples!r}")
@@ -396,9 +547,10 @@ def _check(atoms_list, seed, max_atoms) -> list:
 
 # --- the audit ----------------------------------------------------------------------------------
 
-def audit(model: Any, atoms_list: list, *, samples: Optional[int] = None, seed: int = 0, group: str = "SO3",
+def audit(model: Any, atoms_list: list, *, samples: int | None = None, seed: int = 0, group: str = "SO3",
           max_atoms: int = MAX_ATOMS, float64: bool = True, backend: str = "auto",
-          progress: Optional[Callable[[int], None]] = None) -> Audit:
+          progress: Callable[[int], None] | None = None, rotations: str | Design | None = None,
+          replicates: int | None = None) -> Audit:
     """How equivariant ``model`` is on each structure of ``atoms_list`` (see module docs).
 
     Args:
@@ -409,23 +561,38 @@ def audit(model: Any, atoms_list: list, *, samples: Optional[int] = None, seed: 
         atoms_list: ``ase.Atoms`` of any sizes, periodic (``pbc`` all True: energy, forces,
             stress) and not (energy, forces) mixed; measured in separate batches.
         samples: K rotated copies per structure (>= 2; None: 8, or every element of a
-            finite group).
+            finite group). Not with ``rotations``.
         seed: the Philox stream of the rotations (see module docs).
-        group: ``"SO3"``, ``"O3"`` or a finite group.
-        max_atoms: atoms per model call, summed over the K copies of the structures in
-            it; a structure whose K copies hold more is measured alone.
+        group: ``"SO3"``, ``"O3"`` or a finite group (``"SO3"`` or ``"O3"`` with
+            ``rotations``).
+        max_atoms: atoms per model call, summed over the K copies (with a design, the
+            ``replicates * K``) of the structures in it; a structure whose copies hold
+            more is measured alone.
         float64: also run a float64 copy of the model on the same copies (the floor and
             the learned part); where one cannot run, :attr:`Audit.float64` says why.
         backend: of the rotations and reductions.
         progress: called with the number of structures each chunk measured.
+        rotations: a rotation design in place of i.i.d. draws: ``"design:L"``,
+            ``"lebedev:L"``, ``"octahedral"``, ``"icosahedral"`` (see
+            :func:`fastequiv.designs.design`) or a :class:`fastequiv.designs.Design`;
+            None (default): ``samples`` i.i.d. draws.
+        replicates: R, the independent Haar turns of the design per structure (None:
+            2): 2 or more give unbiased estimates for any model, 3 or more a
+            ``stderr``, 1 the plug-in values (see module docs). Only with ``rotations``.
     """
     atoms_list = _check(atoms_list, seed, max_atoms)
-    K, exhaustive = _plan(samples, group)
-    start = time.perf_counter()
+    design, replicates = _design_plan(rotations, replicates, samples, group)
     N = len(atoms_list)
-    R = _rotations(N, K, exhaustive, group, seed)
+    if design is None:
+        K, exhaustive = _plan(samples, group)
+        start = time.perf_counter()
+        R = _rotations(N, K, exhaustive, group, seed)
+    else:
+        K, exhaustive = replicates * design.size, False
+        start = time.perf_counter()
+        R = _design_rotations(design, N, replicates, seed)
     notes: list = []
-    results = [dict() for _ in range(N)]  # index -> {head: {field: value}}
+    results = [{} for _ in range(N)]  # index -> {head: {field: value}}
     sums: dict = {}
     sums64: dict = {}
     calls, dtype, why_not = 0, None, None
@@ -438,7 +605,7 @@ def audit(model: Any, atoms_list: list, *, samples: Optional[int] = None, seed: 
         dtype = dtype or g.dtype
         for run in chunks([len(atoms_list[i]) for i in members], K, max_atoms):
             idx = [members[j] for j in run]
-            heads, n = g.run([atoms_list[i] for i in idx], R[:, idx], K, exhaustive, backend)
+            heads, n = g.run([atoms_list[i] for i in idx], R[:, idx], K, exhaustive, backend, design, replicates)
             calls += n
             for name, hc in heads.items():
                 sums.setdefault(name, []).append(hc.sums)
@@ -455,11 +622,17 @@ def audit(model: Any, atoms_list: list, *, samples: Optional[int] = None, seed: 
         for r in results:
             for values in r.values():
                 values.update(floor=None, equiv_f64=None, rel_f64=None, verdict=None)
-    heads = {h: _overall(parts, K, exhaustive) for h, parts in sums.items()}
-    heads64 = {h: _overall(parts, K, exhaustive) for h, parts in sums64.items()}
+    if design is None:
+        heads = {h: _overall(parts, K, exhaustive) for h, parts in sums.items()}
+        heads64 = {h: _overall(parts, K, exhaustive) for h, parts in sums64.items()}
+    else:
+        heads = {h: _overall_design(parts, K, replicates) for h, parts in sums.items()}
+        heads64 = {h: _overall_design(parts, K, replicates) for h, parts in sums64.items()}
     rows = [_row(i, a, results[i], list(heads)) for i, a in enumerate(atoms_list)]
+    described = {} if design is None else {"rotations": design.name, "degree": design.degree,
+                                            "design_size": design.size, "replicates": replicates}
     return Audit(rows, heads, heads64, K, exhaustive, seed, group, str(dtype).replace("torch.", ""), why_not, calls,
-                 time.perf_counter() - start, notes)
+                 time.perf_counter() - start, notes, **described)
 
 
 def _listed(v) -> list:
@@ -470,6 +643,11 @@ def _overall(parts: list, K: int, exhaustive: bool) -> LabelFree:
     total, bias, spread, count = (torch.cat(c) for c in zip(*parts))
     d = decompose(total, bias, spread, count, samples=K, exhaustive=exhaustive)
     return label_free(d, count > 0)
+
+
+def _overall_design(parts: list, samples: int, R: int) -> LabelFree:
+    total, mean, equiv, count = (torch.cat(c) for c in zip(*parts))
+    return _design_label_free(total, mean, equiv, count, samples, R)
 
 
 def _row(i: int, atoms, values: dict, heads: list) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .measure import Audit
 
-__all__ = ["plot_all", "distribution", "against_size"]
+__all__ = ["against_size", "distribution", "plot_all"]
 
 SERIES = (("equiv", "model", "C0"), ("floor", "rounding floor", "C1"), ("equiv_f64", "float64 (learned)", "C2"))
 
@@ -57,7 +57,7 @@ def distribution(a: Audit, path: Path) -> Path:
         ax.set_xlabel(f"log10 L_equiv ({head})")
         ax.set_ylabel("structures")
         ax.legend(fontsize=7)
-    fig.suptitle(f"L_equiv over {len(a.rows)} structures, K={a.samples}")
+    fig.suptitle(f"L_equiv over {len(a.rows)} structures, {a.describe(short=True)}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -74,7 +74,8 @@ def against_size(a: Audit, path: Path) -> Path:
                 sel = [(n, v) for n, v, p in pts if p == periodic]
                 if sel:
                     # hollow for the model: its floor (filled) shows through where they coincide
-                    hollow = dict(facecolors="none", edgecolors=color, s=28) if key == "equiv" else dict(color=color, s=8)
+                    hollow = ({"facecolors": "none", "edgecolors": color, "s": 28} if key == "equiv"
+                              else {"color": color, "s": 8})
                     ax.scatter([n for n, _ in sel], [v for _, v in sel], marker=marker, alpha=0.8,
                                label=f"{label}, {'periodic' if periodic else 'isolated'}", **hollow)
         ax.set_yscale("log")

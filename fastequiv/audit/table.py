@@ -7,18 +7,19 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from .measure import FIELDS, ROUNDING_REL, Audit
 
-__all__ = ["COLUMNS", "write_csv", "write_json", "summary", "write_report", "worst"]
+__all__ = ["COLUMNS", "columns", "summary", "worst", "write_csv", "write_json", "write_report"]
 
-#: what each per-head column means (the README and the report print this)
+#: what each per-head column means (the README and the report print this); :func:`columns`
+#: gives the entries for one audit's kind of rotations
 COLUMNS = {
     "equiv": "L_equiv of the model as given: the unbiased mean over the structure's output elements of the squared "
              "deviation of the back-rotated predictions from their rotation average",
     "rel": "equiv / ||fbar||^2, L_equiv relative to the rotation-averaged prediction's size",
-    "stderr": "the jackknife standard error of equiv over the K rotations",
+    "stderr": "the jackknife standard error of equiv: over the K rotations (i.i.d. draws; 0 for every element of a "
+              "finite group), or over the R Haar turns of a rotation design (NaN for R < 3)",
     "max_dev": "max over rotations and atoms of ||a_k,i - abar_i|| (a force vector's Euclidean norm; the stress's "
                "Frobenius norm; the energy's absolute value)",
     "floor": "the rounding part: L_equiv of the model's outputs minus the float64 copy's on the same rotated copies",
@@ -26,6 +27,31 @@ COLUMNS = {
     "rel_f64": "equiv_f64 relative to the float64 copy's rotation-averaged prediction",
     "verdict": f"learned if equiv_f64 exceeds the floor and rel_f64 exceeds {ROUNDING_REL:g}, else rounding",
 }
+
+
+#: the entries of :data:`COLUMNS` that differ with a rotation design
+DESIGN_COLUMNS = {
+    "equiv": "L_equiv of the model as given: the randomised-design estimate (each replicate's weighted spread of the "
+             "back-rotated predictions around its weighted average, plus the spread between the replicates' averages), "
+             "unbiased for R >= 2 and exact where neither the model's twisted prediction nor its squared deviation "
+             "has content above the design's degree (a twisted prediction of at most half that degree)",
+    "stderr": "the jackknife standard error of equiv over the R Haar turns of the design (leave one turn out; NaN for "
+              "R < 3)",
+    "max_dev": "max over the R x K copies and atoms of ||a_k,i - abar_i||, abar the replicate-averaged twirled "
+               "prediction (a force vector's Euclidean norm; the stress's Frobenius norm; the energy's absolute value)",
+}
+
+_IID_COLUMNS = {"stderr": "the jackknife standard error of equiv over the K rotations"}
+
+
+def columns(a: Audit) -> dict:
+    """:data:`COLUMNS` as they apply to ``a``: i.i.d. draws, every element of a finite group,
+    or a rotation design."""
+    if a.rotations is not None:
+        return {**COLUMNS, **DESIGN_COLUMNS}
+    if a.exhaustive:
+        return {**COLUMNS, "stderr": "0: every element of the finite group is used once, there is no sampling error"}
+    return {**COLUMNS, **_IID_COLUMNS}
 
 
 def _clean(v):
@@ -47,7 +73,8 @@ def write_csv(a: Audit, path: Path) -> Path:
 def meta(a: Audit, **extra) -> dict:
     out = {"samples": a.samples, "exhaustive": a.exhaustive, "seed": a.seed, "group": a.group, "dtype": a.dtype,
            "float64": "measured" if a.float64 is None else a.float64, "calls": a.calls, "seconds": a.seconds,
-           "structures": len(a.rows), "periodic": sum(r["periodic"] for r in a.rows), "notes": a.notes}
+           "structures": len(a.rows), "periodic": sum(r["periodic"] for r in a.rows), "notes": a.notes,
+           "rotations": a.rotations, "degree": a.degree, "design_size": a.design_size, "replicates": a.replicates}
     out.update(extra)
     return out
 
@@ -58,7 +85,7 @@ def write_json(a: Audit, path: Path, **extra) -> Path:
     doc = {"meta": meta(a, **extra),
            "heads": {h: {k: _clean(v) for k, v in d.to_dict().items()} for h, d in a.heads.items()},
            "heads_f64": {h: {k: _clean(v) for k, v in d.to_dict().items()} for h, d in a.heads_f64.items()},
-           "columns": COLUMNS,
+           "columns": columns(a),
            "structures": [{k: _clean(v) for k, v in row.items()} for row in a.rows]}
     path = Path(path)
     path.write_text(json.dumps(doc, indent=1, allow_nan=False))
@@ -78,7 +105,7 @@ def _g(x, digits: int = 2) -> str:
 def _head_line(a: Audit, h: str) -> dict:
     rows = [r for r in a.rows if r.get(f"{h}_equiv") is not None]
     d = a.heads[h]
-    mean = lambda k: sum(r[f"{h}_{k}"] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda k: sum(r[f"{h}_{k}"] for r in rows) / len(rows)
     top = max(rows, key=lambda r: r[f"{h}_max_dev"])
     line = {"head": h, "n": len(rows), "equiv": f"{_g(float(d.equiv))} ± {_g(float(d.stderr.equiv), 1)}",
             "rel": f"{_g(float(d.rel))} ± {_g(float(d.stderr.rel), 1)}",
@@ -98,7 +125,7 @@ HEADER = {"head": "head", "n": "structures", "equiv": "L_equiv mean ± se", "rel
 def summary(a: Audit, model: str = "", data: str = "", worst_n: int = 5) -> str:
     """The one-screen summary printed at the end of ``fastequiv audit``."""
     periodic = sum(r["periodic"] for r in a.rows)
-    rot = f"every element of {a.group}" if a.exhaustive else f"K={a.samples} {a.group} rotations, seed {a.seed}"
+    rot = a.describe()
     f64 = "float64 copy on the same copies" if a.float64 is None else f"no float64 comparison: {a.float64}"
     lines = [f"fastequiv audit{': ' + model if model else ''}{' on ' + data if data else ''}",
              f"{len(a.rows)} structures ({len(a.rows) - periodic} isolated, {periodic} periodic), {rot}",
@@ -118,11 +145,11 @@ def summary(a: Audit, model: str = "", data: str = "", worst_n: int = 5) -> str:
 
 
 def write_report(a: Audit, path: Path, plots: list, model: str = "", data: str = "", worst_n: int = 10,
-                 plot_error: Optional[str] = None) -> Path:
+                 plot_error: str | None = None) -> Path:
     """A Markdown report: the summary, what the columns mean, the worst structures of each
     head, and the plots."""
     out = ["# fastequiv audit", "", "```", summary(a, model, data, worst_n=0), "```", "", "## Columns (per head)", ""]
-    out += [f"- `<head>_{k}`: {v}" for k, v in COLUMNS.items()]
+    out += [f"- `<head>_{k}`: {v}" for k, v in columns(a).items()]
     for h in a.heads:
         out += ["", f"## Worst {worst_n} structures: {h} (by rel)", "",
                 "| index | formula | atoms | pbc | " + " | ".join(FIELDS) + " |",
