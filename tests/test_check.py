@@ -46,23 +46,36 @@ def test_check_table_has_one_line_per_check_and_a_summary(capsys):
     assert lines[-1].startswith("summary: 2 checks") and "2 PASS, 0 FAIL" in lines[-1]
 
 
-def _broken_rotate_rows(x, M, sample, P, center):
-    out = registry.implementation("rotate_rows", "torch")(x, M, sample, P, center)
-    return out * 1.001  # 0.1% off: far past any tolerance
+def _compiled_backend() -> str:
+    """The cpu backend: a wrong implementation is checked against the torch reference, so it
+    must not be the reference itself (patching "torch" would patch what it is compared with)."""
+    if "cpu" not in _cpu_backends():
+        pytest.skip("needs the cpu backend (fastequiv._C), which a source checkout has not: a wrong torch backend "
+                    "would be its own reference")
+    return "cpu"
+
+
+def _broken(real):
+    """``real``'s rotate_rows 0.1% off: far past any tolerance."""
+
+    def rotate_rows(x, M, sample, P, center):
+        return real(x, M, sample, P, center) * 1.001
+
+    return rotate_rows
 
 
 @pytest.mark.parametrize("how", ["wrong", "crash"])
 def test_a_broken_backend_fails_the_check(capsys, monkeypatch, how):
     """A registered implementation that returns wrong values (or raises) is reported as
     FAIL with the case it failed on, the others still run, and the exit status is 1."""
-    backend = _cpu_backends()[-1]
+    backend = _compiled_backend() if how == "wrong" else _cpu_backends()[-1]
     impls = registry._REGISTRY["rotate_rows"]
-    available = impls[backend][1]
+    real, available = impls[backend]
 
     def crash(*args):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setitem(impls, backend, (_broken_rotate_rows if how == "wrong" else crash, available))
+    monkeypatch.setitem(impls, backend, (_broken(real) if how == "wrong" else crash, available))
     code, out = _run(capsys, "--device", "cpu", "--backend", backend, "--only", "rotate_rows,rotate_rows_bwd",
                      "--seed", "1")
     assert code == 1
@@ -144,7 +157,7 @@ def test_a_kernel_that_mishandles_weights_fails_the_weighted_cases(capsys, monke
     command reports FAIL naming a weighted case, and exits 1."""
     from fastequiv import check
 
-    backend = _cpu_backends()[-1]
+    backend = _compiled_backend()
     for op, n_args in (("reduce_rows", 8), ("reduce_rows_backward", 10)):
         impls = registry._REGISTRY[op]
         real, available = impls[backend]
