@@ -121,3 +121,25 @@ def test_a_dense_twirl_loss_step_reads_nothing_from_the_device(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, sync)
     with pytest.raises(AssertionError, match="host sync"):
         fe.twirl_loss(model, {"pos": x}, {"forces": y}, spec=spec, check_finite=True, backend="torch")
+
+
+def test_the_design_arguments_have_one_name_and_default_everywhere():
+    """``rotations=`` (None: i.i.d. draws) and ``replicates=`` (None: 2 with a design) where
+    a function takes them; ``design_error`` always measures over a design."""
+    import fastequiv.ase as fa
+    from fastequiv.audit import audit
+
+    takes = {"equivariance_error": fe.equivariance_error, "twirl_loss": fe.twirl_loss,
+             "EquivarianceMonitor": fe.EquivarianceMonitor.__init__, "audit": audit,
+             "Twirled": fe.Twirled.__init__, "FrameAveraged": fe.FrameAveraged.__init__,
+             "ase.TwirledCalculator": fa.TwirledCalculator.__init__}
+    turned = {"equivariance_error", "twirl_loss", "EquivarianceMonitor", "audit"}  # randomised designs
+    for name, fn in takes.items():
+        params = inspect.signature(fn).parameters
+        assert params["rotations"].default is None and params["rotations"].kind is inspect.Parameter.KEYWORD_ONLY, name
+        if name in turned:
+            assert params["replicates"].default is None, name
+        else:  # averages over the design itself: nothing is turned, nothing replicated
+            assert "replicates" not in params, name
+    params = inspect.signature(fe.design_error).parameters
+    assert params["rotations"].default == "design:3" and params["replicates"].default == 2
