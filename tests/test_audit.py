@@ -325,12 +325,20 @@ def test_the_command_line_takes_module_function_and_says_what_is_wrong(tmp_path,
 
 @pytest.fixture
 def nequip_dtype():
-    """nequip's global state sets torch's default dtype to float64 for good: the test
-    after this one gets its own back."""
+    """nequip's global state sets torch's default dtype to float64, TorchScript's fusion
+    strategy and e3nn's code generation (TorchScript, whose MACE models cannot be pickled)
+    for good: the tests after this one get theirs back (as tests/test_adapt_nequip.py's)."""
     require("nequip")
+    import e3nn
+
     before = torch.get_default_dtype()
+    fusion = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])  # returns the one in force
+    torch.jit.set_fusion_strategy(fusion)
+    e3nn_defaults = e3nn.get_optimization_defaults()
     yield
     torch.set_default_dtype(before)
+    torch.jit.set_fusion_strategy(fusion)
+    e3nn.set_optimization_defaults(**e3nn_defaults)
 
 
 def test_a_second_codebase_nequip_in_float64_and_in_float32(nequip_dtype):

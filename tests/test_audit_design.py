@@ -222,20 +222,7 @@ def test_bad_arguments_are_refused():
         audit(mace, atoms, rotations=designs.design("design:1"), group="O3")
 
 
-@pytest.fixture
-def e3nn_eager():
-    """A model file is a pickled MACE, which e3nn's TorchScript code generation makes
-    unpicklable; nequip switches it on for good (``jit_mode="script"``, as after
-    tests/test_audit.py's NequIP test): e3nn's own default, eager, here, and put back."""
-    import e3nn
-
-    before = e3nn.get_optimization_defaults()
-    e3nn.set_optimization_defaults(jit_mode="eager")
-    yield
-    e3nn.set_optimization_defaults(**before)
-
-
-def test_the_command_line_with_a_design_writes_it_into_the_table_and_the_summary(tmp_path, capsys, e3nn_eager):
+def test_the_command_line_with_a_design_writes_it_into_the_table_and_the_summary(tmp_path, capsys):
     import ase.io
 
     from fastequiv.__main__ import main
