@@ -242,6 +242,8 @@ def equivariance_error(
     target: Sequence[dict] | None = None,
     *,
     samples: int | None = None,
+    rotations=None,
+    replicates: int | None = None,
     group: str = "SO3",
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -285,6 +287,12 @@ def equivariance_error(
         samples: K per structure: default 8 i.i.d. Haar draws for ``"SO3"``/``"O3"``,
             every element once (exact values) for a finite group; K >= 2 (one rotation
             cannot estimate L_equiv).
+        rotations, replicates: a rotation design turned by ``replicates`` (default 2)
+            independent Haar rotations per structure instead of ``samples`` i.i.d. draws,
+            as in :func:`fastequiv.equivariance_error` (``group`` ``"SO3"`` or ``"O3"``;
+            turn ``r`` of structure ``b`` is rotation ``r * B + b`` of the ``seed``
+            stream, on both routes): a :class:`fastequiv.design_twirl.DesignDecomposition`
+            with ``rotation_stderr`` (3 or more replicates).
         group: ``"SO3"``, ``"O3"``, ``"octahedral"``, ``"octahedral_O3"``, ``"icosahedral"``.
         seed: copy ``k`` of structure ``b`` is rotated by rotation ``k * B + b`` of this
             Philox stream (``fastequiv.random_rotations(K * B, seed=seed, group=group)``);
@@ -327,8 +335,9 @@ def equivariance_error(
         target = targets
     seed = resolve_seed(seed, generator)  # one stream for both routes
     atoms_list, targets = _check_inputs(calc, atoms_list, target)
-    K, exhaustive = _plan(samples, group, 8)
-    if K < 2 and not exhaustive:
+    plan_of = _design_plan(rotations, replicates, samples, group)
+    K, exhaustive = (plan_of[0].size, False) if plan_of else _plan(samples, group, 8)
+    if K < 2 and not exhaustive and not plan_of:
         raise ValueError(f"samples={samples!r} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
                          "(or samples=None with a finite group, for the exhaustive twirl)")
     chosen = _select(properties, calc, atoms_list, targets)
@@ -344,15 +353,22 @@ def equivariance_error(
     if batched is not False and not why_not:
         from .ase_batched import decompose_batched
 
-        return decompose_batched(calc, atoms_list, targets, list(chosen), weights, samples=None if exhaustive else K,
-                                 group=group, seed=seed, chunk_size=chunk_size, backend=backend)
+        return decompose_batched(calc, atoms_list, targets, list(chosen), weights,
+                                 samples=None if exhaustive or plan_of else K, group=group, seed=seed,
+                                 chunk_size=chunk_size, backend=backend, design=plan_of)
     if chunk_size is not None:
         raise ValueError("chunk_size= applies to the batched route only (the serial route calls the calculator "
                          "once per copy)")
 
     B = len(atoms_list)
     nmax = max(len(a) for a in atoms_list)
-    R = _rotations(B, K, exhaustive, group, seed)
+    if plan_of:  # copy r K + i of structure b turned by G_{b,r} R_i
+        from .design_twirl import design_rotations
+
+        R = design_rotations(plan_of[0], B, replicates=plan_of[1], seed=seed, dtype=torch.float64).numpy()
+        K = R.shape[0]
+    else:
+        R = _rotations(B, K, exhaustive, group, seed)
     out = {p: np.zeros((K, B) + _shape(p, nmax)) for p in chosen}
     y = {p: np.zeros((B,) + _shape(p, nmax)) for p in chosen}
     for b, atoms in enumerate(atoms_list):
@@ -376,16 +392,46 @@ def equivariance_error(
 
     Rt = torch.from_numpy(R)
     atom_mask = torch.from_numpy(np.arange(nmax)[None, :] < np.array([len(a) for a in atoms_list])[:, None])
-    heads, head_valid = {}, {}
+    heads, head_valid, reps = {}, {}, {}
     for p, applies in chosen.items():
         mask = atom_mask & torch.from_numpy(applies)[:, None] if p == "forces" else torch.from_numpy(applies)
         if p != "forces" and applies.all():
             mask = None
+        if plan_of:
+            from types import SimpleNamespace
+
+            from .design_twirl import Replicates
+            from .ops.action import Action
+
+            head = SimpleNamespace(value=torch.from_numpy(out[p]), rep=as_rep(PROPERTIES[p]), mask=mask, batch=None,
+                                   name=p)
+            reps[p] = Replicates.of_head(head, Action(Rt, backend), plan_of[0].weights, torch.from_numpy(y[p]), B,
+                                         plan_of[1], backend)
+            continue
         s = twirl_reduce(torch.from_numpy(out[p]), Rt, torch.from_numpy(y[p]), as_rep(PROPERTIES[p]), mask,
                          backend=backend)
         heads[p] = decompose(s.total, s.bias, s.spread, s.count, samples=K, exhaustive=exhaustive)
         head_valid[p] = s.count > 0
+    if plan_of:
+        from .design_twirl import assemble
+
+        return assemble(reps, weights, plan_of[0], plan_of[1], labelled=True, single=False)[0]
     return combine(heads, weights, head_valid)
+
+
+def _design_plan(rotations, replicates, samples, group: str):
+    """``(design, replicates)`` for ``rotations=`` (checked), or None without one."""
+    if rotations is None:
+        if replicates is not None:
+            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
+                             "rotation design (pass rotations='design:L' too, or leave replicates out)")
+        return None
+    if samples is not None:
+        raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the number of rotations "
+                         "(pass one or the other)")
+    from .design_twirl import _check_replicates
+
+    return design(rotations, group), _check_replicates(2 if replicates is None else replicates)
 
 
 def _calculator_refused(calc) -> str | None:

@@ -70,7 +70,7 @@ from .spec import Spec
 from .stacking import Head, Stacked, call_model, read_inputs, split_heads, stack_copies
 from .stacking import eval_mode as stacking_eval_mode
 
-__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_decompose", "design_average", "design_for",
+__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_decompose", "assemble", "design_average", "design_for",
            "design_rotations", "stack_design", "weighted_heads", "jackknife_stderr"]
 
 
@@ -372,20 +372,33 @@ def design_decompose(model: Callable, inputs: Any, target: Any, spec: Optional[S
     weights = spec.head_weights(loss_weights)
     st = stack_design(model, inputs, spec, design, replicates=R, mask=mask, seed=seed, generator=generator,
                       chunk_size=chunk_size, backend=backend, check_finite=check_finite)
+    reps = {head.name: Replicates.of_head(head, st.action, design.weights, y, st.B, R, backend)
+            for head, y in zip(st.heads, _head_targets(spec, target, st))}
+    single = len(reps) == 1 and not isinstance(spec.output, (dict, tuple))
+    return assemble(reps, weights, design, R, labelled=target is not None, single=single,
+                    check_finite=check_finite)
+
+
+def assemble(reps: dict, weights: dict, design: Design, R: int, *, labelled: bool, single: bool,
+             check_finite: bool = True) -> tuple:
+    """``(decomposition, head_valid)`` from each head's :class:`Replicates` (``{name: reps}``):
+    the per-head decompositions, their ``weights``-weighted combination (unless ``single``),
+    the jackknife ``rotation_stderr`` (R >= 3, without grad) and, unless ``labelled``, the
+    label-free values. Shared by :func:`design_decompose` and the ASE calculators' serial
+    route (:func:`fastequiv.ase.equivariance_error`)."""
     heads, jacks, head_valid = {}, {}, {}
-    for head, y in zip(st.heads, _head_targets(spec, target, st)):
-        rep = Replicates.of_head(head, st.action, design.weights, y, st.B, R, backend)
+    for name, rep in reps.items():
         t = rep.terms()
-        d = decompose(t.total, t.mean, t.equiv, rep.count, samples=st.K, exhaustive=True)
-        heads[head.name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
+        d = decompose(t.total, t.mean, t.equiv, rep.count, samples=R * design.size, exhaustive=True)
+        heads[name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
         with torch.no_grad():
-            jacks[head.name] = rep.jackknife() if R >= 3 else None
-        head_valid[head.name] = rep.count > 0
+            jacks[name] = rep.jackknife() if R >= 3 else None
+        head_valid[name] = rep.count > 0
     if check_finite:
         empty = [h for h, v in head_valid.items() if not bool(v.any())]
         if empty:
             raise ValueError(f"every element of output head(s) {empty} is masked out: there is nothing to decompose")
-    if len(heads) == 1 and not isinstance(spec.output, (dict, tuple)):
+    if single:
         d, jack = next(iter(heads.values())), next(iter(jacks.values()))
         valid = next(iter(head_valid.values()))
         valid_of = {"": valid}
@@ -401,7 +414,7 @@ def design_decompose(model: Callable, inputs: Any, target: Any, spec: Optional[S
                                            head_valid, valid.sum().to(dtype),
                                            {h: v.sum().to(dtype) for h, v in head_valid.items()})
     nan = torch.full((), float("nan"), dtype=d.total.dtype, device=d.total.device)
-    if target is None:
+    if not labelled:
         lf = label_free(d, valid)
         if jack is None:
             se = Scale(nan, nan, nan)

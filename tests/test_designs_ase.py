@@ -326,3 +326,68 @@ def test_one_batched_call_gives_energy_forces_and_stress(exact):
     m.calc = fa.TwirledCalculator(exact, rotations="design:2")
     m.get_potential_energy()
     assert "stress" not in m.calc.results  # a molecule has none
+
+
+# --- fastequiv.ase.equivariance_error over a design --------------------------------------------
+
+def _labelled(periodic: bool, count: int = 3) -> list:
+    """Structures with the float64 exact MACE's own predictions as labels."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    calc = mace_calculator(tiny_mace())
+    for a in structures(periodic, count, seed=6):
+        out.append(a.copy())
+        out[-1].calc = SinglePointCalculator(out[-1], **compute(calc, a))
+    return out
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_equivariance_error_over_a_design_batched_equals_serial_and_the_closed_form(periodic, field_only):
+    """Both routes turn structure b's design by rotation r * B + b of the seed's stream: the
+    same numbers rotation for rotation. The constant field a is degree 1 in the rotation: the
+    degree-1 design's average cancels it and every turn's spread is |a|^2 / 3 per force
+    component, so the forces' L_equiv is exactly that; the energy and stress have none."""
+    atoms = _labelled(periodic)
+    kw = {"rotations": "design:1", "replicates": 3, "seed": 7}
+    serial = fa.equivariance_error(field_only, atoms, batched=False, **kw)
+    batched = fa.equivariance_error(field_only, atoms, batched=True, **kw)
+    assert serial.replicates == batched.replicates == 3 and serial.samples == batched.samples == 12
+    for name in ("total", "mean", "equiv"):
+        torch.testing.assert_close(getattr(batched, name), getattr(serial, name), rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(getattr(batched.rotation_stderr, name), getattr(serial.rotation_stderr, name),
+                                   rtol=1e-6, atol=1e-15)
+    want = float((FIELD ** 2).sum() / 3)
+    for d in (serial, batched):
+        torch.testing.assert_close(d.heads["forces"].per_sample.equiv, torch.full((3,), want, dtype=torch.float64),
+                                   rtol=1e-10, atol=0)
+        assert float(d.heads["energy"].equiv) < 1e-20 and float(d.rotation_stderr.equiv) < 1e-10 * want
+        if periodic:
+            assert float(d.heads["stress"].equiv) < 1e-20
+
+
+def test_chunks_of_a_design_pool_their_rotation_stderr(broken):
+    """Chunks draw their own turns: the pooled values are the chunks' per-structure values,
+    and the rotation standard errors add in quadrature, each weighted by its structures."""
+    atoms = _labelled(False, 4)
+    kw = {"rotations": "design:1", "replicates": 3, "seed": 2, "batched": True}
+    whole = fa.equivariance_error(broken, atoms, chunk_size=2, **kw)
+    parts = [fa.equivariance_error(broken, atoms[i:i + 2], **{**kw, "seed": 2 + c})
+             for c, i in enumerate((0, 2))]
+    torch.testing.assert_close(whole.per_sample.equiv, torch.cat([p.per_sample.equiv for p in parts]))
+    for name in ("total", "equiv"):
+        want = torch.sqrt(sum((2 * getattr(p.rotation_stderr, name)) ** 2 for p in parts)) / 4
+        torch.testing.assert_close(getattr(whole.rotation_stderr, name), want, rtol=1e-12, atol=0)
+        assert float(want) > 0  # the well's degree-2 content is not cancelled by the degree-1 design
+    assert whole.design.size == 4 and whole.replicates == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"replicates": 2}, "replicates=2 without rotations="),
+    ({"rotations": "design:1", "samples": 4}, "a design fixes the number of rotations"),
+    ({"rotations": "design:1", "group": "octahedral"}, "group must be 'SO3' or 'O3' for a design"),
+    ({"rotations": "design:1", "replicates": 0}, "replicates must be a positive int"),
+])
+def test_bad_design_arguments_of_the_calculator_measurement(kwargs, match, exact):
+    with pytest.raises(ValueError, match=match):
+        fa.equivariance_error(exact, _labelled(False, 1), **kwargs)

@@ -132,8 +132,8 @@ def test_the_design_arguments_have_one_name_and_default_everywhere():
     takes = {"equivariance_error": fe.equivariance_error, "twirl_loss": fe.twirl_loss,
              "EquivarianceMonitor": fe.EquivarianceMonitor.__init__, "audit": audit,
              "Twirled": fe.Twirled.__init__, "FrameAveraged": fe.FrameAveraged.__init__,
-             "ase.TwirledCalculator": fa.TwirledCalculator.__init__}
-    turned = {"equivariance_error", "twirl_loss", "EquivarianceMonitor", "audit"}  # randomised designs
+             "ase.TwirledCalculator": fa.TwirledCalculator.__init__, "ase.equivariance_error": fa.equivariance_error}
+    turned = {"equivariance_error", "twirl_loss", "EquivarianceMonitor", "audit", "ase.equivariance_error"}
     for name, fn in takes.items():
         params = inspect.signature(fn).parameters
         assert params["rotations"].default is None and params["rotations"].kind is inspect.Parameter.KEYWORD_ONLY, name
