@@ -38,6 +38,7 @@ except ImportError as e:  # pragma: no cover - the test extra installs ASE
     raise ImportError('fastequiv.ase needs ASE (the Atomic Simulation Environment): pip install "fastequiv[ase]" '
                       'or pip install ase') from e
 
+from .design_twirl import design_plan
 from .designs import design
 from .estimators import Decomposition, combine, decompose
 from .groups import check_group, group_elements, group_order, resolve_seed
@@ -335,7 +336,7 @@ def equivariance_error(
         target = targets
     seed = resolve_seed(seed, generator)  # one stream for both routes
     atoms_list, targets = _check_inputs(calc, atoms_list, target)
-    plan_of = _design_plan(rotations, replicates, samples, group)
+    plan_of = design_plan(rotations, replicates, samples, group)
     K, exhaustive = (plan_of[0].size, False) if plan_of else _plan(samples, group, 8)
     if K < 2 and not exhaustive and not plan_of:
         raise ValueError(f"samples={samples!r} cannot estimate L_equiv: it needs samples >= 2 i.i.d. rotations "
@@ -417,21 +418,6 @@ def equivariance_error(
 
         return assemble(reps, weights, plan_of[0], plan_of[1], labelled=True, single=False)[0]
     return combine(heads, weights, head_valid)
-
-
-def _design_plan(rotations, replicates, samples, group: str):
-    """``(design, replicates)`` for ``rotations=`` (checked), or None without one."""
-    if rotations is None:
-        if replicates is not None:
-            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
-                             "rotation design (pass rotations='design:L' too, or leave replicates out)")
-        return None
-    if samples is not None:
-        raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the number of rotations "
-                         "(pass one or the other)")
-    from .design_twirl import _check_replicates
-
-    return design(rotations, group), _check_replicates(2 if replicates is None else replicates)
 
 
 def _calculator_refused(calc) -> str | None:

@@ -70,7 +70,7 @@ from .spec import Spec
 from .stacking import Head, Stacked, call_model, read_inputs, split_heads, stack_copies
 from .stacking import eval_mode as stacking_eval_mode
 
-__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_decompose", "assemble", "design_average", "design_for",
+__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "design_error", "design_decompose", "assemble", "check_replicates", "replicates_of", "design_plan", "design_average", "design_for",
            "design_rotations", "stack_design", "weighted_heads", "jackknife_stderr"]
 
 
@@ -282,11 +282,39 @@ class DesignLabelFree(LabelFree):
     replicates: int = 1
 
 
-def _check_replicates(replicates) -> int:
+def check_replicates(replicates) -> int:
+    """``replicates`` checked: a positive int."""
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
         raise ValueError(f"replicates must be a positive int (2 or more for unbiased estimates, 3 or more for "
                          f"rotation_stderr), got {replicates!r}")
     return replicates
+
+
+def replicates_of(rotations, replicates) -> Optional[int]:
+    """The replicates of a call with ``rotations=`` (``None``: 2), checked; None without a
+    design, where ``replicates`` must be None too (the rule of every function that takes
+    both)."""
+    if rotations is None:
+        if replicates is not None:
+            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
+                             "rotation design (pass rotations='design:L' too, or leave replicates out)")
+        return None
+    return check_replicates(2 if replicates is None else replicates)
+
+
+def design_plan(rotations, replicates, samples, group: str) -> Optional[tuple]:
+    """``(design, replicates)`` for a call that takes ``rotations=`` on ``group`` (the ASE
+    measurement, the audit), checked against ``samples``; None without a design."""
+    R = replicates_of(rotations, replicates)
+    if R is None:
+        return None
+    if samples is not None:
+        raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the number of rotations "
+                         "(pass one or the other)")
+    if group not in ("SO3", "O3"):
+        raise ValueError(f"rotations={rotations!r} averages over SO(3) or O(3), but group={group!r} is a finite group, "
+                         "twirled exactly by its own elements (leave rotations=None)")
+    return designs.design(rotations, group), R
 
 
 def _head_targets(spec: Spec, target, st: Stacked) -> list:
@@ -366,7 +394,7 @@ def design_decompose(model: Callable, inputs: Any, target: Any, spec: Optional[S
     :func:`fastequiv.twirl_loss` with ``rotations=``; the jackknife ``rotation_stderr`` is
     computed without grad). ``head_valid``: ``{"": (B,) bool, head: (B,) bool}``, the samples
     that count, as :func:`fastequiv.distributed.all_reduce` takes them."""
-    R = _check_replicates(replicates)
+    R = check_replicates(replicates)
     spec, inputs = bind(model, inputs, spec)
     design = design_for(rotations, spec, samples=samples)
     weights = spec.head_weights(loss_weights)

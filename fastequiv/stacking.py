@@ -571,7 +571,7 @@ class CallPlan:
     def _head_plan(self, out, target, mask) -> Optional[list]:
         """The rows of every output head for outputs and targets like these (checked by
         :func:`split_heads` and as :func:`fastequiv.ops.twirl_reduce` checks them), or None."""
-        K, B, layout = self.K, self.B, self.layout
+        K = self.K
         heads = split_heads(out, self.spec, dataclasses.replace(self.model_inputs, mask=mask), K, check_finite=False)
         targets = [None] * len(heads) if target is None else \
             [y for _, y, _ in self.spec.output_leaves(target, "target")]

@@ -20,7 +20,7 @@ from .ops import twirl_reduce
 from .ops.layout import accumulate_dtype, mask_for, per_sample_sum, valid_count
 from .ops.twirl_reduce import back_rotate
 from .adapted import Adapted, bind, own_spec
-from .design_twirl import design_average, design_decompose, design_for
+from .design_twirl import design_average, design_decompose, design_for, replicates_of
 from .penalty import EquivWeight, WeightLike, check_margin, equiv_penalty, weight_at
 from .reps import Voigt
 from .spec import Spec, describe
@@ -44,15 +44,11 @@ def _require_two(K: int, exhaustive: bool) -> None:
 
 def _design_args(rotations, replicates, loss) -> Optional[int]:
     """The replicates of a design call (default 2), checked; None without a design."""
-    if rotations is None:
-        if replicates is not None:
-            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
-                             "rotation design (pass rotations='design:L' too, or leave replicates out)")
-        return None
-    if loss != "mse":
+    R = replicates_of(rotations, replicates)
+    if R is not None and loss != "mse":
         raise ValueError(f"rotations={rotations!r} takes loss='mse' (the design estimators are those of the squared "
                          f"error), got loss={loss!r}")
-    return 2 if replicates is None else replicates
+    return R
 
 
 def _decompose(model, inputs, target, spec, samples, default_samples, loss, mask, loss_weights, seed, generator,

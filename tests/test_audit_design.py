@@ -209,7 +209,7 @@ def test_bad_arguments_are_refused():
     mace = tiny_mace()
     with pytest.raises(ValueError, match="samples=8 with rotations='design:3'"):
         audit(mace, atoms, rotations="design:3", samples=8)
-    with pytest.raises(ValueError, match="rotations='design:3' is a design on SO.3. or O.3., but group='octahedral'"):
+    with pytest.raises(ValueError, match="rotations=.design:3. averages over SO.3. or O.3., but group=.octahedral. is a finite group"):
         audit(mace, atoms, rotations="design:3", group="octahedral")
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="replicates must be a positive int"):

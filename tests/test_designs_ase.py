@@ -385,7 +385,7 @@ def test_chunks_of_a_design_pool_their_rotation_stderr(broken):
 @pytest.mark.parametrize("kwargs, match", [
     ({"replicates": 2}, "replicates=2 without rotations="),
     ({"rotations": "design:1", "samples": 4}, "a design fixes the number of rotations"),
-    ({"rotations": "design:1", "group": "octahedral"}, "group must be 'SO3' or 'O3' for a design"),
+    ({"rotations": "design:1", "group": "octahedral"}, "but group='octahedral' is a finite group"),
     ({"rotations": "design:1", "replicates": 0}, "replicates must be a positive int"),
 ])
 def test_bad_design_arguments_of_the_calculator_measurement(kwargs, match, exact):

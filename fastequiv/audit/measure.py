@@ -97,10 +97,9 @@ from typing import Any
 
 import torch
 
-from .. import designs
 from ..adapted import Adapted
 from ..adapters import adapt
-from ..design_twirl import Replicates
+from ..design_twirl import Replicates, design_plan, design_rotations
 from ..designs import Design
 from ..estimators import LabelFree, decompose, label_free
 from ..groups import check_group, group_elements, group_order
@@ -484,38 +483,6 @@ def _rotations(N: int, K: int, exhaustive: bool, group: str, seed: int) -> torch
     return random_rotations(K * N, seed=seed, group=group, dtype=torch.float64).reshape(K, N, 3, 3)
 
 
-def _design_rotations(design: Design, N: int, replicates: int, seed: int) -> torch.Tensor:
-    """``(replicates * K, N, 3, 3)`` float64: copy ``r * K + k`` of structure ``i`` turned by
-    ``G_{i,r} R_k``, ``G_{i,r}`` rotation ``r * N + i`` of the seed's SO(3) stream."""
-    K = design.size
-    G = random_rotations(replicates * N, seed=seed, group="SO3", dtype=torch.float64).reshape(replicates, 1, N, 3, 3)
-    D = design.rotations.to(torch.float64).reshape(1, K, 1, 3, 3)
-    return (G @ D).reshape(replicates * K, N, 3, 3)
-
-
-def _design_plan(rotations, replicates, samples: int | None, group: str) -> tuple[Design | None, int | None]:
-    """``(design, R)``: the design ``rotations`` names on ``group`` and its replicates
-    (default 2), checked with ``samples``; ``(None, None)`` for i.i.d. draws."""
-    if rotations is None:
-        if replicates is not None:
-            raise ValueError(f"replicates={replicates!r} without rotations=: replicates are independent turns of a "
-                             "rotation design (pass rotations='design:L' too, or leave replicates out; the i.i.d. "
-                             "audit takes samples=)")
-        return None, None
-    replicates = 2 if replicates is None else replicates
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
-        raise ValueError(f"replicates must be a positive int (Haar turns of the design per structure: 2 or more for "
-                         f"unbiased estimates, 3 or more for a stderr) or None (2), got {replicates!r}")
-    if samples is not None:
-        raise ValueError(f"samples={samples!r} with rotations={rotations!r}: a design fixes the rotations of each "
-                         "structure (replicates x its size); pass one or the other")
-    check_group(group)
-    if group not in ("SO3", "O3"):
-        raise ValueError(f"rotations={rotations!r} is a design on SO(3) or O(3), but group={group!r} is a finite "
-                         "group, which the audit twirls exactly by its own elements (leave rotations=None)")
-    return designs.design(rotations, group), replicates
-
-
 def _plan(samples: int | None, group: str) -> tuple[int, bool]:
     check_group(group)
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
@@ -581,7 +548,8 @@ def audit(model: Any, atoms_list: list, *, samples: int | None = None, seed: int
             ``stderr``, 1 the plug-in values (see module docs). Only with ``rotations``.
     """
     atoms_list = _check(atoms_list, seed, max_atoms)
-    design, replicates = _design_plan(rotations, replicates, samples, group)
+    check_group(group)
+    design, replicates = design_plan(rotations, replicates, samples, group) or (None, None)
     N = len(atoms_list)
     if design is None:
         K, exhaustive = _plan(samples, group)
@@ -590,7 +558,7 @@ def audit(model: Any, atoms_list: list, *, samples: int | None = None, seed: int
     else:
         K, exhaustive = replicates * design.size, False
         start = time.perf_counter()
-        R = _design_rotations(design, N, replicates, seed)
+        R = design_rotations(design, N, replicates=replicates, seed=seed, dtype=torch.float64)
     notes: list = []
     results = [{} for _ in range(N)]  # index -> {head: {field: value}}
     sums: dict = {}
