@@ -9,7 +9,8 @@ with its numerical rounding told apart from learned symmetry breaking.
     a = audit(mace_model, structures, rotations="design:3", replicates=3)   # a rotation design
 
 or, from a shell, ``fastequiv audit model.model test.xyz --out audit-out``. Modules:
-:mod:`~fastequiv.audit.measure` (the numbers), :mod:`~fastequiv.audit.table` (CSV, JSON,
+:mod:`~fastequiv.audit.measure` (the audit of a list), :mod:`~fastequiv.audit.heads` (the
+per-structure numbers), :mod:`~fastequiv.audit.table` (CSV, JSON,
 summary, report), :mod:`~fastequiv.audit.plots`, :mod:`~fastequiv.audit.load` (MODEL and
 DATA arguments), :mod:`~fastequiv.audit.cli`.
 """
