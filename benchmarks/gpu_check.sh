@@ -15,7 +15,8 @@
 #   check      fastequiv check --device cuda (every GPU backend against the reference;
 #              the table in check.log, the report in check.json)
 #   tests      pytest on the GPU: the tests marked gpu, and the files that run on CUDA
-#              tensors when there is a GPU (tests/test_gpu_readiness.py and the per-op files)
+#              tensors when there is a GPU (tests/test_gpu_readiness.py and the per-op files,
+#              the weighted reductions of rotation designs among them)
 #   sanitizer  compute-sanitizer memcheck of one small call of every GPU kernel (skipped
 #              when compute-sanitizer is not installed)
 #   past_2^31  one row op and one voxel reduction whose flat index passes 2^31 elements,
@@ -154,7 +155,7 @@ EOF
 # is not marked gpu: it also runs in the interpreter), then every other test marked gpu
 DEVICE_TESTS="" IGNORE=""
 for f in tests/test_gpu.py tests/test_gpu_readiness.py tests/test_rotate_copies.py tests/test_twirl_reduce.py \
-         tests/test_random_rotations.py tests/test_wigner_d.py tests/test_voxels.py tests/test_backends.py; do
+         tests/test_twirl_reduce_weights.py tests/test_random_rotations.py tests/test_wigner_d.py tests/test_voxels.py tests/test_backends.py; do
   [ -f "$f" ] && DEVICE_TESTS="$DEVICE_TESTS $f" && IGNORE="$IGNORE --ignore=$f"
 done
 if [ "$DRY" = 1 ]; then
