@@ -705,6 +705,63 @@ void decompose_backward_raw_cpu(int acc_type, int64_t B, int64_t K, bool exhaust
     fastequiv::decompose_backward_cpu(r.args, g_total, g_equiv, ptr<void>(grad_sums));
 }
 
+}  // namespace
+
+// The rotation designs' estimators (csrc/decomposition_cpu.cpp), on the heads of
+// DecomposeArgs whose sums are (H, R, 3, B): declared here, next to their only caller.
+namespace fastequiv {
+const char* design_decompose_cpu(const DecomposeArgs& a, int64_t R, bool labelled, const void* const* mean,
+                                 const void* const* target, uint64_t* flags);
+void design_decompose_backward_cpu(const DecomposeArgs& a, int64_t R, const void* const* mean,
+                                   const void* const* target, double g_total, double g_equiv, void* grad_sums,
+                                   void* const* grad_mean);
+}  // namespace fastequiv
+
+namespace {
+
+std::vector<const void*> const_pointers(const std::vector<uintptr_t>& p, size_t H, const char* name) {
+    if (p.size() != H) throw nb::value_error((std::string(name) + ": expected one pointer a head").c_str());
+    std::vector<const void*> out;
+    for (uintptr_t q : p) out.push_back(ptr<const void>(q));
+    return out;
+}
+
+uint64_t design_decompose_raw_cpu(int acc_type, int64_t B, int64_t K, int64_t R, bool combine, bool labelled,
+                                  const std::vector<double>& weight, const std::vector<int64_t>& N,
+                                  const std::vector<int>& d, const std::vector<int64_t>& P,
+                                  const std::vector<uintptr_t>& sample, const std::vector<uintptr_t>& valid,
+                                  const std::vector<uintptr_t>& mean, const std::vector<uintptr_t>& target,
+                                  uintptr_t sums, uintptr_t count, uintptr_t per_sample, uintptr_t scalars,
+                                  uintptr_t valid_out) {
+    if (R < 1) throw nb::value_error(("R: expected R >= 1 replicates, got " + std::to_string(R)).c_str());
+    RawHeads r;
+    decompose_args(r, acc_type, B, K, true, combine, weight, N, d, P, sample, valid, sums, count, per_sample,
+                   scalars, valid_out);
+    const auto means = const_pointers(mean, weight.size(), "mean");
+    const auto targets = const_pointers(target, weight.size(), "target");
+    uint64_t flags = 0;
+    raise_if(fastequiv::design_decompose_cpu(r.args, R, labelled, means.data(), targets.data(), &flags));
+    return flags;
+}
+
+void design_decompose_backward_raw_cpu(int acc_type, int64_t B, int64_t K, int64_t R, bool combine,
+                                       const std::vector<double>& weight, const std::vector<int64_t>& N,
+                                       const std::vector<int>& d, const std::vector<int64_t>& P,
+                                       const std::vector<uintptr_t>& sample, const std::vector<uintptr_t>& valid,
+                                       const std::vector<uintptr_t>& mean, const std::vector<uintptr_t>& target,
+                                       uintptr_t count, double g_total, double g_equiv, uintptr_t grad_sums,
+                                       const std::vector<uintptr_t>& grad_mean) {
+    RawHeads r;
+    decompose_args(r, acc_type, B, K, true, combine, weight, N, d, P, sample, valid, 0, count, 0, 0, 0);
+    const auto means = const_pointers(mean, weight.size(), "mean");
+    const auto targets = const_pointers(target, weight.size(), "target");
+    std::vector<void*> grads;
+    for (uintptr_t q : grad_mean) grads.push_back(ptr<void>(q));
+    if (grads.size() != weight.size()) throw nb::value_error("grad_mean: expected one pointer a head");
+    fastequiv::design_decompose_backward_cpu(r.args, R, means.data(), targets.data(), g_total, g_equiv,
+                                             ptr<void>(grad_sums), grads.data());
+}
+
 #if defined(FASTEQUIV_WITH_CUDA)
 Target cuda_target() { return Target{nb::device::cuda::value, "CUDA device", true}; }
 
@@ -942,6 +999,18 @@ NB_MODULE(_C, m) {
           nb::arg("exhaustive"), nb::arg("combine"), nb::arg("weight"), nb::arg("count"), nb::arg("g_total"),
           nb::arg("g_equiv"), nb::arg("grad_sums"),
           "The gradient (H, 3, B) of g_total L_total + g_equiv L_equiv with respect to the heads' sums.");
+    m.def("design_decompose_raw_cpu", &design_decompose_raw_cpu, nb::arg("acc_type"), nb::arg("B"), nb::arg("K"),
+          nb::arg("R"), nb::arg("combine"), nb::arg("labelled"), nb::arg("weight"), nb::arg("N"), nb::arg("d"),
+          nb::arg("P"), nb::arg("sample"), nb::arg("valid"), nb::arg("mean"), nb::arg("target"), nb::arg("sums"),
+          nb::arg("count"), nb::arg("per_sample"), nb::arg("scalars"), nb::arg("valid_out"),
+          "The rotation-design estimators of every head and their combination from R replicates' reduce_rows sums "
+          "(H, R, 3, B) and twirled means (csrc/decomposition_cpu.cpp); returns the flags as decompose_raw_cpu.");
+    m.def("design_decompose_backward_raw_cpu", &design_decompose_backward_raw_cpu, nb::arg("acc_type"), nb::arg("B"),
+          nb::arg("K"), nb::arg("R"), nb::arg("combine"), nb::arg("weight"), nb::arg("N"), nb::arg("d"), nb::arg("P"),
+          nb::arg("sample"), nb::arg("valid"), nb::arg("mean"), nb::arg("target"), nb::arg("count"),
+          nb::arg("g_total"), nb::arg("g_equiv"), nb::arg("grad_sums"), nb::arg("grad_mean"),
+          "The gradient of g_total L_total + g_equiv L_equiv of design_decompose_raw_cpu with respect to the "
+          "replicates' sums (H, R, 3, B) and twirled means (one (R, N, d) array a head, written for R >= 2).");
 #if defined(FASTEQUIV_WITH_CUDA)
     m.def("rotate_rows_cuda", &rotate_rows_cuda, nb::arg("x"), nb::arg("M"), nb::arg("sample").none(),
           nb::arg("P"), nb::arg("center"), nb::arg("out"), nb::arg("stream") = 0,

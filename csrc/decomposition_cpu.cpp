@@ -9,6 +9,7 @@
 // terms and the gradients equal the torch estimators' bit for bit. The batch means and
 // standard errors are accumulated in double and rounded once: torch adds float32 in an
 // order of its own (vectorised, machine-dependent), so the two agree to rounding only.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -175,7 +176,340 @@ void decompose_backward_impl(const DecomposeArgs& a, T g_total, T g_equiv, T* gr
     }
 }
 
+// --- rotation designs (fastequiv/design_twirl.py) ------------------------------------------
+//
+// The randomised-design estimators of Replicates.terms and jackknife, design_twirl.assemble and
+// jackknife_stderr, from R replicates of a K-rotation design: each head's reduce_rows sums
+// (weighted) and twirled means of every replicate. Per sample, every value is the float
+// expression of design_twirl.py in its order and in T, but the sums over a sample's elements,
+// which are added in double and rounded once (torch adds them in an order of its own), so the
+// two agree to rounding. The batch means and standard errors are batch_stats'.
+
+template <typename T>
+struct Design {
+    const DecomposeArgs& a;
+    int64_t R;
+    const void* const* mean;    // (H,) (R, N, d) T: each replicate's twirled mean
+    const void* const* target;  // (H,) (N, d) T
+    const T* sums(int h, int64_t r, int term) const {
+        return static_cast<const T*>(a.sums) + ((h * R + r) * 3 + term) * a.B;
+    }
+};
+
+// jackknife_stderr of the (R, B) leave-one-out values jack over the valid samples.
+template <typename T>
+T jackknife_stderr(const std::vector<T>& jack, int64_t R, int64_t B, const uint8_t* valid) {
+    if (R < 3) return static_cast<T>(NAN);
+    const T factor = static_cast<T>(static_cast<double>(R - 1) / static_cast<double>(R));
+    double sum = 0, n = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        if (!valid[b]) continue;
+        T m = 0;
+        for (int64_t r = 0; r < R; ++r) m += jack[r * B + b];
+        m = m / static_cast<T>(R);
+        T ss = 0;
+        for (int64_t r = 0; r < R; ++r) ss += (jack[r * B + b] - m) * (jack[r * B + b] - m);
+        sum += static_cast<double>(factor * ss);
+        n += 1;
+    }
+    return std::sqrt(static_cast<T>(sum)) / static_cast<T>(n);
+}
+
+// One head's per-sample design terms (total, mean, equiv into out, count into n) and, for
+// R >= 3, its leave-one-out terms jack (3, R, B).
+template <typename T>
+const char* design_head(const Design<T>& D, int h, std::vector<int64_t>& n, T* out, std::vector<T>& jack) {
+    const DecomposeArgs& a = D.a;
+    const int64_t B = a.B, R = D.R, N = a.N[h];
+    const int d = a.d[h];
+    if (const char* err = count_elements(a, h, n)) return err;
+    const T* mean = static_cast<const T*>(D.mean[h]);
+    const T* y = static_cast<const T*>(D.target[h]);
+    const int64_t* sample = a.sample[h];
+    const uint8_t* valid = a.valid[h];
+    const int64_t P = a.P[h] > 0 ? a.P[h] : 1;
+    const bool jackknife = R >= 3;
+    // sums over each sample's valid elements: Q (R, B) of |u_r - ubar|^2 (of u_0^2 for R = 1),
+    // U (B) of |ubar|^2; left out j: QJ (R, R, B), UJ (R, B)
+    std::vector<double> Q(static_cast<size_t>(R * B), 0.0), U(static_cast<size_t>(B), 0.0);
+    std::vector<double> QJ(jackknife ? static_cast<size_t>(R * R * B) : 0, 0.0);
+    std::vector<double> UJ(jackknife ? static_cast<size_t>(R * B) : 0, 0.0);
+    std::vector<T> u(static_cast<size_t>(R));
+    for (int64_t row = 0; row < N; ++row) {
+        if (valid && !valid[row]) continue;
+        const int64_t s = sample ? sample[row] : row / P;
+        for (int i = 0; i < d; ++i) {
+            const int64_t e = row * d + i;
+            T sum = 0;
+            for (int64_t r = 0; r < R; ++r) {
+                u[r] = mean[r * N * d + e] - y[e];
+                sum += u[r];
+            }
+            if (R == 1) {
+                U[s] += static_cast<double>(u[0] * u[0]);
+            } else {
+                const T ubar = sum / static_cast<T>(R);
+                for (int64_t r = 0; r < R; ++r) Q[r * B + s] += static_cast<double>((u[r] - ubar) * (u[r] - ubar));
+                U[s] += static_cast<double>(ubar * ubar);
+            }
+            if (!jackknife) continue;
+            for (int64_t j = 0; j < R; ++j) {
+                T sj = 0;
+                for (int64_t r = 0; r < R; ++r) {
+                    if (r != j) sj += u[r];
+                }
+                const T ubj = sj / static_cast<T>(R - 1);
+                for (int64_t r = 0; r < R; ++r) {
+                    if (r != j) QJ[(j * R + r) * B + s] += static_cast<double>((u[r] - ubj) * (u[r] - ubj));
+                }
+                UJ[j * B + s] += static_cast<double>(ubj * ubj);
+            }
+        }
+    }
+    // Replicates.terms(keep): means over the kept replicates of T_r and W_r; s from Q
+    auto terms = [&](int64_t left_out, int64_t b, T nb, T* t) {
+        const int64_t k = left_out < 0 ? R : R - 1;
+        T total = 0, within = 0, s = 0;
+        for (int64_t r = 0; r < R; ++r) {
+            if (r == left_out) continue;
+            total += D.sums(h, r, 0)[b] / nb;
+            within += D.sums(h, r, 2)[b] / nb;
+            const double q = left_out < 0 ? Q[r * B + b] : QJ[(left_out * R + r) * B + b];
+            s += static_cast<T>(q) / nb;
+        }
+        total = total / static_cast<T>(k);
+        within = within / static_cast<T>(k);
+        const T usum = static_cast<T>(left_out < 0 ? U[b] : UJ[left_out * B + b]);
+        t[0] = total;
+        if (k == 1) {
+            t[1] = usum / nb;
+            t[2] = within;
+            return;
+        }
+        s = s / static_cast<T>(k);
+        t[1] = usum / nb - s / static_cast<T>(k - 1);
+        t[2] = within + s * static_cast<T>(k) / static_cast<T>(k - 1);
+    };
+    for (int64_t b = 0; b < B; ++b) {
+        const T count = static_cast<T>(n[b]);
+        const T nb = count < T(1) ? T(1) : count;
+        T t[3];
+        terms(-1, b, nb, t);
+        for (int q = 0; q < 3; ++q) out[q * B + b] = t[q];
+        if (!jackknife) continue;
+        for (int64_t j = 0; j < R; ++j) {
+            terms(j, b, nb, t);
+            for (int q = 0; q < 3; ++q) jack[(q * R + j) * B + b] = t[q];
+        }
+    }
+    return nullptr;
+}
+
+// label_free's rel, its standard error and the per-sample ratios of one slot.
+template <typename T>
+void label_free_slot(const T* per_sample, const T* scalars, const uint8_t* valid, int64_t B, T* rel, T* se_rel,
+                     T* per_rel) {
+    const T* n = per_sample + B;
+    const T* e = per_sample + 2 * B;
+    const T r = scalars[2] / scalars[1];
+    double ss = 0, count = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        per_rel[b] = valid[b] ? e[b] / n[b] : T(0);
+        if (!valid[b]) continue;
+        const T resid = e[b] - r * n[b];
+        ss += static_cast<double>(resid * resid);
+        count += 1;
+    }
+    const T c = static_cast<T>(count);
+    *rel = r;
+    *se_rel = std::sqrt(static_cast<T>(ss) / (c * (c - T(1)))) / std::abs(scalars[1]);
+}
+
+template <typename T>
+const char* design_decompose_impl(const Design<T>& D, bool labelled, uint64_t* flags) {
+    const DecomposeArgs& a = D.a;
+    const Heads<T> hs(a);
+    const int64_t B = a.B, R = D.R;
+    const int H = a.H, slots = hs.D;
+    std::vector<int64_t> n;
+    std::vector<uint8_t> valid(static_cast<size_t>(H) * B), any(static_cast<size_t>(B), 0);
+    std::vector<T> jack(static_cast<size_t>(H) * 3 * R * B);  // (H, 3, R, B)
+    *flags = 0;
+    for (int h = 0; h < H; ++h) {
+        const int slot = hs.first + h;
+        std::vector<T> head_jack(static_cast<size_t>(3 * R * B));
+        if (const char* err = design_head(D, h, n, hs.per_sample(slot, 0), head_jack)) return err;
+        std::copy(head_jack.begin(), head_jack.end(), jack.begin() + static_cast<size_t>(h) * 3 * R * B);
+        bool some = false, finite = true;
+        for (int64_t b = 0; b < B; ++b) {
+            hs.count(h)[b] = static_cast<T>(n[b]);
+            const uint8_t v = n[b] > 0;
+            valid[h * B + b] = v;
+            any[b] |= v;
+            some |= v != 0;
+            finite &= std::isfinite(hs.per_sample(slot, 0)[b]);
+        }
+        *flags |= (static_cast<uint64_t>(some) | (static_cast<uint64_t>(finite) << 1)) << (2 * h);
+        if (a.combine) {
+            batch_stats(hs.per_sample(slot, 0), hs.per_sample(slot, 1), hs.per_sample(slot, 2), valid.data() + h * B,
+                        B, static_cast<T*>(a.scalars) + 7 * slot);
+        }
+    }
+    const uint8_t* top_valid = a.combine ? any.data() : valid.data();
+    // the top level's jackknife (3, R, B): the head's, or combined_per_sample of the heads'
+    std::vector<T> top_jack(jack.begin(), jack.begin() + 3 * R * B);
+    if (a.combine) {
+        T n_any = 0;
+        for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
+        std::fill(top_jack.begin(), top_jack.end(), T(0));
+        for (int t = 0; t < 3; ++t) {
+            T* top = hs.per_sample(0, t);
+            for (int64_t b = 0; b < B; ++b) top[b] = T(0);
+            for (int h = 0; h < H; ++h) {
+                T n_h = 0;
+                for (int64_t b = 0; b < B; ++b) n_h += valid[h * B + b] ? T(1) : T(0);
+                const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+                const T* x = hs.per_sample(hs.first + h, t);
+                for (int64_t b = 0; b < B; ++b) top[b] = top[b] + (w * (valid[h * B + b] ? x[b] : T(0))) * ratio;
+                if (R < 3) continue;
+                const T* xj = jack.data() + (static_cast<size_t>(h) * 3 + t) * R * B;
+                T* tj = top_jack.data() + t * R * B;
+                for (int64_t q = 0; q < R * B; ++q) {
+                    tj[q] = tj[q] + (w * (valid[h * B + q % B] ? xj[q] : T(0))) * ratio;
+                }
+            }
+        }
+    }
+    T* scalars = static_cast<T*>(a.scalars);
+    batch_stats(hs.per_sample(0, 0), hs.per_sample(0, 1), hs.per_sample(0, 2), top_valid, B, scalars);
+    // after the 7 scalars a slot: the 3 rotation standard errors, then rel and se_rel a slot;
+    // after the 3 per-sample rows a slot: per_rel a slot (label-free)
+    T* rotation = scalars + 7 * slots;
+    T* lf = rotation + 3;
+    T* per_rel = static_cast<T*>(a.per_sample) + 3 * slots * B;
+    auto part = [&](int t) { return std::vector<T>(top_jack.begin() + t * R * B, top_jack.begin() + (t + 1) * R * B); };
+    if (labelled) {
+        for (int t = 0; t < 3; ++t) rotation[t] = jackknife_stderr(part(t), R, B, top_valid);
+    } else {
+        for (int s = 0; s < slots; ++s) {
+            const uint8_t* v = s == 0 ? top_valid : valid.data() + (s - hs.first) * B;
+            label_free_slot(hs.per_sample(s, 0), scalars + 7 * s, v, B, lf + 2 * s, lf + 2 * s + 1, per_rel + s * B);
+        }
+        // rel = equiv / norm, linearised: the jackknife of equiv - rel * norm, over norm
+        std::vector<T> je = part(2), jm = part(1), lin(static_cast<size_t>(R * B));
+        for (int64_t q = 0; q < R * B; ++q) lin[q] = je[q] - lf[0] * jm[q];
+        rotation[0] = jackknife_stderr(je, R, B, top_valid);
+        rotation[1] = jackknife_stderr(jm, R, B, top_valid);
+        rotation[2] = jackknife_stderr(lin, R, B, top_valid) / std::abs(scalars[1]);
+    }
+    if (a.valid_out) {
+        for (int64_t b = 0; b < B; ++b) a.valid_out[b] = top_valid[b];
+        if (a.combine) {
+            for (int64_t q = 0; q < static_cast<int64_t>(H) * B; ++q) a.valid_out[B + q] = valid[q];
+        }
+    }
+    return nullptr;
+}
+
+// The gradient of g_total L_total + g_equiv L_equiv (the top level's batch means) with respect
+// to every head's replicate sums (H, R, 3, B) and twirled means (H,) (R, N, d) (for R >= 2),
+// the chain torch's autograd runs through design_twirl.py: the batch means and combination as
+// decompose_backward_impl; total = mean_r sums_r[0] / n, equiv = mean_r sums_r[2] / n + s R / (R - 1)
+// with s = mean_r Q_r / n, Q_r the sum of |u_r - ubar|^2 over the sample's valid elements,
+// u_r = abar_r - y and ubar = mean_r u_r.
+template <typename T>
+void design_decompose_backward_impl(const Design<T>& D, T g_total, T g_equiv, T* grad_sums, void* const* grad_mean) {
+    const DecomposeArgs& a = D.a;
+    const Heads<T> hs(a);
+    const int64_t B = a.B, R = D.R;
+    const int H = a.H;
+    std::vector<uint8_t> any(static_cast<size_t>(B), 0);
+    for (int h = 0; h < H; ++h) {
+        for (int64_t b = 0; b < B; ++b) any[b] |= hs.count(h)[b] > T(0);
+    }
+    T n_any = 0;
+    for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
+    const T gt = g_total / n_any, ge = g_equiv / n_any;
+    std::vector<T> dQ(static_cast<size_t>(B)), u(static_cast<size_t>(R)), g(static_cast<size_t>(R));
+    for (int h = 0; h < H; ++h) {
+        const T* count = hs.count(h);
+        T n_h = 0;
+        for (int64_t b = 0; b < B; ++b) n_h += count[b] > T(0) ? T(1) : T(0);
+        const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+        for (int64_t b = 0; b < B; ++b) {
+            const bool top = any[b] != 0, mine = count[b] > T(0);
+            T dt = top ? gt : T(0), de = top ? ge : T(0);
+            if (a.combine) {
+                dt = mine ? (dt * ratio) * w : T(0);
+                de = mine ? (de * ratio) * w : T(0);
+            }
+            const T nb = count[b] < T(1) ? T(1) : count[b];
+            for (int64_t r = 0; r < R; ++r) {
+                T* gs = grad_sums + (h * R + r) * 3 * B;
+                gs[b] = dt / static_cast<T>(R) / nb;
+                gs[B + b] = T(0);
+                gs[2 * B + b] = de / static_cast<T>(R) / nb;
+            }
+            if (R >= 2) {
+                const T ds = de / static_cast<T>(R - 1) * static_cast<T>(R);
+                dQ[b] = ds / static_cast<T>(R) / nb;
+            }
+        }
+        if (R < 2) continue;
+        const int64_t N = a.N[h];
+        const int d = a.d[h];
+        const T* mean = static_cast<const T*>(D.mean[h]);
+        const T* y = static_cast<const T*>(D.target[h]);
+        T* gm = static_cast<T*>(grad_mean[h]);
+        const int64_t* sample = a.sample[h];
+        const uint8_t* valid = a.valid[h];
+        const int64_t P = a.P[h] > 0 ? a.P[h] : 1;
+        for (int64_t row = 0; row < N; ++row) {
+            const bool ok = !valid || valid[row];
+            const int64_t s = sample ? sample[row] : row / P;
+            for (int i = 0; i < d; ++i) {
+                const int64_t e = row * d + i;
+                if (!ok) {
+                    for (int64_t r = 0; r < R; ++r) gm[r * N * d + e] = T(0);
+                    continue;
+                }
+                T sum = 0;
+                for (int64_t r = 0; r < R; ++r) {
+                    u[r] = mean[r * N * d + e] - y[e];
+                    sum += u[r];
+                }
+                const T ubar = sum / static_cast<T>(R);
+                T gsum = 0;
+                for (int64_t r = 0; r < R; ++r) {
+                    g[r] = dQ[s] * (T(2) * (u[r] - ubar));
+                    gsum += g[r];
+                }
+                const T back = -gsum / static_cast<T>(R);
+                for (int64_t r = 0; r < R; ++r) gm[r * N * d + e] = g[r] + back;
+            }
+        }
+    }
+}
+
 }  // namespace
+
+const char* design_decompose_cpu(const DecomposeArgs& a, int64_t R, bool labelled, const void* const* mean,
+                                 const void* const* target, uint64_t* flags) {
+    if (a.acc == Dtype::f64) return design_decompose_impl<double>(Design<double>{a, R, mean, target}, labelled, flags);
+    return design_decompose_impl<float>(Design<float>{a, R, mean, target}, labelled, flags);
+}
+
+void design_decompose_backward_cpu(const DecomposeArgs& a, int64_t R, const void* const* mean,
+                                   const void* const* target, double g_total, double g_equiv, void* grad_sums,
+                                   void* const* grad_mean) {
+    if (a.acc == Dtype::f64) {
+        design_decompose_backward_impl<double>(Design<double>{a, R, mean, target}, g_total, g_equiv,
+                                               static_cast<double*>(grad_sums), grad_mean);
+    } else {
+        design_decompose_backward_impl<float>(Design<float>{a, R, mean, target}, static_cast<float>(g_total),
+                                              static_cast<float>(g_equiv), static_cast<float*>(grad_sums), grad_mean);
+    }
+}
 
 const char* decompose_cpu(const DecomposeArgs& a, uint64_t* flags) {
     if (a.acc == Dtype::f64) return decompose_impl<double>(a, flags);

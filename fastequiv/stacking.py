@@ -430,7 +430,7 @@ class CallPlan:
         if exhaustive:  # the group's elements: the same every call
             G = groups.group_elements(spec.group, device=batch.device, dtype=batch.dtype)
             self.R_fixed = G[:, None].expand(self.R_shape).contiguous()
-        self.constants: dict = {}  # (shape, dtype) -> zeros the kernels read; ("mean", head) -> scratch
+        self.constants: dict = {}  # (shape, dtype) -> zeros the kernels read; ("mean", head, shape) -> scratch
         self.heads: dict = {}  # output signature -> list of HeadPlan, or None (not planned)
         self.steps = [self._step(name, value, rep, batch) for name, value, rep in batch.leaves]
         self.names = [name for name, _, _ in batch.leaves]
@@ -597,8 +597,11 @@ class CallPlan:
             return None
         return plans
 
-    def head_rows(self, out, target, action: Action, batch: Inputs, grad: bool) -> Optional[list]:
-        """Step 5 on planned heads: every head as :class:`~fastequiv.ops.decomposition.HeadRows`."""
+    def head_rows(self, out, target, action: Action, batch: Inputs, grad: bool, replicates: int = 1) -> Optional[list]:
+        """Step 5 on planned heads: every head as :class:`~fastequiv.ops.decomposition.HeadRows`.
+        With ``replicates`` > 1 (a rotation design's, :mod:`fastequiv.design_twirl`), each
+        head's ``mean`` is ``(replicates, N, d)``, one twirled mean a replicate, and a target
+        is given in acc."""
         spec = self.spec
         if type(out) is dict and isinstance(spec.output, dict):
             values = [out[name] if name in out else None for name in spec.output]
@@ -635,7 +638,7 @@ class CallPlan:
         for p, value, y in zip(plans, values, targets):
             if y is None:  # no labels: L_mean against zeros is the twirled prediction's size
                 y = self.zeros(tuple(p.shape), value.dtype)
-            elif y.dtype != value.dtype and y.dtype != p.acc:
+            elif y.dtype != p.acc and (replicates > 1 or y.dtype != value.dtype):
                 y = y.to(p.acc)
             sample, valid, P = None, None, p.P
             if p.node:
@@ -646,17 +649,20 @@ class CallPlan:
                 sample, valid = r.sample, r.valid
                 if valid is not None:
                     valid = valid.contiguous()
-            mean = torch.empty(p.N, p.d, dtype=p.acc) if grad else self.scratch(p)
+            shape = (p.N, p.d) if replicates == 1 else (replicates, p.N, p.d)
+            mean = torch.empty(shape, dtype=p.acc) if grad else self.scratch(p, shape)
             rows.append(HeadRows(value.contiguous(), self.matrices(action, p.rep, p.acc), y.contiguous(), sample, P, valid,
                                  p.N, p.d, self.zeros((K, B, p.d), p.acc), mean))
         return rows
 
-    def scratch(self, p: "HeadPlan") -> torch.Tensor:
-        """The twirled mean's buffer of a head of a call without gradient: written by the
-        kernel and never read, so one buffer serves every call."""
-        key = ("mean", p.index)
+    def scratch(self, p: "HeadPlan", shape: Optional[tuple] = None) -> torch.Tensor:
+        """The twirled mean's buffer of a head of a call without gradient (``shape``, default
+        ``(N, d)``): written by the kernels and read only within the call, so one buffer
+        serves every call."""
+        shape = (p.N, p.d) if shape is None else shape
+        key = ("mean", p.index, shape)
         if key not in self.constants:
-            self.constants[key] = torch.empty(p.N, p.d, dtype=p.acc)
+            self.constants[key] = torch.empty(shape, dtype=p.acc)
         return self.constants[key]
 
     def inputs_of(self, values: list, mask: Optional[torch.Tensor]) -> Inputs:
