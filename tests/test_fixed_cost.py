@@ -337,19 +337,21 @@ def test_the_monitor_call_replays_in_a_cuda_graph():
 # --- the benchmark ------------------------------------------------------------------------------
 
 def test_the_fixed_cost_benchmark_runs_and_counts_ops():
-    """``fastequiv bench --ops fixed`` in smoke mode: every variant timed against its floor,
-    the planned calls within 15 torch ops, the steps' many more, and a table."""
+    """``fastequiv bench --ops fixed`` in smoke mode: every variant timed against its floor
+    (the design calls' too), the planned calls within 15 torch ops, the steps' many more,
+    and a table."""
     from fastequiv.bench import fixed, report
 
     result = fixed.fixed_cost("smoke", "cpu")
     (size,) = result["sizes"]
     v = size["variants"]
-    assert set(v) == {"model", "model step"} | {f"{n}{r}" for n in ("equivariance_error", "twirl_loss", "monitor")
-                                                 for r in ("", " (reference)")}
-    for name in ("equivariance_error", "twirl_loss", "monitor"):
+    calls = ("equivariance_error", "twirl_loss", "monitor", "equivariance_error design", "twirl_loss design")
+    assert set(v) == {"model", "model step"} | {f"{n}{r}" for n in calls for r in ("", " (reference)")}
+    for name in calls:
         ops = v[name]["ops_forward"] + v[name].get("ops_backward", 0)
         assert 0 < ops <= 15, (name, v[name]["ops"])
         assert v[f"{name} (reference)"]["ops_forward"] > 5 * ops
-    assert v["twirl_loss"]["ops_backward"] == 1 and v["twirl_loss (reference)"]["ops_backward"] > 5
+    for name in ("twirl_loss", "twirl_loss design"):
+        assert v[name]["ops_backward"] == 1 and v[f"{name} (reference)"]["ops_backward"] > 5
     assert "4 graphs" not in report.format_fixed_cost(result) and "equivariance_error (reference)" in \
         report.format_fixed_cost(result)

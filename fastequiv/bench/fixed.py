@@ -14,7 +14,10 @@ same conditions:
   :class:`~fastequiv.EquivarianceMonitor` call (``every=1``, no grad), each through the hot
   path (:class:`fastequiv.stacking.CallPlan`) and through the steps it replaces (the
   reference path: ``stack``, ``twirl_reduce``, the torch estimators), with ``reference`` in
-  their name.
+  their name;
+* ``equivariance_error design`` and ``twirl_loss design``: the same calls with a rotation
+  design of as many copies (``rotations="design:1"``, 4 rotations, ``replicates=2``), through
+  the hot path (:mod:`fastequiv.design_twirl`) and the general design path (``reference``).
 
 For each: the median time of a call, its cost beyond the floor (``twirl_loss`` against
 the model step, the others against the model; the median over rounds of the difference in
@@ -33,11 +36,13 @@ import time
 import torch
 
 import fastequiv as fe
-from fastequiv import twirl
+from fastequiv import design_twirl, twirl
 
-__all__ = ["SIZES", "K", "fixed_cost"]
+__all__ = ["SIZES", "K", "DESIGN", "fixed_cost"]
 
 K = 8
+#: the design calls' rotations: design:1 (4 rotations) turned twice, K copies
+DESIGN = {"rotations": "design:1", "replicates": 2}
 #: (graphs, atoms) per device type and mode
 SIZES = {
     "cpu": {"smoke": [(2, 5)], "quick": [(4, 20), (32, 30), (256, 30)], "full": [(4, 20), (32, 30), (256, 30)]},
@@ -94,22 +99,33 @@ class _Batch:
         loss.backward()
         return loss
 
+    def equivariance_error_design(self):
+        return fe.equivariance_error(self.model, self.inputs, self.target, spec=self.spec, seed=1, **DESIGN)
+
+    def twirl_loss_design_forward(self):
+        return fe.twirl_loss(self.model, self.inputs, self.target, spec=self.spec, seed=1, **DESIGN)[0]
+
+    def twirl_loss_design(self):
+        loss = self.twirl_loss_design_forward()
+        loss.backward()
+        return loss
+
     def monitored(self):
         return self.monitor(0, self.inputs, self.target)
 
 
 @contextlib.contextmanager
 def _through_the_steps(on: bool):
-    """The reference path: no call is planned."""
+    """The reference path: no call is planned (i.i.d. or with a design)."""
     if not on:
         yield
         return
-    planned = twirl.call_plan
-    twirl.call_plan = lambda *args, **kwargs: None
+    planned = twirl.call_plan, design_twirl.call_plan
+    twirl.call_plan = design_twirl.call_plan = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        twirl.call_plan = planned
+        twirl.call_plan, design_twirl.call_plan = planned
 
 
 def _backward_nodes(loss: torch.Tensor, outputs: list) -> int:
@@ -129,7 +145,8 @@ def _count_ops(batch: _Batch, name: str, fn, reference: bool) -> dict:
     """Torch ops of one call outside the model (see module docs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    forward = batch.twirl_loss_forward if name == "twirl_loss" else fn
+    training = name.startswith("twirl_loss")
+    forward = {"twirl_loss": batch.twirl_loss_forward, "twirl_loss design": batch.twirl_loss_design_forward}.get(name, fn)
     with _through_the_steps(reference):
         forward()  # the call that plans, outside the profile
         batch.scope = True
@@ -146,7 +163,7 @@ def _count_ops(batch: _Batch, name: str, fn, reference: bool) -> dict:
 
         ops = [e.name for e in events if e.cpu_parent is None and e.name != MODEL_SCOPE and not in_model(e)]
         counts = {"ops_forward": len(ops), "ops": ops}
-        if name == "twirl_loss":
+        if training:
             outputs = []
             batch.model = _recording(batch.model, outputs)
             try:
@@ -195,7 +212,8 @@ def fixed_cost(mode: str = "quick", device=None, *, rounds: int | None = None, t
         for graphs, atoms in SIZES[device.type][mode]:
             batch = _Batch(graphs, atoms, device)
             calls = {"equivariance_error": batch.equivariance_error, "twirl_loss": batch.twirl_loss,
-                     "monitor": batch.monitored}
+                     "monitor": batch.monitored, "equivariance_error design": batch.equivariance_error_design,
+                     "twirl_loss design": batch.twirl_loss_design}
             variants = {"model": (batch.floor, False), "model step": (batch.floor_step, False)}
             for name, fn in calls.items():
                 variants[name] = (fn, False)
