@@ -168,6 +168,7 @@ def format_fixed_cost(result: dict) -> str:
         v = size["variants"]
         lines.append(f"  {size['graphs']} graphs x {size['atoms']} atoms ({size['rows']} stacked rows): model "
                      f"{v['model']['median_ms']:.3f} ms, model step {v['model step']['median_ms']:.3f} ms")
+        width = max([32] + [len(name) for name, x in v.items() if "beyond_ms" in x])
         for name, x in v.items():
             if "beyond_ms" not in x:
                 continue
@@ -178,7 +179,7 @@ def format_fixed_cost(result: dict) -> str:
                     and (size["graphs"], size["atoms"]) == (4, 20) and base in FIXED_TARGETS:
                 met = x["beyond_q3"] <= FIXED_TARGETS[base] and x["ops_forward"] + x.get("ops_backward", 0) <= FIXED_OPS
                 verdict = f"  (target <= {FIXED_TARGETS[base]} ms, <= {FIXED_OPS} ops: {'met' if met else 'not met'})"
-            lines.append(f"    {name:<32} {x['median_ms']:8.3f} ms  {x['beyond_ms']:7.3f} ms beyond the "
+            lines.append(f"    {name:<{width}} {x['median_ms']:8.3f} ms  {x['beyond_ms']:7.3f} ms beyond the "
                          f"{x['floor']} [{x['beyond_q1']:.3f}-{x['beyond_q3']:.3f}]  {ops}{verdict}")
     return "\n".join(lines)
 
