@@ -36,12 +36,15 @@ entirely in one head still counts in the others.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
-__all__ = ["Terms", "Decomposition", "LabelFree", "Scale", "decompose", "combine", "combined_per_sample",
-           "label_free", "pool", "from_kernel"]
+if TYPE_CHECKING:
+    from .designs import Design
+
+__all__ = ["Terms", "Decomposition", "LabelFree", "Scale", "DesignDecomposition", "DesignLabelFree", "decompose",
+           "combine", "combined_per_sample", "label_free", "pool", "from_kernel", "fields_of"]
 
 
 class Terms(NamedTuple):
@@ -378,3 +381,41 @@ def label_free(d: Decomposition, valid: Optional[torch.Tensor] = None) -> LabelF
     heads = {h: label_free(hd) for h, hd in d.heads.items()}
     return LabelFree(d.equiv, d.mean, rel, Scale(e, n, per_rel), Scale(d.stderr.equiv, d.stderr.mean, se_rel),
                      d.samples, d.exact, d.exhaustive, heads, d.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class DesignDecomposition(Decomposition):
+    """A :class:`fastequiv.Decomposition` from a randomised design (:mod:`fastequiv.design_twirl`) (``samples`` counts every
+    model evaluation of a sample: ``replicates * design.size``).
+
+    Extra attributes:
+        rotation_stderr: :class:`Terms` of the rotations' standard errors given the batch
+            (jackknife over replicates; NaN with fewer than 3).
+        design: the :class:`fastequiv.designs.Design` (``.degree``, ``.size``).
+        replicates: R.
+    """
+
+    rotation_stderr: Optional[Terms] = None
+    design: Optional[Design] = None
+    replicates: int = 1
+
+    def to_dict(self, prefix: str = "") -> dict:
+        out = super().to_dict(prefix)
+        for name in Terms._fields:
+            out[f"{prefix}{name}_rotation_stderr"] = float(getattr(self.rotation_stderr, name))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DesignLabelFree(LabelFree):
+    """A :class:`fastequiv.LabelFree` from a randomised design, with ``rotation_stderr``
+    (:class:`fastequiv.estimators.Scale`: equiv, norm, rel), ``design`` and ``replicates``."""
+
+    rotation_stderr: Optional[Scale] = None
+    design: Optional[Design] = None
+    replicates: int = 1
+
+
+def fields_of(obj) -> dict:
+    """A dataclass instance's fields by name (to build a subclass's instance from it)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

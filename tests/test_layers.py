@@ -27,7 +27,7 @@ LAYERS = [
     ("stacking", ["fastequiv.stacking", "fastequiv.adapted"]),
     ("api", ["fastequiv.twirl", "fastequiv.monitor", "fastequiv.lie", "fastequiv.distributed",
              "fastequiv.voxels", "fastequiv.diagnostics", "fastequiv.frames", "fastequiv.penalty",
-             "fastequiv.design_twirl"]),
+             "fastequiv.design_twirl", "fastequiv.design_planned"]),
     # where users work: each codebase's adapter, ASE, training integrations (lazy imports of theirs)
     ("integrations", ["fastequiv.adapters", "fastequiv.ase", "fastequiv.ase_batched", "fastequiv.lightning"]),
     ("package", ["fastequiv"]),  # fastequiv/__init__.py gathers the public API
