@@ -56,7 +56,7 @@ from .reps import Rep
 from .spec import Spec
 from .stacking import call_model, read_inputs, split_heads, stack_copies
 
-__all__ = ["lie_derivative", "lie_loss", "so3_generators"]
+__all__ = ["lie_derivative", "lie_loss", "so3_generators", "holds_torchscript"]
 
 
 def _model_jvp(call: Callable, primals: list, tangents: list, model_grad: bool):
@@ -138,7 +138,9 @@ def lie_derivative(model: Callable, inputs: Any, *, spec: Optional[Spec] = None,
         mask: optional bool ``(B, *inner)`` of valid elements, unless the spec names one:
             positions turn about the centroid of their valid points, and the derivatives of
             invalid output elements are set to 0.
-        method: ``"jvp"`` (default): exact, by forward-mode AD over the 3 stacked copies.
+        method: ``"jvp"`` (default): exact, by forward-mode AD over the 3 stacked copies
+            (by the reverse-mode passes for a model holding TorchScript modules, where
+            forward-mode AD was found wrong: :func:`holds_torchscript`).
             ``"reverse"``: the same derivatives by two reverse-mode passes (double
             backward) over the 3 copies: for models whose forward-mode derivative cannot
             be differentiated again in training (:func:`lie_loss` of a model with
@@ -182,7 +184,18 @@ def _derivatives(model: Callable, spec: Spec, batch, method: str, delta: Optiona
                          f"got delta={delta!r} with method={method!r}")
     if method == "central":
         return _central(model, spec, batch, delta, backend)
-    return _jvp(model, spec, batch, reverse=method == "reverse")
+    return _jvp(model, spec, batch, reverse=method == "reverse" or holds_torchscript(model))
+
+
+def holds_torchscript(model) -> bool:
+    """Whether ``model`` (an ``nn.Module``) has a TorchScript submodule. Forward-mode AD
+    through TorchScript graphs that its profiling executor has optimized gave wrong
+    tangents, silently (a float64 MACE whose e3nn code was scripted, built a second time:
+    Lie derivatives of 2e-5 (energy) and 5e-2 (forces) where reverse mode and central
+    differences give 1e-17 and 1e-11): ``method="jvp"`` takes the reverse-mode passes for
+    such a model instead, the same exact derivatives. TorchScript functions called from a
+    plain module's forward cannot be seen here."""
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
 
 
 def lie_loss(model: Callable, inputs: Any, *, spec: Optional[Spec] = None, mask: Optional[torch.Tensor] = None,

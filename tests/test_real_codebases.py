@@ -238,6 +238,37 @@ def test_mace_spec_route_and_none_heads():
         fe.equivariance_error(model, ex.model_inputs(batch), y, spec=ex.MACE_STRESS_SPEC, samples=K)
 
 
+def test_a_model_holding_torchscript_is_not_differentiated_forward():
+    """Forward-mode AD through TorchScript graphs its profiling executor has optimized gave
+    wrong tangents: a float64 MACE whose e3nn code is scripted, built a second time (the
+    graphs already profiled by the first), had Lie derivatives of 2e-5 (energy) and 5e-2
+    (forces) by forward mode, where it is equivariant to rounding. The default method takes
+    the reverse-mode passes for a model with TorchScript modules: the exact values."""
+    import e3nn
+
+    from fastequiv.lie import holds_torchscript
+
+    ex = _mace_example()
+    before = e3nn.get_optimization_defaults()
+    fusion = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])
+    torch.jit.set_fusion_strategy(fusion)
+    try:
+        e3nn.set_optimization_defaults(**{**before, "jit_mode": "script", "jit_script_fx": False})
+        for _ in range(2):
+            torch.manual_seed(0)
+            mace = ex.tiny_mace()
+            model = fe.adapt(mace)
+            batch = ex.mace_batch(ex.structures(False, 3))
+            assert holds_torchscript(model)
+            lie = fe.lie_derivative(model, batch)
+            for k in ("energy", "forces"):
+                assert float(lie[k].abs().max()) < 1e-12, (k, float(lie[k].abs().max()))
+    finally:
+        e3nn.set_optimization_defaults(**before)
+        torch.jit.set_fusion_strategy(fusion)
+    assert not holds_torchscript(torch.nn.Linear(3, 3)) and not holds_torchscript(lambda x: x)
+
+
 @pytest.mark.parametrize("periodic", [False, True])
 def test_mace_lie_derivative_by_central_differences_matches_the_closed_form(periodic):
     """MACE's forces come from autograd through SiLU, whose backward torch cannot
