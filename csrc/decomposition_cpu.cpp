@@ -70,6 +70,70 @@ void batch_stats(const T* total, const T* mean, const T* equiv, const uint8_t* v
     out[3] = out[2] / out[0];
 }
 
+// combined_per_sample's factors: n / n_h for each head, n the samples valid in any head
+// (any, B) and n_h those valid in head h (valid, H x B); n itself into n_any.
+template <typename T>
+std::vector<T> head_ratios(const uint8_t* any, const uint8_t* valid, int H, int64_t B, T* n_any) {
+    T n = 0;
+    for (int64_t b = 0; b < B; ++b) n += any[b] ? T(1) : T(0);
+    std::vector<T> ratio(static_cast<size_t>(H));
+    for (int h = 0; h < H; ++h) {
+        T n_h = 0;
+        for (int64_t b = 0; b < B; ++b) n_h += valid[h * B + b] ? T(1) : T(0);
+        ratio[h] = n / n_h;
+    }
+    *n_any = n;
+    return ratio;
+}
+
+// The samples that count, out to the caller: the top level's, then each head's when combining.
+void write_valid(const DecomposeArgs& a, const uint8_t* top_valid, const std::vector<uint8_t>& valid) {
+    if (!a.valid_out) return;
+    for (int64_t b = 0; b < a.B; ++b) a.valid_out[b] = top_valid[b];
+    if (a.combine) {
+        for (int64_t q = 0; q < static_cast<int64_t>(a.H) * a.B; ++q) a.valid_out[a.B + q] = valid[q];
+    }
+}
+
+// The backward's first steps, shared by both estimators: d/dv of the top level's batch means
+// g_total L_total + g_equiv L_equiv is g / n on the samples valid in any head; through the
+// combination, times n / n_h, then times w_h, on head h's valid samples. shares(h, ...) gives
+// head h's (dt, de) per sample, with respect to its per-sample total and equiv.
+template <typename T>
+struct TopGrad {
+    const Heads<T>& hs;
+    std::vector<uint8_t> any, valid;
+    std::vector<T> ratio;
+    T gt, ge;
+    TopGrad(const Heads<T>& heads, T g_total, T g_equiv)
+        : hs(heads), any(static_cast<size_t>(heads.a.B), 0), valid(static_cast<size_t>(heads.a.H) * heads.a.B) {
+        const int64_t B = hs.a.B;
+        for (int h = 0; h < hs.a.H; ++h) {
+            for (int64_t b = 0; b < B; ++b) {
+                valid[h * B + b] = hs.count(h)[b] > T(0);
+                any[b] |= valid[h * B + b];
+            }
+        }
+        T n_any;
+        ratio = head_ratios(any.data(), valid.data(), hs.a.H, B, &n_any);
+        gt = g_total / n_any;
+        ge = g_equiv / n_any;
+    }
+    void shares(int h, T* dt, T* de) const {
+        const int64_t B = hs.a.B;
+        const T w = static_cast<T>(hs.a.weight[h]);
+        for (int64_t b = 0; b < B; ++b) {
+            const bool top = any[b] != 0, mine = valid[h * B + b] != 0;
+            dt[b] = top ? gt : T(0);
+            de[b] = top ? ge : T(0);
+            if (hs.a.combine) {
+                dt[b] = mine ? (dt[b] * ratio[h]) * w : T(0);
+                de[b] = mine ? (de[b] * ratio[h]) * w : T(0);
+            }
+        }
+    }
+};
+
 template <typename T>
 const char* decompose_impl(const DecomposeArgs& a, uint64_t* flags) {
     const Heads<T> hs(a);
@@ -112,28 +176,21 @@ const char* decompose_impl(const DecomposeArgs& a, uint64_t* flags) {
     const uint8_t* top_valid = a.combine ? any.data() : valid.data();
     if (a.combine) {
         // combined_per_sample: sum_h (w_h * where(valid_h, x_h, 0)) * (n / n_h), head by head
-        T n_any = 0;
-        for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
+        T n_any;
+        const std::vector<T> ratio = head_ratios(any.data(), valid.data(), H, B, &n_any);
         for (int t = 0; t < 3; ++t) {
             T* top = hs.per_sample(0, t);
             for (int64_t b = 0; b < B; ++b) top[b] = T(0);
             for (int h = 0; h < H; ++h) {
-                T n_h = 0;
-                for (int64_t b = 0; b < B; ++b) n_h += valid[h * B + b] ? T(1) : T(0);
-                const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+                const T w = static_cast<T>(a.weight[h]);
                 const T* x = hs.per_sample(hs.first + h, t);
-                for (int64_t b = 0; b < B; ++b) top[b] = top[b] + (w * (valid[h * B + b] ? x[b] : T(0))) * ratio;
+                for (int64_t b = 0; b < B; ++b) top[b] = top[b] + (w * (valid[h * B + b] ? x[b] : T(0))) * ratio[h];
             }
         }
     }
     batch_stats(hs.per_sample(0, 0), hs.per_sample(0, 1), hs.per_sample(0, 2), top_valid, B,
                 static_cast<T*>(a.scalars));
-    if (a.valid_out) {
-        for (int64_t b = 0; b < B; ++b) a.valid_out[b] = top_valid[b];
-        if (a.combine) {
-            for (int64_t q = 0; q < static_cast<int64_t>(H) * B; ++q) a.valid_out[B + q] = valid[q];
-        }
-    }
+    write_valid(a, top_valid, valid);
     return nullptr;
 }
 
@@ -147,31 +204,18 @@ void decompose_backward_impl(const DecomposeArgs& a, T g_total, T g_equiv, T* gr
     const int64_t B = a.B;
     const int H = a.H;
     const T kf = static_cast<T>(static_cast<double>(a.K) / static_cast<double>(a.K - 1));
-    std::vector<uint8_t> any(static_cast<size_t>(B), 0);
-    for (int h = 0; h < H; ++h) {
-        for (int64_t b = 0; b < B; ++b) any[b] |= hs.count(h)[b] > T(0);
-    }
-    T n_any = 0;
-    for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
-    const T gt = g_total / n_any, ge = g_equiv / n_any;
+    const TopGrad<T> top(hs, g_total, g_equiv);
+    std::vector<T> dt(static_cast<size_t>(B)), de(static_cast<size_t>(B));
     for (int h = 0; h < H; ++h) {
         const T* count = hs.count(h);
-        T n_h = 0;
-        for (int64_t b = 0; b < B; ++b) n_h += count[b] > T(0) ? T(1) : T(0);
-        const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+        top.shares(h, dt.data(), de.data());
         T* g = grad_sums + h * 3 * B;
         for (int64_t b = 0; b < B; ++b) {
-            const bool top = any[b] != 0, mine = count[b] > T(0);
-            T dt = top ? gt : T(0), de = top ? ge : T(0);
-            if (a.combine) {
-                dt = mine ? (dt * ratio) * w : T(0);
-                de = mine ? (de * ratio) * w : T(0);
-            }
-            if (!a.exhaustive) de = de * kf;
+            const T e = a.exhaustive ? de[b] : de[b] * kf;
             const T nb = count[b] < T(1) ? T(1) : count[b];
-            g[b] = dt / nb;
+            g[b] = dt[b] / nb;
             g[B + b] = T(0);
-            g[2 * B + b] = de / nb;
+            g[2 * B + b] = e / nb;
         }
     }
 }
@@ -359,23 +403,21 @@ const char* design_decompose_impl(const Design<T>& D, bool labelled, uint64_t* f
     // the top level's jackknife (3, R, B): the head's, or combined_per_sample of the heads'
     std::vector<T> top_jack(jack.begin(), jack.begin() + 3 * R * B);
     if (a.combine) {
-        T n_any = 0;
-        for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
+        T n_any;
+        const std::vector<T> ratio = head_ratios(any.data(), valid.data(), H, B, &n_any);
         std::fill(top_jack.begin(), top_jack.end(), T(0));
         for (int t = 0; t < 3; ++t) {
             T* top = hs.per_sample(0, t);
             for (int64_t b = 0; b < B; ++b) top[b] = T(0);
             for (int h = 0; h < H; ++h) {
-                T n_h = 0;
-                for (int64_t b = 0; b < B; ++b) n_h += valid[h * B + b] ? T(1) : T(0);
-                const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+                const T w = static_cast<T>(a.weight[h]);
                 const T* x = hs.per_sample(hs.first + h, t);
-                for (int64_t b = 0; b < B; ++b) top[b] = top[b] + (w * (valid[h * B + b] ? x[b] : T(0))) * ratio;
+                for (int64_t b = 0; b < B; ++b) top[b] = top[b] + (w * (valid[h * B + b] ? x[b] : T(0))) * ratio[h];
                 if (R < 3) continue;
                 const T* xj = jack.data() + (static_cast<size_t>(h) * 3 + t) * R * B;
                 T* tj = top_jack.data() + t * R * B;
                 for (int64_t q = 0; q < R * B; ++q) {
-                    tj[q] = tj[q] + (w * (valid[h * B + q % B] ? xj[q] : T(0))) * ratio;
+                    tj[q] = tj[q] + (w * (valid[h * B + q % B] ? xj[q] : T(0))) * ratio[h];
                 }
             }
         }
@@ -402,12 +444,7 @@ const char* design_decompose_impl(const Design<T>& D, bool labelled, uint64_t* f
         rotation[1] = jackknife_stderr(jm, R, B, top_valid);
         rotation[2] = jackknife_stderr(lin, R, B, top_valid) / std::abs(scalars[1]);
     }
-    if (a.valid_out) {
-        for (int64_t b = 0; b < B; ++b) a.valid_out[b] = top_valid[b];
-        if (a.combine) {
-            for (int64_t q = 0; q < static_cast<int64_t>(H) * B; ++q) a.valid_out[B + q] = valid[q];
-        }
-    }
+    write_valid(a, top_valid, valid);
     return nullptr;
 }
 
@@ -423,35 +460,22 @@ void design_decompose_backward_impl(const Design<T>& D, T g_total, T g_equiv, T*
     const Heads<T> hs(a);
     const int64_t B = a.B, R = D.R;
     const int H = a.H;
-    std::vector<uint8_t> any(static_cast<size_t>(B), 0);
-    for (int h = 0; h < H; ++h) {
-        for (int64_t b = 0; b < B; ++b) any[b] |= hs.count(h)[b] > T(0);
-    }
-    T n_any = 0;
-    for (int64_t b = 0; b < B; ++b) n_any += any[b] ? T(1) : T(0);
-    const T gt = g_total / n_any, ge = g_equiv / n_any;
+    const TopGrad<T> top(hs, g_total, g_equiv);
+    std::vector<T> dt(static_cast<size_t>(B)), de(static_cast<size_t>(B));
     std::vector<T> dQ(static_cast<size_t>(B)), u(static_cast<size_t>(R)), g(static_cast<size_t>(R));
     for (int h = 0; h < H; ++h) {
         const T* count = hs.count(h);
-        T n_h = 0;
-        for (int64_t b = 0; b < B; ++b) n_h += count[b] > T(0) ? T(1) : T(0);
-        const T ratio = n_any / n_h, w = static_cast<T>(a.weight[h]);
+        top.shares(h, dt.data(), de.data());
         for (int64_t b = 0; b < B; ++b) {
-            const bool top = any[b] != 0, mine = count[b] > T(0);
-            T dt = top ? gt : T(0), de = top ? ge : T(0);
-            if (a.combine) {
-                dt = mine ? (dt * ratio) * w : T(0);
-                de = mine ? (de * ratio) * w : T(0);
-            }
             const T nb = count[b] < T(1) ? T(1) : count[b];
             for (int64_t r = 0; r < R; ++r) {
                 T* gs = grad_sums + (h * R + r) * 3 * B;
-                gs[b] = dt / static_cast<T>(R) / nb;
+                gs[b] = dt[b] / static_cast<T>(R) / nb;
                 gs[B + b] = T(0);
-                gs[2 * B + b] = de / static_cast<T>(R) / nb;
+                gs[2 * B + b] = de[b] / static_cast<T>(R) / nb;
             }
             if (R >= 2) {
-                const T ds = de / static_cast<T>(R - 1) * static_cast<T>(R);
+                const T ds = de[b] / static_cast<T>(R - 1) * static_cast<T>(R);
                 dQ[b] = ds / static_cast<T>(R) / nb;
             }
         }
