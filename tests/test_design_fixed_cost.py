@@ -17,6 +17,7 @@ import torch
 
 import fastequiv as fe
 from fastequiv import design_twirl, stacking
+from test_fixed_cost import _fields  # every number of a decomposition, rotation_stderr included
 
 pytestmark = pytest.mark.skipif(not fe.build_info()["extension"], reason="the hot path runs the cpu backend's kernels")
 
@@ -85,21 +86,6 @@ CASES = {
     "dense mask": lambda: _dense(mask=True),
     "dense float32 mask": lambda: _dense(mask=True, dtype=torch.float32),
 }
-
-
-def _fields(d, prefix=""):
-    """Every number of a DesignDecomposition or DesignLabelFree (and of its heads)."""
-    names = getattr(d, "FIELDS", None) or ("total", "mean", "equiv", "pct")
-    out = {prefix + n: getattr(d, n) for n in names}
-    out.update({f"{prefix}per_sample.{i}": t for i, t in enumerate(d.per_sample)})
-    out.update({f"{prefix}stderr.{i}": t for i, t in enumerate(d.stderr)})
-    if getattr(d, "rotation_stderr", None) is not None:
-        out.update({f"{prefix}rotation_stderr.{i}": t for i, t in enumerate(d.rotation_stderr)})
-    if getattr(d, "valid", None) is not None:
-        out[prefix + "valid"] = d.valid
-    for h, hd in d.heads.items():
-        out.update(_fields(hd, f"{prefix}{h}/"))
-    return out
 
 
 def _close(a, b, what=""):

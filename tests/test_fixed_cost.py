@@ -94,10 +94,13 @@ CASES = {
 
 
 def _fields(d, prefix=""):
+    """Every number of a decomposition (a design's ``rotation_stderr`` too) and of its heads."""
     names = getattr(d, "FIELDS", None) or ("total", "mean", "equiv", "pct")
     out = {prefix + n: getattr(d, n) for n in names}
     out.update({f"{prefix}per_sample.{i}": t for i, t in enumerate(d.per_sample)})
     out.update({f"{prefix}stderr.{i}": t for i, t in enumerate(d.stderr)})
+    if getattr(d, "rotation_stderr", None) is not None:
+        out.update({f"{prefix}rotation_stderr.{i}": t for i, t in enumerate(d.rotation_stderr)})
     if getattr(d, "valid", None) is not None:
         out[prefix + "valid"] = d.valid
     for h, hd in d.heads.items():
