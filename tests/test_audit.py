@@ -270,6 +270,24 @@ def test_bad_arguments_are_refused():
         audit(fe.adapt(tiny_mace(), stress=True), atoms)
 
 
+def assert_files_hold(out: Path, rows: list) -> dict:
+    """audit.csv and audit.json in ``out`` hold exactly ``rows`` (the API's), floats to the
+    last bit; returns the JSON."""
+    with open(out / "audit.csv") as f:
+        table = list(csv.DictReader(f))
+    doc = json.loads((out / "audit.json").read_text())
+    assert len(table) == len(doc["structures"]) == len(rows)
+    for row, js, want in zip(table, doc["structures"], rows):
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert float(row[key]) == value and js[key] == value, key
+            elif value is None:
+                assert row[key] == "" and js[key] is None, key
+            else:
+                assert str(value) == row[key] and js[key] == value, key
+    return doc
+
+
 def test_the_command_line_writes_the_table_the_plots_and_the_summary(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from fastequiv.__main__ import main
@@ -286,18 +304,8 @@ def test_the_command_line_writes_the_table_the_plots_and_the_summary(tmp_path, c
         assert (out / name).stat().st_size > 0, name
     # the table's numbers are the API's on the same file and structures
     api = audit(torch.load(model_file, weights_only=False), ase.io.read(data_file, ":"), samples=4, seed=3)
-    with open(out / "audit.csv") as f:
-        rows = list(csv.DictReader(f))
-    doc = json.loads((out / "audit.json").read_text())
-    assert len(rows) == len(doc["structures"]) == 6
-    for row, js, want in zip(rows, doc["structures"], api.rows):
-        for key, value in want.items():
-            if isinstance(value, float):
-                assert float(row[key]) == value and js[key] == value, key
-            elif value is None:
-                assert row[key] == "" and js[key] is None, key
-            else:
-                assert str(value) == row[key] and js[key] == value, key
+    doc = assert_files_hold(out, api.rows)
+    assert len(api.rows) == 6
     assert doc["meta"]["float64"] == "measured" and doc["meta"]["samples"] == 4
     report = (out / "report.md").read_text()
     assert "![distribution](distribution.png)" in report and "Worst 10 structures: forces" in report
