@@ -13,8 +13,6 @@ translation, which a periodic potential does not see.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from ase.stress import voigt_6_to_full_3x3_stress
@@ -59,8 +57,8 @@ def decompose_batched(calc, atoms_list: list, targets: list, heads: list, weight
                       design: tuple | None = None) -> Decomposition:
     """The decomposition of ``calc`` on ``atoms_list`` by the batched route (see module docs);
     ``design``: ``(Design, replicates)`` instead of ``samples`` draws. Chunks are pooled
-    sample by sample; a design's ``rotation_stderr`` adds over them in quadrature, each
-    weighted by its number of structures (the structures' turns are independent)."""
+    sample by sample (:func:`fastequiv.estimators.pool`, which also pools a design's
+    ``rotation_stderr``)."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (structures per model call) or None, got {chunk_size!r}")
     model = adapted_calculator(calc, tuple(heads), group)
@@ -73,17 +71,7 @@ def decompose_batched(calc, atoms_list: list, targets: list, heads: list, weight
         how = {"samples": samples} if design is None else {"rotations": design[0], "replicates": design[1]}
         parts.append(equivariance_error(model, batch, y, seed=(seed + c) % SEED_MAX,
                                         loss_weights={h: weights[h] for h in heads}, backend=backend, **how))
-    if len(parts) == 1:
-        return parts[0]
-    pooled = pool(parts)
-    if design is None:
-        return pooled
-    n = [p.valid.sum().to(torch.float64) for p in parts]
-    se = type(parts[0].rotation_stderr)(*(
-        torch.sqrt(sum((k * getattr(p.rotation_stderr, t)) ** 2 for k, p in zip(n, parts))) / sum(n)
-        for t in parts[0].rotation_stderr._fields))
-    return type(parts[0])(**{f.name: getattr(pooled, f.name) for f in dataclasses.fields(pooled)},
-                          rotation_stderr=se, design=parts[0].design, replicates=parts[0].replicates)
+    return parts[0] if len(parts) == 1 else pool(parts)
 
 
 def twirled_results(model: Twirled, atoms, voigt: bool = True) -> dict:

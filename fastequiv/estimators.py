@@ -245,7 +245,10 @@ def pool(parts) -> Decomposition:
     samples gives from the same per-sample values: means over every valid sample (each
     sample weighs the same, whatever its batch's size), ``pct`` as the ratio of those
     means, standard errors from the pooled per-sample values, heads pooled alike and
-    combined as :func:`combine` does. Each batch keeps its own rotations.
+    combined as :func:`combine` does. Each batch keeps its own rotations. Parts from the same
+    rotation design (:class:`DesignDecomposition`) pool into one, whose ``rotation_stderr``
+    adds theirs in quadrature, each weighted by its number of valid samples (the samples'
+    turns are independent: ``n^2 se^2`` adds).
     """
     parts = list(parts)
     if not parts or not all(isinstance(p, Decomposition) and p.valid is not None for p in parts):
@@ -260,10 +263,19 @@ def pool(parts) -> Decomposition:
                              f"{p.samples}")
     if first.heads:
         heads = {h: pool([p.heads[h] for p in parts]) for h in first.heads}
-        return combine(heads, first.weights, {h: d.valid for h, d in heads.items()})
-    per_sample = Terms(*(torch.cat([getattr(p.per_sample, t) for p in parts]) for t in Terms._fields))
-    return _finish(per_sample, torch.cat([p.valid for p in parts]), first.samples, all(p.exact for p in parts),
-                   first.exhaustive)
+        pooled = combine(heads, first.weights, {h: d.valid for h, d in heads.items()})
+    else:
+        per_sample = Terms(*(torch.cat([getattr(p.per_sample, t) for p in parts]) for t in Terms._fields))
+        pooled = _finish(per_sample, torch.cat([p.valid for p in parts]), first.samples,
+                         all(p.exact for p in parts), first.exhaustive)
+    if not all(isinstance(p, DesignDecomposition) and (p.design, p.replicates) == (first.design, first.replicates)
+               for p in parts):
+        return pooled
+    n = [p.valid.sum().to(pooled.total.dtype) for p in parts]
+    se = Terms(*(torch.sqrt(sum((k * getattr(p.rotation_stderr, t)) ** 2 for k, p in zip(n, parts))) / sum(n)
+                 for t in Terms._fields))
+    return DesignDecomposition(**fields_of(pooled), rotation_stderr=se, design=first.design,
+                               replicates=first.replicates)
 
 
 def from_kernel(rows: tuple, values: tuple, valid: tuple, heads: list, weights: dict, samples: int, exhaustive: bool,

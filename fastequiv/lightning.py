@@ -99,8 +99,8 @@ class EquivarianceCallback(Callback):
         process_group: the group for ``sync``.
         chunk_size, backend: as in :func:`fastequiv.equivariance_error`.
         **kwargs: ``loss``, ``loss_weights``, ``rotations``, ``replicates`` of
-            :func:`fastequiv.equivariance_error` (validation pools a design's per-sample values
-            like any others; its ``rotation_stderr`` is logged for training steps only).
+            :func:`fastequiv.equivariance_error` (validation pools a design's batches like any
+            others, its ``rotation_stderr`` in quadrature: :func:`fastequiv.estimators.pool`).
     """
 
     def __init__(self, *, model: Any = None, spec: Optional[Spec] = None,

@@ -207,3 +207,21 @@ def test_frame_averaging_falls_back_on_a_design():
         torch.testing.assert_close(out[name][3:], framed[name][3:], atol=0, rtol=0)
     with pytest.raises(ValueError, match="a design fixes the number of rotations"):
         fe.FrameAveraged(model, spec=spec, rotations="design:2", samples=8)
+
+
+def test_pooled_batches_of_a_design_keep_their_rotation_stderr():
+    """estimators.pool of a design's batches: the values of their samples together, and the
+    rotations' standard errors added in quadrature, each weighted by its valid samples; a
+    mix with an i.i.d. batch pools as a plain Decomposition."""
+    A, x, y = _linear_data(B=8)
+    model = Linear(A)
+    parts = [fe.equivariance_error(model, x[s], y[s], spec=VEC, rotations="design:1", replicates=3, seed=i)
+             for i, s in enumerate((slice(0, 3), slice(3, 8)))]
+    pooled = fe.estimators.pool(parts)
+    assert isinstance(pooled, DesignDecomposition) and pooled.replicates == 3 and pooled.design.size == 4
+    torch.testing.assert_close(pooled.per_sample.equiv, torch.cat([p.per_sample.equiv for p in parts]))
+    for name in ("total", "mean", "equiv"):
+        want = math.sqrt(sum((n * float(getattr(p.rotation_stderr, name))) ** 2 for n, p in zip((3, 5), parts))) / 8
+        assert math.isclose(float(getattr(pooled.rotation_stderr, name)), want, rel_tol=1e-12) and want > 0
+    iid = fe.equivariance_error(model, x[:3], y[:3], spec=VEC, samples=12, seed=0)
+    assert type(fe.estimators.pool([iid, parts[1]])) is fe.Decomposition
