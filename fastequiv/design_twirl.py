@@ -66,8 +66,8 @@ from . import designs
 from .adapted import bind
 from .design_planned import decompose_planned
 from .designs import Design
-from .estimators import (DesignDecomposition, DesignLabelFree, Scale, Terms, combine, combined_per_sample, decompose,
-                         fields_of, label_free)
+from .estimators import (Decomposition, DesignDecomposition, DesignLabelFree, Scale, Terms, combine,
+                         combined_per_sample, decompose, fields_of, label_free)
 from .ops import random_rotations
 from .ops.action import Action
 from .ops.layout import accumulate_dtype, mask_for
@@ -77,9 +77,9 @@ from .spec import Spec
 from .stacking import Head, Stacked, call_model, call_plan, read_inputs, split_heads, stack_copies
 from .stacking import eval_mode as stacking_eval_mode
 
-__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "assemble", "check_replicates", "design_average",
-           "design_decompose", "design_error", "design_for", "design_plan", "design_rotations", "jackknife_stderr",
-           "replicates_of", "stack_design", "weighted_heads"]
+__all__ = ["DesignDecomposition", "DesignLabelFree", "Replicates", "assemble", "check_replicates", "decomposition_of",
+           "design_average", "design_decompose", "design_error", "design_for", "design_plan", "design_rotations",
+           "jackknife_stderr", "replicates_of", "stack_design", "weighted_heads"]
 
 
 def design_for(rotations: Union[str, Design], spec: Spec, *, samples=None, seed=None) -> Design:
@@ -389,6 +389,15 @@ def design_decompose(model: Callable, inputs: Any, target: Any, spec: Optional[S
                     check_finite=check_finite)
 
 
+def decomposition_of(t: Terms, count: torch.Tensor, K: int, R: int) -> Decomposition:
+    """The :class:`fastequiv.Decomposition` of per-sample design estimates ``t`` (of
+    :meth:`Replicates.terms`; ``count`` valid elements a sample): batch means and standard
+    errors over the samples, ``samples = R * K`` evaluations a sample, ``exact`` (unbiased)
+    from two replicates on."""
+    d = decompose(t.total, t.mean, t.equiv, count, samples=R * K, exhaustive=True)  # the terms are final
+    return dataclasses.replace(d, exhaustive=False, exact=R >= 2)
+
+
 def assemble(reps: dict, weights: dict, design: Design, R: int, *, labelled: bool, single: bool,
              check_finite: bool = True) -> tuple:
     """``(decomposition, head_valid)`` from each head's :class:`Replicates` (``{name: reps}``):
@@ -399,8 +408,7 @@ def assemble(reps: dict, weights: dict, design: Design, R: int, *, labelled: boo
     heads, jacks, head_valid = {}, {}, {}
     for name, rep in reps.items():
         t = rep.terms()
-        d = decompose(t.total, t.mean, t.equiv, rep.count, samples=R * design.size, exhaustive=True)
-        heads[name] = dataclasses.replace(d, exhaustive=False, exact=R >= 2)
+        heads[name] = decomposition_of(t, rep.count, design.size, R)
         with torch.no_grad():
             jacks[name] = rep.jackknife() if R >= 3 else None
         head_valid[name] = rep.count > 0

@@ -96,8 +96,8 @@ from typing import Any
 import torch
 
 from ..adapted import Adapted
-from ..design_twirl import Replicates
-from ..estimators import LabelFree, decompose, label_free
+from ..design_twirl import Replicates, decomposition_of
+from ..estimators import LabelFree, Terms, decompose, label_free
 from ..ops import twirl_reduce
 from ..ops.action import Action
 from ..ops.twirl_reduce import back_rotate
@@ -258,10 +258,8 @@ def _replicates(head, action: Action, weights: torch.Tensor, R: int, B: int, bac
 
 
 def _design_label_free(total, mean, equiv, count, samples: int, R: int) -> LabelFree:
-    """The :class:`LabelFree` of per-sample design estimates (as
-    :func:`fastequiv.design_twirl.design_error` builds its decomposition)."""
-    d = decompose(total, mean, equiv, count, samples=samples, exhaustive=True)
-    return label_free(dataclasses.replace(d, exhaustive=False, exact=R >= 2), count > 0)
+    """The :class:`LabelFree` of per-sample design estimates (``samples = R * K``)."""
+    return label_free(decomposition_of(Terms(total, mean, equiv), count, samples // R, R), count > 0)
 
 
 def measure_head_design(head, head64, action: Action, weights: torch.Tensor, R: int, B: int,
